@@ -1,0 +1,101 @@
+// Arithmetic shared by every fastnorm kernel (C++ CPU, CUDA): moment merging, the running update,
+// the bounded standard deviation and the NaN-preserving clamp. Header-only and free of torch
+// headers so that plain nvcc compiles it; the CPU tests exercise exactly what the GPU runs.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FASTNORM_HD __host__ __device__ __forceinline__
+#else
+#define FASTNORM_HD inline
+#endif
+
+namespace fastnorm {
+
+// Rows of the per-column diagnostics tensor written by running_norm, shape (kNumDiagRows, C).
+// fastnorm/_ops.py names them in the same order (DIAG_ROWS).
+enum DiagRow : int {
+  kBatchCount = 0,  // selected, finite entries of this batch
+  kBatchMean = 1,   // their mean
+  kBatchVar = 2,    // their population variance
+  kNonFinite = 3,   // selected entries that were NaN or +-inf (excluded from the statistics)
+  kClipped = 4,     // selected finite entries with |z| > clip
+  kMaxAbsZ = 5,     // max |z| before the clamp over selected finite entries (0 if none)
+  kNumDiagRows = 6,
+};
+
+// Count, mean and M2 (sum of squared deviations from the mean) of a set of samples.
+struct Moments {
+  double count;
+  double mean;
+  double m2;
+};
+
+// Pairwise merge of two sets' moments (Chan, Golub & LeVeque 1979):
+// mean = mean_a + d*n_b/n,  M2 = M2_a + M2_b + d^2*n_a*n_b/n,  d = mean_b - mean_a.
+FASTNORM_HD Moments merge_moments(const Moments& a, const Moments& b) {
+  if (b.count == 0) return a;
+  if (a.count == 0) return b;
+  const double n = a.count + b.count;
+  const double wb = b.count / n;
+  const double d = b.mean - a.mean;
+  return {n, a.mean + d * wb, a.m2 + b.m2 + d * d * a.count * wb};
+}
+
+// Moments of one block from the corrected two-pass algorithm (Chan, Golub & LeVeque 1983):
+// with deviations d_i = x_i - shift from any shift near the mean, S1 = sum d_i, S2 = sum d_i^2,
+// mean = shift + S1/n and M2 = S2 - S1^2/n; the correction cancels the shift's rounding error.
+FASTNORM_HD Moments moments_from_shifted_sums(double count, double shift, double s1, double s2) {
+  if (count == 0) return {0.0, 0.0, 0.0};
+  const double m2 = s2 - s1 * s1 / count;
+  return {count, shift + s1 / count, m2 > 0.0 ? m2 : 0.0};
+}
+
+// Hyper-parameters of the running update. min_weight = 1 - momentum (0 in cumulative mode);
+// max_count = +inf when unbounded.
+struct UpdateParams {
+  double min_weight;
+  double max_count;
+};
+
+// The running update of one column with the batch moments (the contract in README.md):
+//   w = max(min_weight, n_b / (min(count, max_count) + n_b))
+//   mean' = mean + w d,  var' = (1-w) var + w v_b + w (1-w) d^2,  count' = count + n_b
+// With min_weight = 0 this is exactly the Chan merge of the two populations; with momentum it is
+// an EMA whose first updates are exact averages. A column with no samples is left unchanged, as
+// is one whose result would overflow, so the statistics stay finite.
+FASTNORM_HD void update_running_stats(double& mean, double& var, double& count, const Moments& batch,
+                                      const UpdateParams& p) {
+  if (batch.count <= 0) return;
+  const double n_eff = fmin(count, p.max_count);
+  const double w = fmax(p.min_weight, batch.count / (n_eff + batch.count));
+  const double d = batch.mean - mean;
+  const double new_mean = mean + w * d;
+  const double new_var = (1.0 - w) * var + w * (batch.m2 / batch.count) + w * (1.0 - w) * d * d;
+  if (!isfinite(new_mean) || !isfinite(new_var)) return;
+  mean = new_mean;
+  var = new_var;
+  count += batch.count;
+}
+
+// The divisor of the normalization: sqrt(var + eps) bounded to [min_std, max_std].
+FASTNORM_HD double bounded_std(double var, double eps, double min_std, double max_std) {
+  return fmin(fmax(sqrt(var + eps), min_std), max_std);
+}
+
+// Clamp that keeps NaN as NaN (fmin/fmax and std::clamp would return a bound for NaN).
+template <typename T>
+FASTNORM_HD T clamp_keep_nan(T z, T lo, T hi) {
+  return z < lo ? lo : (z > hi ? hi : z);
+}
+
+// True for finite v. Written as v - v == 0 (inf - inf and NaN - NaN are NaN) so that it
+// vectorizes; valid as long as the code is not compiled with -ffast-math.
+template <typename T>
+FASTNORM_HD bool is_finite(T v) {
+  return v - v == T(0);
+}
+
+}  // namespace fastnorm

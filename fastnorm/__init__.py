@@ -1,0 +1,13 @@
+"""fastnorm: fused running normalization for large multi-agent reinforcement learning.
+
+    norm = fastnorm.RunningNorm((num_agents, num_features))
+    y = norm(obs)                 # obs: (*batch, num_agents, num_features)
+
+``fastnorm.backends()`` lists the kernels built here and why any is missing.
+"""
+
+from fastnorm.backends import backends, default_backend
+from fastnorm.running_norm import RunningNorm
+
+__all__ = ["RunningNorm", "backends", "default_backend"]
+__version__ = "0.1.0"

@@ -1,0 +1,74 @@
+"""Input checks with clear messages: each names the argument, what was expected and what was given.
+
+They read only static facts (shapes, dtypes, devices), never tensor values, so they cost nothing
+under torch.compile and never synchronize with a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_x(x: Tensor, shape: torch.Size, device: torch.device, name: str = "x") -> int:
+    """Checks x of shape (*batch, *shape) on device; returns the number of batch dims."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    k = len(shape)
+    if x.dim() < k or tuple(x.shape[x.dim() - k :]) != tuple(shape):
+        raise ValueError(f"{name} must have shape (*batch, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the statistics are on {device}")
+    return x.dim() - k
+
+
+def check_mask(mask: Optional[Tensor], x: Tensor, batch_dims: int) -> None:
+    """mask: bool, shape a prefix of x's shape covering at least the batch dims, on x's device."""
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a bool torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    prefix_ok = batch_dims <= mask.dim() <= x.dim() and tuple(mask.shape) == tuple(x.shape[: mask.dim()])
+    if not prefix_ok:
+        raise ValueError(
+            f"mask must have a prefix of x's shape {tuple(x.shape)} at least {batch_dims} dims long "
+            f"(the batch dims), got {tuple(mask.shape)}"
+        )
+    if mask.device != x.device:
+        raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
+
+
+def check_out(out: Optional[Tensor], x: Tensor) -> None:
+    """out: x's shape, dtype and device (x itself for in-place use)."""
+    if out is None:
+        return
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(
+            f"out must match x (shape {tuple(x.shape)}, {x.dtype}, {x.device}), "
+            f"got shape {tuple(out.shape)}, {out.dtype}, {out.device}"
+        )
+
+
+def check_optional_number(name: str, value, *, minimum: float = 0.0, inclusive: bool = True, allow_inf=False):
+    """A finite number >= minimum (> minimum when not inclusive), or None; returns it as float."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number or None, got {type(value).__name__}")
+    value = float(value)
+    ok = (value >= minimum if inclusive else value > minimum) and (math.isfinite(value) or (allow_inf and value > 0))
+    if not ok:
+        relation = ">=" if inclusive else ">"
+        raise ValueError(f"{name} must be a finite number {relation} {minimum} or None, got {value}")
+    return value

@@ -1,0 +1,35 @@
+"""Loads the compiled extension fastnorm._C and registers the fake kernels of its ops.
+
+Importing fastnorm._C runs its TORCH_LIBRARY registrations (csrc/ops.cpp declares every schema);
+the fake kernels tell torch.compile what the ops do to shapes. Without the extension the package
+still works on the reference backend, and EXTENSION_ERROR says why the kernels are missing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from fastnorm import _C  # noqa: F401  (the import runs the op registrations)
+
+    EXTENSION_ERROR: str | None = None
+except ImportError as error:  # not built, or built against another torch
+    EXTENSION_ERROR = f"the extension fastnorm._C is not built or failed to load ({error})"
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether fastnorm::<op> has a kernel for dispatch_key ("CPU", "CUDA")."""
+    if EXTENSION_ERROR is not None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnorm::{op}", dispatch_key)
+
+
+if EXTENSION_ERROR is None:
+
+    @torch.library.register_fake("fastnorm::running_norm")
+    def _running_norm_fake(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip):
+        torch._check(diag.shape == (6, mean.numel()), lambda: "diag must have shape (6, C)")
+
+    @torch.library.register_fake("fastnorm::normalize")
+    def _normalize_fake(x, mean, var, out, eps, min_std, max_std, clip):
+        torch._check(out.shape == x.shape, lambda: "out must have x's shape")

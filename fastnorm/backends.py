@@ -1,0 +1,128 @@
+"""Backend choice, in one place.
+
+Each backend states why it cannot take an input (`not_supported_reasons(x)`); "auto" takes the
+first in AUTO_ORDER that can, and an explicit backend that cannot raises an error listing its
+reasons. Decisions read static facts only (device type, dtype, what was built), so torch.compile
+folds them away.
+
+Every backend implements the same two calls, mutating their output arguments in place:
+  running_norm(x, mask, mean, var, count, out, diag, *, momentum, max_count, eps, min_std,
+               max_std, clip)     reduce + merge into (mean, var, count) + y into out (if given)
+  normalize(x, mean, var, out, *, eps, min_std, max_std, clip)
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+from torch import Tensor
+
+from fastnorm import _ops, reference
+
+
+class Backend(Protocol):
+    name: str
+
+    def unavailable_reasons(self) -> list[str]:
+        """Why this backend cannot run at all on this installation (empty: it can)."""
+
+    def not_supported_reasons(self, x: Tensor) -> list[str]:
+        """Why this backend cannot take x (empty: it can)."""
+
+    def running_norm(self, x, mask, mean, var, count, out, diag, **hyper) -> None: ...
+
+    def normalize(self, x, mean, var, out, **hyper) -> None: ...
+
+
+class ExtensionBackend:
+    """The C++ kernels of fastnorm._C for one device type (fastnorm::running_norm, ::normalize)."""
+
+    def __init__(self, name: str, device_type: str, dispatch_key: str):
+        self.name = name
+        self.device_type = device_type
+        self._unavailable = []
+        if _ops.EXTENSION_ERROR is not None:
+            self._unavailable.append(_ops.EXTENSION_ERROR)
+        elif not _ops.has_kernel("running_norm", dispatch_key):
+            self._unavailable.append(f"fastnorm._C was built without {dispatch_key} kernels")
+
+    def unavailable_reasons(self) -> list[str]:
+        return list(self._unavailable)
+
+    def not_supported_reasons(self, x: Tensor) -> list[str]:
+        reasons = self.unavailable_reasons()
+        if x.device.type != self.device_type:
+            reasons.append(f"x is on {x.device.type}, this backend runs on {self.device_type}")
+        return reasons
+
+    def running_norm(self, x, mask, mean, var, count, out, diag, **hyper) -> None:
+        torch.ops.fastnorm.running_norm(x, mask, mean, var, count, out, diag, **hyper)
+
+    def normalize(self, x, mean, var, out, **hyper) -> None:
+        torch.ops.fastnorm.normalize(x, mean, var, out, **hyper)
+
+
+class ReferenceBackend:
+    """fastnorm.reference: pure PyTorch in float64, any device; the slow, always-available one."""
+
+    name = "reference"
+
+    def unavailable_reasons(self) -> list[str]:
+        return []
+
+    def not_supported_reasons(self, x: Tensor) -> list[str]:
+        return []
+
+    def running_norm(self, x, mask, mean, var, count, out, diag, **hyper) -> None:
+        result = reference.running_norm(x, mask, mean, var, count, with_output=out is not None, **hyper)
+        mean.copy_(result.mean)
+        var.copy_(result.var)
+        count.copy_(result.count)
+        diag.copy_(result.diag)
+        if out is not None:
+            out.copy_(result.y)
+
+    def normalize(self, x, mean, var, out, **hyper) -> None:
+        out.copy_(reference.normalize(x, mean, var, **hyper))
+
+
+BACKENDS: dict[str, Backend] = {
+    "cuda": ExtensionBackend("cuda", "cuda", "CUDA"),
+    "cpu": ExtensionBackend("cpu", "cpu", "CPU"),
+    "reference": ReferenceBackend(),
+}
+AUTO_ORDER = ("cuda", "cpu", "reference")
+BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
+
+
+def backends() -> dict[str, list[str]]:
+    """Each backend's name and the reasons it is unavailable here (an empty list: available)."""
+    return {name: backend.unavailable_reasons() for name, backend in BACKENDS.items()}
+
+
+def check_backend_name(name: str) -> str:
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    return name
+
+
+def select_backend(name: str, x: Tensor) -> Backend:
+    """The backend that runs x: the named one, or for "auto" the first in AUTO_ORDER that can."""
+    if name != "auto":
+        backend = BACKENDS[name]
+        reasons = backend.not_supported_reasons(x)
+        if reasons:
+            raise RuntimeError(f"fastnorm backend {name!r} cannot run this input: " + "; ".join(reasons))
+        return backend
+    for candidate in AUTO_ORDER:
+        backend = BACKENDS[candidate]
+        if not backend.not_supported_reasons(x):
+            return backend
+    raise AssertionError("the reference backend takes every input")
+
+
+def default_backend(device: Optional[torch.device] = None) -> str:
+    """The name "auto" picks for a float32 tensor on device (CPU by default)."""
+    x = torch.empty(0, device=device or "cpu")
+    return select_backend("auto", x).name

@@ -1,0 +1,146 @@
+"""The pure-PyTorch reference of fastnorm's running normalization, computed in float64.
+
+Readable rather than fast: every kernel is tested against it, the benchmarks time it as the
+baseline, and the "reference" backend runs it where no kernel is built. Functions here are pure:
+they return new statistics instead of mutating their arguments.
+
+The contract (README.md, "The running update"): for each column c, over the selected entries of
+the batch (mask true and value finite) with batch count n_b, mean m_b and population variance v_b,
+d = m_b - mean and n_eff = min(count, max_count):
+
+    w = n_b / (n_eff + n_b);  with momentum: w = max(1 - momentum, w)
+    mean' = mean + w d;  var' = (1 - w) var + w v_b + w (1 - w) d^2;  count' = count + n_b
+
+and y = clamp((x - mean) / clamp(sqrt(var + eps), min_std, max_std), -clip, clip).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+DIAG_ROWS = ("batch_count", "batch_mean", "batch_var", "nonfinite", "clipped", "max_abs_z")
+
+
+class RunningNormResult(NamedTuple):
+    y: Optional[Tensor]  # x's shape and dtype; None when not asked for
+    mean: Tensor  # float64, statistics shape
+    var: Tensor
+    count: Tensor
+    diag: Tensor  # float64 (6, C), rows DIAG_ROWS
+
+
+def as_rows(x: Tensor, stats_shape: torch.Size) -> Tensor:
+    """x of shape (*batch, *stats_shape) as float64 (rows, C)."""
+    cols = stats_shape.numel()
+    return x.reshape(-1, cols).double() if cols > 0 else x.reshape(0, 0).double()
+
+
+def selection(x_rows: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Bool (rows, C): mask (a prefix of x's shape) broadcast over the remaining dims."""
+    rows, cols = x_rows.shape
+    if mask is None:
+        return torch.ones_like(x_rows, dtype=torch.bool)
+    per_row = mask.reshape(rows, -1) if rows > 0 else mask.reshape(0, 1)
+    return per_row.repeat_interleave(cols // per_row.shape[1], dim=1)
+
+
+def batch_moments(x_rows: Tensor, selected: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Count, mean, population variance and non-finite count per column of the selected entries."""
+    finite = torch.isfinite(x_rows)
+    valid = selected & finite
+    n = valid.sum(0, dtype=torch.float64)
+    safe_n = n.clamp(min=1)
+    m = torch.where(valid, x_rows, 0.0).sum(0) / safe_n
+    v = torch.where(valid, x_rows - m, 0.0).square().sum(0) / safe_n
+    nonfinite = (selected & ~finite).sum(0, dtype=torch.float64)
+    return n, m, v, nonfinite
+
+
+def merge_running(
+    mean: Tensor,
+    var: Tensor,
+    count: Tensor,
+    n_b: Tensor,
+    m_b: Tensor,
+    v_b: Tensor,
+    *,
+    momentum: Optional[float],
+    max_count: Optional[float],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The running update of the contract; columns with n_b = 0, or whose result would not be
+    finite, keep their statistics."""
+    n_eff = count if max_count is None else count.clamp(max=max_count)
+    w = n_b / (n_eff + n_b).clamp(min=1e-300)
+    if momentum is not None:
+        w = w.clamp(min=1.0 - momentum)
+    d = m_b - mean
+    new_mean = mean + w * d
+    new_var = (1 - w) * var + w * v_b + w * (1 - w) * d * d
+    keep = (n_b > 0) & torch.isfinite(new_mean) & torch.isfinite(new_var)
+    return (
+        torch.where(keep, new_mean, mean),
+        torch.where(keep, new_var, var),
+        torch.where(keep, count + n_b, count),
+    )
+
+
+def bounded_std(var: Tensor, eps: float, min_std: Optional[float], max_std: Optional[float]) -> Tensor:
+    """sqrt(var + eps) bounded to [min_std, max_std] (None: unbounded)."""
+    return torch.sqrt(var + eps).clamp(min=min_std, max=max_std)
+
+
+def normalize(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    *,
+    eps: float,
+    min_std: Optional[float],
+    max_std: Optional[float],
+    clip: Optional[float],
+) -> Tensor:
+    """y = clamp((x - mean) / bounded_std, -clip, clip) in float64, returned in x's dtype."""
+    z = (x.double() - mean) / bounded_std(var, eps, min_std, max_std)
+    y = z if clip is None else z.clamp(-clip, clip)
+    return y.to(x.dtype)
+
+
+def running_norm(
+    x: Tensor,
+    mask: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    count: Tensor,
+    *,
+    momentum: Optional[float],
+    max_count: Optional[float],
+    eps: float,
+    min_std: Optional[float],
+    max_std: Optional[float],
+    clip: Optional[float],
+    with_output: bool = True,
+) -> RunningNormResult:
+    """Updates the statistics with the batch x and normalizes x with the updated statistics."""
+    shape = mean.shape
+    x_rows = as_rows(x, shape)
+    selected = selection(x_rows, mask)
+    n_b, m_b, v_b, nonfinite = batch_moments(x_rows, selected)
+    new_mean, new_var, new_count = merge_running(
+        mean.reshape(-1), var.reshape(-1), count.reshape(-1), n_b, m_b, v_b, momentum=momentum, max_count=max_count
+    )
+    if with_output:
+        z = (x_rows - new_mean) / bounded_std(new_var, eps, min_std, max_std)
+        valid = selected & torch.isfinite(x_rows)
+        abs_z = torch.where(valid, z.abs(), 0.0)
+        clipped = (abs_z > clip).sum(0, dtype=torch.float64) if clip is not None else torch.zeros_like(n_b)
+        max_abs_z = abs_z.amax(0) if x_rows.shape[0] > 0 else torch.zeros_like(n_b)
+        y_rows = z if clip is None else z.clamp(-clip, clip)
+        y = y_rows.to(x.dtype).reshape(x.shape)
+    else:
+        clipped = max_abs_z = torch.full_like(n_b, float("nan"))
+        y = None
+    diag = torch.stack([n_b, m_b, v_b, nonfinite, clipped, max_abs_z])
+    return RunningNormResult(y, new_mean.reshape(shape), new_var.reshape(shape), new_count.reshape(shape), diag)

@@ -1,0 +1,228 @@
+"""RunningNorm: running per-(agent, feature) normalization with a warm-started EMA, a std floor,
+an output clamp, masks, and statistics that no non-finite input can reach."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from fastnorm import _checks, reference
+from fastnorm.backends import check_backend_name, select_backend
+from fastnorm.reference import DIAG_ROWS
+
+FORMAT_VERSION = 1
+HYPER_PARAMETERS = ("momentum", "max_count", "eps", "min_std", "max_std", "clip", "warmup")
+
+
+class RunningNorm(nn.Module):
+    r"""Normalizes x of shape ``(*batch, *shape)`` with running statistics of ``shape``.
+
+    Statistics (float64 buffers ``mean``, ``var``, ``count`` of ``shape``) start at 0, 1, 0.
+    Each update reduces all batch dims over the selected entries (``mask`` true, value finite):
+    batch count ``n_b``, mean ``m_b``, population variance ``v_b``; with ``d = m_b - mean`` and
+    ``n_eff = min(count, max_count)``::
+
+        w = n_b / (n_eff + n_b);  with momentum: w = max(1 - momentum, w)
+        mean' = mean + w d;  var' = (1 - w) var + w v_b + w (1 - w) d^2;  count' = count + n_b
+
+    Early updates are exact averages (no noisy step 1, no zero-variance start), later ones an EMA
+    with weight ``1 - momentum`` (never frozen); ``momentum=None`` is the exact cumulative
+    (Chan) merge. The output, with the updated statistics when updating::
+
+        y = clamp((x - mean) / clamp(sqrt(var + eps), min_std, max_std), -clip, clip)
+
+    Non-finite inputs never enter the statistics; NaN stays NaN in y and +-inf becomes +-clip.
+
+    Args:
+        shape: the per-agent statistics shape, e.g. ``(num_agents, num_features)``.
+        momentum: EMA momentum in [0, 1], or None for the exact cumulative mode.
+        max_count: cap on the count used for the weight (None: uncapped).
+        eps: added to the variance before the square root.
+        min_std, max_std: hard bounds on the divisor (None: unbounded).
+        clip: the output is clamped to [-clip, clip] (None: no clamp).
+        warmup: number of updates after which ``ready`` becomes true.
+        backend: "auto", "cpu", "cuda", "triton" or "reference" (see ``fastnorm.backends()``).
+        device: where the statistics live.
+
+    Call ``norm(x, mask=None, update=None, out=None)``; ``update`` defaults to ``norm.training``.
+    ``mask`` is a bool tensor whose shape is a prefix of x's covering the batch dims (e.g.
+    ``(B, A)`` for inactive agents); it selects entries for the statistics only. ``out`` (x's
+    shape and dtype, may be x itself) receives y without allocating.
+    """
+
+    def __init__(
+        self,
+        shape: Union[int, Iterable[int]],
+        *,
+        momentum: Optional[float] = 0.99,
+        max_count: Optional[float] = None,
+        eps: float = 1e-4,
+        min_std: Optional[float] = 1e-2,
+        max_std: Optional[float] = None,
+        clip: Optional[float] = 10.0,
+        warmup: int = 0,
+        backend: str = "auto",
+        device: Optional[Union[str, torch.device]] = None,
+    ):
+        super().__init__()
+        self.shape = torch.Size([shape] if isinstance(shape, int) else shape)
+        if any(not isinstance(n, int) or n < 1 for n in self.shape):
+            raise ValueError(f"shape must be positive ints, got {tuple(shape) if not isinstance(shape, int) else shape}")
+        self.momentum = _checks.check_optional_number("momentum", momentum)
+        if self.momentum is not None and self.momentum > 1:
+            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+        self.max_count = _checks.check_optional_number("max_count", max_count, inclusive=False)
+        eps = _checks.check_optional_number("eps", eps)
+        if eps is None:
+            raise TypeError("eps must be a number >= 0, got None")
+        self.eps = eps
+        self.min_std = _checks.check_optional_number("min_std", min_std)
+        self.max_std = _checks.check_optional_number("max_std", max_std, inclusive=False)
+        if self.min_std is not None and self.max_std is not None and self.min_std > self.max_std:
+            raise ValueError(f"min_std ({min_std}) must not exceed max_std ({max_std})")
+        self.clip = _checks.check_optional_number("clip", clip, inclusive=False)
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+        self.warmup = warmup
+        self.backend = check_backend_name(backend)
+
+        f64 = dict(dtype=torch.float64, device=device)
+        self.register_buffer("mean", torch.zeros(self.shape, **f64))
+        self.register_buffer("var", torch.ones(self.shape, **f64))
+        self.register_buffer("count", torch.zeros(self.shape, **f64))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device))
+        # Per-column diagnostics of the last update (rows: reference.DIAG_ROWS); NaN before any.
+        self.register_buffer("_diag", torch.full((len(DIAG_ROWS), self.shape.numel()), math.nan, **f64), persistent=False)
+
+    # ------------------------------------------------------------------ calls
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, update: Optional[bool] = None,
+                out: Optional[Tensor] = None) -> Tensor:
+        """Normalizes x, first updating the statistics with it when ``update`` (default: training)."""
+        if update is None:
+            update = self.training
+        if not update:
+            batch_dims = _checks.check_x(x, self.shape, self.mean.device)
+            _checks.check_mask(mask, x, batch_dims)
+            return self.normalize(x, out=out)
+        y = out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
+        self._update(x, mask, out, y)
+        return y
+
+    def update(self, x: Tensor, mask: Optional[Tensor] = None) -> None:
+        """Updates the statistics with x without computing y."""
+        self._update(x, mask, None, None)
+
+    def normalize(self, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """y for x with the current statistics; the statistics are not changed."""
+        _checks.check_x(x, self.shape, self.mean.device)
+        _checks.check_out(out, x)
+        y = out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
+        select_backend(self.backend, x).normalize(x, self.mean, self.var, y, **self._output_bounds())
+        return y
+
+    def denormalize(self, y: Tensor) -> Tensor:
+        """x = y * std + mean (the inverse of normalize where no clamp was hit), in y's dtype."""
+        _checks.check_x(y, self.shape, self.mean.device, name="y")
+        std = reference.bounded_std(self.var, self.eps, self.min_std, self.max_std)
+        return (y.double() * std + self.mean).to(y.dtype)
+
+    def reset(self) -> None:
+        """Back to the initial statistics: mean 0, var 1, count 0, no update steps."""
+        self.mean.zero_()
+        self.var.fill_(1.0)
+        self.count.zero_()
+        self.steps.zero_()
+        self._diag.fill_(math.nan)
+
+    @property
+    def ready(self) -> Tensor:
+        """Bool tensor: at least ``warmup`` updates done (stays on device, no sync)."""
+        return self.steps >= self.warmup
+
+    def _output_bounds(self) -> dict[str, Any]:
+        return dict(eps=self.eps, min_std=self.min_std, max_std=self.max_std, clip=self.clip)
+
+    def _update(self, x: Tensor, mask: Optional[Tensor], out: Optional[Tensor], y: Optional[Tensor]) -> None:
+        batch_dims = _checks.check_x(x, self.shape, self.mean.device)
+        _checks.check_mask(mask, x, batch_dims)
+        _checks.check_out(out, x)
+        select_backend(self.backend, x).running_norm(
+            x, mask, self.mean, self.var, self.count, y, self._diag,
+            momentum=self.momentum, max_count=self.max_count, **self._output_bounds(),
+        )
+        if x.numel() > 0:  # an empty batch is no update step
+            self.steps += 1
+
+    # ------------------------------------------------------------------ state
+
+    def hyper_parameters(self) -> dict[str, Any]:
+        """The constructor arguments that define the transform (not the backend or device)."""
+        return {name: getattr(self, name) for name in HYPER_PARAMETERS}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, "shape": list(self.shape), **self.hyper_parameters()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        differing = {k: (state[k], getattr(self, k)) for k in HYPER_PARAMETERS if k in state and state[k] != getattr(self, k)}
+        if differing:
+            details = ", ".join(f"{k}: saved {saved!r}, module {own!r}" for k, (saved, own) in differing.items())
+            warnings.warn(f"RunningNorm state was saved with other hyper-parameters ({details}); keeping the module's. "
+                          "Use RunningNorm.from_state_dict to restore the saved ones.", stacklevel=4)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Validate everything before anything is copied, so a bad state changes nothing.
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is not None:
+            _check_extra_state(extra, self.shape, prefix)
+        for name in ("mean", "var", "count", "steps"):
+            value = state_dict.get(prefix + name)
+            if value is not None:
+                _check_statistic(prefix + name, value, self.shape if name != "steps" else torch.Size([]))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict[str, Any], **kwargs) -> "RunningNorm":
+        """A RunningNorm with the saved shape and hyper-parameters (kwargs: backend, device, or
+        overrides) and the saved statistics."""
+        extra = state_dict.get("_extra_state")
+        if extra is None:
+            raise KeyError("state_dict has no '_extra_state': it was not saved by RunningNorm")
+        _check_extra_state(extra, None, "")
+        params = {k: extra[k] for k in HYPER_PARAMETERS}
+        params.update(kwargs)
+        norm = cls(extra["shape"], **params)
+        norm.load_state_dict(state_dict)
+        return norm
+
+    def extra_repr(self) -> str:
+        params = ", ".join(f"{k}={v}" for k, v in self.hyper_parameters().items())
+        return f"shape={tuple(self.shape)}, {params}, backend={self.backend!r}"
+
+
+def _check_extra_state(extra: Any, shape: Optional[torch.Size], prefix: str) -> None:
+    if not isinstance(extra, dict) or "format_version" not in extra:
+        raise ValueError(f"{prefix}_extra_state is not a RunningNorm state (no format_version)")
+    if extra["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{prefix}_extra_state has format_version {extra['format_version']}, "
+                         f"this fastnorm reads {FORMAT_VERSION}")
+    if shape is not None and tuple(extra.get("shape", ())) != tuple(shape):
+        raise ValueError(f"{prefix}_extra_state has shape {tuple(extra.get('shape', ()))}, "
+                         f"the module has {tuple(shape)}")
+
+
+def _check_statistic(key: str, value: Any, shape: torch.Size) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{key} must be a tensor, got {type(value).__name__}")
+    if value.shape != shape:
+        raise ValueError(f"{key} must have shape {tuple(shape)}, got {tuple(value.shape)}")
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{key} holds non-finite values; refusing to load a corrupted state")
+    if value.numel() > 0 and bool((value < 0).any()) and not key.endswith("mean"):
+        raise ValueError(f"{key} holds negative values; refusing to load a corrupted state")

@@ -1,0 +1,61 @@
+"""Builds fastnorm and its extension fastnorm._C.
+
+The C++ CPU kernels are always built. The CUDA kernels (csrc/cuda/*.cu and the torch binding
+csrc/cuda/*.cpp) are added when torch was built with CUDA and nvcc is found, or when
+FASTNORM_FORCE_CUDA=1. FASTNORM_NO_EXTENSION=1 skips the extension: the package then runs on its
+pure-PyTorch reference. Build against the torch you have: pip install --no-build-isolation -e .
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extensions():
+    if os.environ.get("FASTNORM_NO_EXTENSION") == "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    def sources(pattern):
+        return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+    with_cuda = os.environ.get("FASTNORM_FORCE_CUDA") == "1" or (
+        torch.version.cuda is not None and CUDA_HOME is not None
+    )
+    cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
+    if with_cuda:
+        srcs += sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp")
+        extension = CUDAExtension(
+            "fastnorm._C",
+            srcs,
+            extra_compile_args={"cxx": cxx_flags + ["-DFASTNORM_WITH_CUDA"], "nvcc": ["-O3", "-lineinfo"]},
+        )
+    else:
+        extension = CppExtension("fastnorm._C", srcs, extra_compile_args={"cxx": cxx_flags})
+    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="fastnorm",
+    version="0.1.0",
+    description="Fused running normalization for large multi-agent reinforcement learning",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["fastnorm", "fastnorm.triton_kernels"],
+    package_dir={"fastnorm": "fastnorm", "fastnorm.triton_kernels": "triton_kernels"},
+    install_requires=["torch>=2.6", "numpy"],
+    extras_require={
+        "triton": ["triton"],
+        "test": ["pytest", "hypothesis"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,1 @@
+"""Triton kernels of fastnorm, installed as fastnorm.triton_kernels (never a top-level package)."""
