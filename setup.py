@@ -26,7 +26,15 @@ def _extensions():
     with_cuda = os.environ.get("FASTNORM_FORCE_CUDA") == "1" or (
         torch.version.cuda is not None and CUDA_HOME is not None
     )
-    cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    # -fno-trapping-math lets GCC if-convert (and vectorize) the masked loops; NaN and inf keep
+    # their IEEE meaning (no -ffast-math, which the kernels' finiteness tests rely on).
+    cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
+    link_flags = []
+    if torch.backends.openmp.is_available():
+        # at::parallel_for is inline "#pragma omp parallel": without -fopenmp it runs serially.
+        # torch ships libgomp.so.1 under the same soname, so the loaded runtime is reused.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     if with_cuda:
         srcs += sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp")
@@ -34,9 +42,11 @@ def _extensions():
             "fastnorm._C",
             srcs,
             extra_compile_args={"cxx": cxx_flags + ["-DFASTNORM_WITH_CUDA"], "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=link_flags,
         )
     else:
-        extension = CppExtension("fastnorm._C", srcs, extra_compile_args={"cxx": cxx_flags})
+        extension = CppExtension("fastnorm._C", srcs, extra_compile_args={"cxx": cxx_flags},
+                                 extra_link_args=link_flags)
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

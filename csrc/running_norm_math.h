@@ -33,13 +33,17 @@ struct Moments {
   double m2;
 };
 
+// max(a, b) for values that are never NaN; unlike fmax it compiles to one instruction, so loops
+// of merges vectorize.
+FASTNORM_HD double max_not_nan(double a, double b) { return a > b ? a : b; }
+
 // Pairwise merge of two sets' moments (Chan, Golub & LeVeque 1979):
 // mean = mean_a + d*n_b/n,  M2 = M2_a + M2_b + d^2*n_a*n_b/n,  d = mean_b - mean_a.
+// Branch-free so that loops of merges vectorize; merging an empty set (count 0) changes nothing
+// (an empty set's mean and M2 must be finite, e.g. 0).
 FASTNORM_HD Moments merge_moments(const Moments& a, const Moments& b) {
-  if (b.count == 0) return a;
-  if (a.count == 0) return b;
   const double n = a.count + b.count;
-  const double wb = b.count / n;
+  const double wb = b.count / max_not_nan(n, 1.0);
   const double d = b.mean - a.mean;
   return {n, a.mean + d * wb, a.m2 + b.m2 + d * d * a.count * wb};
 }
@@ -47,10 +51,11 @@ FASTNORM_HD Moments merge_moments(const Moments& a, const Moments& b) {
 // Moments of one block from the corrected two-pass algorithm (Chan, Golub & LeVeque 1983):
 // with deviations d_i = x_i - shift from any shift near the mean, S1 = sum d_i, S2 = sum d_i^2,
 // mean = shift + S1/n and M2 = S2 - S1^2/n; the correction cancels the shift's rounding error.
+// An empty block (count = s1 = s2 = 0) gives {0, shift, 0}.
 FASTNORM_HD Moments moments_from_shifted_sums(double count, double shift, double s1, double s2) {
-  if (count == 0) return {0.0, 0.0, 0.0};
-  const double m2 = s2 - s1 * s1 / count;
-  return {count, shift + s1 / count, m2 > 0.0 ? m2 : 0.0};
+  const double inv_n = 1.0 / max_not_nan(count, 1.0);
+  const double m2 = s2 - s1 * s1 * inv_n;
+  return {count, shift + s1 * inv_n, m2 > 0.0 ? m2 : 0.0};
 }
 
 // Hyper-parameters of the running update. min_weight = 1 - momentum (0 in cumulative mode);

@@ -89,7 +89,10 @@ def merge_running(
 
 def bounded_std(var: Tensor, eps: float, min_std: Optional[float], max_std: Optional[float]) -> Tensor:
     """sqrt(var + eps) bounded to [min_std, max_std] (None: unbounded)."""
-    return torch.sqrt(var + eps).clamp(min=min_std, max=max_std)
+    std = torch.sqrt(var + eps)
+    if min_std is None and max_std is None:
+        return std
+    return std.clamp(min=min_std, max=max_std)
 
 
 def normalize(

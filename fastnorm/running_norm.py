@@ -105,17 +105,17 @@ class RunningNorm(nn.Module):
         """Normalizes x, first updating the statistics with it when ``update`` (default: training)."""
         if update is None:
             update = self.training
+        self._check_call(x, mask, out)
         if not update:
-            batch_dims = _checks.check_x(x, self.shape, self.mean.device)
-            _checks.check_mask(mask, x, batch_dims)
             return self.normalize(x, out=out)
         y = out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
-        self._update(x, mask, out, y)
+        self._update(x, mask, y)
         return y
 
     def update(self, x: Tensor, mask: Optional[Tensor] = None) -> None:
         """Updates the statistics with x without computing y."""
-        self._update(x, mask, None, None)
+        self._check_call(x, mask, None)
+        self._update(x, mask, None)
 
     def normalize(self, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
         """y for x with the current statistics; the statistics are not changed."""
@@ -147,10 +147,12 @@ class RunningNorm(nn.Module):
     def _output_bounds(self) -> dict[str, Any]:
         return dict(eps=self.eps, min_std=self.min_std, max_std=self.max_std, clip=self.clip)
 
-    def _update(self, x: Tensor, mask: Optional[Tensor], out: Optional[Tensor], y: Optional[Tensor]) -> None:
+    def _check_call(self, x: Tensor, mask: Optional[Tensor], out: Optional[Tensor]) -> None:
         batch_dims = _checks.check_x(x, self.shape, self.mean.device)
         _checks.check_mask(mask, x, batch_dims)
         _checks.check_out(out, x)
+
+    def _update(self, x: Tensor, mask: Optional[Tensor], y: Optional[Tensor]) -> None:
         select_backend(self.backend, x).running_norm(
             x, mask, self.mean, self.var, self.count, y, self._diag,
             momentum=self.momentum, max_count=self.max_count, **self._output_bounds(),
@@ -159,6 +161,17 @@ class RunningNorm(nn.Module):
             self.steps += 1
 
     # ------------------------------------------------------------------ state
+
+    def _apply(self, fn, recurse=True):
+        # Module-wide casts (.half(), .to(torch.bfloat16)) must not demote the statistics: the
+        # buffers follow fn's device but keep their dtype (float64, int64 steps).
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if old is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return self
 
     def hyper_parameters(self) -> dict[str, Any]:
         """The constructor arguments that define the transform (not the backend or device)."""

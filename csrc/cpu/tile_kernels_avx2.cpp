@@ -6,6 +6,9 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <limits>
+#include <vector>
+
 #include "../running_norm_math.h"
 #include "tile_kernels.h"
 
