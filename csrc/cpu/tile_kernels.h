@@ -21,6 +21,10 @@ constexpr int64_t kTileCols = 2048;
 constexpr int64_t kBlockElems = 1 << 16;
 constexpr int64_t kMaxBlockRows = 128;
 
+// Tiles of whole contiguous rows narrower than this are processed as "super-rows" of
+// kFoldWidth / C consecutive rows, so the column loops stay long enough to vectorize well.
+constexpr int64_t kFoldWidth = 256;
+
 // Rows per reduce block for a tile `width` columns wide.
 inline int64_t block_rows(int64_t width) {
   const int64_t rows = kBlockElems / (width > 0 ? width : 1);
