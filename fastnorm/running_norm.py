@@ -158,7 +158,7 @@ class RunningNorm(nn.Module):
             momentum=self.momentum, max_count=self.max_count, **self._output_bounds(),
         )
         if x.numel() > 0:  # an empty batch is no update step
-            self.steps += 1
+            self.steps.add_(1)
 
     # ------------------------------------------------------------------ state
 
