@@ -289,3 +289,19 @@ def test_max_std_and_clip_none(backend, device, gen):
     y = norm(x)
     torch.testing.assert_close(y, expected.y, **Y_TOL[torch.float32])
     assert y.abs().max() > 10  # nothing clamps it
+
+
+def test_row_strided_views(backend, device, gen):
+    # x and out as column slices of wider tensors: rows are contiguous but strided apart.
+    wide_x = randn((300, 9), gen, device=device)
+    x = wide_x[:, 2:7]
+    wide_out = torch.full((300, 8), float("nan"), device=device)
+    out = wide_out[:, 1:6]
+    norm = RunningNorm((5,), backend=backend, device=device)
+    mask = random_mask((300,), gen, device)
+    expected = expected_step(norm, x, mask)
+    y = norm(x, mask=mask, out=out)
+    assert y is out
+    torch.testing.assert_close(out, expected.y, **Y_TOL[torch.float32])
+    assert torch.isnan(wide_out[:, 0]).all() and torch.isnan(wide_out[:, 6:]).all()  # nothing outside out
+    assert_stats_close(norm, expected, torch.float32)

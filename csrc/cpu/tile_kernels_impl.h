@@ -89,6 +89,12 @@ inline void selection(const Tile& t, int64_t r, int64_t rows, int64_t cols, acc_
   }
 }
 
+// Whether entry v (selection sel, 1 or 0) enters the statistics: selected and finite.
+template <bool kSelect, typename acc_t>
+inline bool counted(acc_t v, acc_t sel) {
+  return kSelect ? (sel != acc_t(0) && is_finite(v)) : is_finite(v);
+}
+
 // Per-column sums of one block of units; the corrected two-pass algorithm of running_norm_math.h
 // turns them into moments. Pass 1 sums in float64 (`sum`): for float32 data a block's sum is then
 // exact, so the shift is the float nearest the block mean and a constant block gets exactly its
@@ -198,7 +204,7 @@ void block_sums_careful(const Tile& t, const scalar_t* const* units, const int64
 #pragma GCC ivdep
     for (int64_t j = 0; j < width; ++j) {
       const acc_t v = static_cast<acc_t>(x[j]);
-      const bool ok = kSelect ? (sel[j] != acc_t(0) && is_finite(v)) : is_finite(v);
+      const bool ok = counted<kSelect>(v, kSelect ? sel[j] : acc_t(1));
       sum[j] += ok ? static_cast<double>(v) : 0.0;
       cnt[j] += ok ? acc_t(1) : acc_t(0);
       nsel[j] += kSelect ? sel[j] : acc_t(1);
@@ -215,7 +221,7 @@ void block_sums_careful(const Tile& t, const scalar_t* const* units, const int64
 #pragma GCC ivdep
     for (int64_t j = 0; j < width; ++j) {
       const acc_t v = static_cast<acc_t>(x[j]);
-      const bool ok = kSelect ? (sel[j] != acc_t(0) && is_finite(v)) : is_finite(v);
+      const bool ok = counted<kSelect>(v, kSelect ? sel[j] : acc_t(1));
       const acc_t d = ok ? v - shift[j] : acc_t(0);
       s1[j] += d;
       s2[j] += d * d;
@@ -388,7 +394,7 @@ void normalize_units(const Tile& t, int64_t first, int64_t n_units, int64_t rows
         const acc_t v = static_cast<acc_t>(x[j]);
         const acc_t z = ((v - mean_hi[j]) - mean_lo[j]) * scale[j];
         y[j] = static_cast<scalar_t>(clamp_keep_nan(z, -hi, hi));
-        const bool ok = kSelect ? (sel[j] != acc_t(0) && is_finite(v)) : is_finite(v);
+        const bool ok = counted<kSelect>(v, kSelect ? sel[j] : acc_t(1));
         n_clipped[j] += ok && (z > hi || z < -hi) ? acc_t(1) : acc_t(0);
       }
     } else {
