@@ -57,7 +57,7 @@ def write_run(path, rows: dict[int, dict[str, float]], tags=T, new_style=False) 
 
 @pytest.fixture
 def rng(gen) -> np.random.Generator:
-    return np.random.default_rng(int(np.frombuffer(gen.initial_seed().to_bytes(8, "little"), np.uint64)[0]))
+    return np.random.default_rng(gen.initial_seed())
 
 
 def healthy_rows(rng, steps, keys=tuple(HEALTHY)):
