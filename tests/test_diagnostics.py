@@ -176,3 +176,17 @@ def test_diagnostics_are_a_snapshot(backend, device, gen):
     norm(randn((10, 3), gen, device=device, mean=5.0))
     for name, value in snapshot.items():
         torch.testing.assert_close(value, before[name], equal_nan=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_diagnostics_do_not_synchronize_on_cuda(gen):
+    norm = RunningNorm((3, 4), device="cuda")
+    norm(randn((64, 3, 4), gen, device="cuda"))
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        diagnostics = norm.diagnostics()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert all(t.device.type == "cuda" for t in diagnostics.values())
+    assert norm.health()["steps"] == 1
