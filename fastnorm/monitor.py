@@ -70,7 +70,7 @@ class Monitor:
     def add_rule(self, rule: Rule) -> None:
         """Adds a rule (anything with ``name``, ``severity``, ``threshold``, ``check`` and
         ``with_threshold``; see ``fastnorm.rules``); names are unique."""
-        for attribute in ("name", "severity", "check", "with_threshold"):
+        for attribute in ("name", "severity", "threshold", "check", "with_threshold"):
             if not hasattr(rule, attribute):
                 raise TypeError(f"rule must have a {attribute!r} attribute, got {type(rule).__name__}")
         if rule.severity not in SEVERITIES:
