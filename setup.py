@@ -65,7 +65,9 @@ setup(
     extras_require={
         "triton": ["triton"],
         "test": ["pytest", "hypothesis"],
+        "monitor": ["tensorboard", "google-crc32c", "matplotlib"],
     },
+    entry_points={"console_scripts": ["fastnorm = fastnorm.__main__:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

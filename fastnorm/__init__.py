@@ -6,8 +6,10 @@
 ``fastnorm.backends()`` lists the kernels built here and why any is missing.
 """
 
+from fastnorm import checkpoint
 from fastnorm.backends import backends, default_backend
+from fastnorm.monitor import Monitor
 from fastnorm.running_norm import RunningNorm
 
-__all__ = ["RunningNorm", "backends", "default_backend"]
+__all__ = ["Monitor", "RunningNorm", "backends", "checkpoint", "default_backend"]
 __version__ = "0.1.0"

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from fastnorm import _checks, reference
 from fastnorm.backends import check_backend_name, select_backend
+from fastnorm.diagnostics import as_floats, running_norm_diagnostics
 from fastnorm.reference import DIAG_ROWS
 
 FORMAT_VERSION = 1
@@ -138,6 +139,20 @@ class RunningNorm(nn.Module):
         self.count.zero_()
         self.steps.zero_()
         self._diag.fill_(math.nan)
+
+    def diagnostics(self) -> dict[str, Tensor]:
+        """Named 0-dim tensors about the last update, computed on device without a host sync
+        (raw batch std min/max, normalized batch mean/std, max |z|, fractions clipped and at the
+        std floor, non-finite count, minimum count, update weight, steps): see fastnorm.diagnostics."""
+        return running_norm_diagnostics(
+            self._diag, self.mean, self.var, self.count, self.steps, momentum=self.momentum,
+            max_count=self.max_count, eps=self.eps, min_std=self.min_std, max_std=self.max_std,
+        )
+
+    def health(self, prefix: str = "") -> dict[str, float]:
+        """``diagnostics()`` as floats keyed ``prefix + name`` for logging or a Monitor (this syncs);
+        values the last call does not define are left out."""
+        return as_floats(self.diagnostics(), prefix)
 
     @property
     def ready(self) -> Tensor:
