@@ -214,6 +214,7 @@ class RunningNorm(nn.Module):
                 _check_statistic(prefix + name, value, self.shape if name != "steps" else torch.Size([]))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._diag.fill_(math.nan)  # the last call's diagnostics do not describe the loaded statistics
 
     @classmethod
     def from_state_dict(cls, state_dict: dict[str, Any], **kwargs) -> "RunningNorm":

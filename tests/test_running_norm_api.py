@@ -107,7 +107,9 @@ def test_state_round_trip(backend, device, gen):
     assert state["_extra_state"]["format_version"] == 1
     assert state["_extra_state"]["momentum"] == 0.9 and state["_extra_state"]["clip"] == 4.0
     restored = RunningNorm((2, 3), momentum=0.9, max_count=1e4, clip=4.0, warmup=2, backend=backend, device=device)
+    restored(randn((5, 2, 3), gen, device=device))  # diagnostics of a batch the loaded state never saw
     restored.load_state_dict(state)
+    assert torch.isnan(restored._diag).all()
     for name in ("mean", "var", "count", "steps"):
         assert torch.equal(getattr(restored, name), getattr(norm, name)), name
     assert bool(restored.ready)
