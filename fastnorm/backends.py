@@ -5,10 +5,15 @@ first in AUTO_ORDER that can, and an explicit backend that cannot raises an erro
 reasons. Decisions read static facts only (device type, dtype, what was built), so torch.compile
 folds them away.
 
-Every backend implements the same two calls, mutating their output arguments in place:
+Every backend implements the same calls, mutating their output arguments in place:
   running_norm(x, mask, mean, var, count, out, diag, *, momentum, max_count, eps, min_std,
                max_std, clip)     reduce + merge into (mean, var, count) + y into out (if given)
   normalize(x, mean, var, out, *, eps, min_std, max_std, clip)
+and running_norm split in two for RunningNorm(sync=True), which combines the halves across ranks
+(schemas and semantics in csrc/ops.cpp; the float64 reference in fastnorm.reference):
+  batch_moments(x, mask, moments)   the batch-moments table (6, *shape) of x alone
+  merge_normalize(x, mask, parts, mean, var, count, out, diag, **hyper)
+                                    merge the tables parts (P, 6, *shape) in order, update, y
 """
 
 from __future__ import annotations
@@ -34,6 +39,13 @@ class Backend(Protocol):
 
     def normalize(self, x, mean, var, out, **hyper) -> None: ...
 
+    def split_unsupported_reasons(self) -> list[str]:
+        """Why this backend cannot run batch_moments and merge_normalize (empty: it can)."""
+
+    def batch_moments(self, x, mask, moments) -> None: ...
+
+    def merge_normalize(self, x, mask, parts, mean, var, count, out, diag, **hyper) -> None: ...
+
 
 class ExtensionBackend:
     """The C++ kernels of fastnorm._C for one device type (fastnorm::running_norm, ::normalize)."""
@@ -46,6 +58,9 @@ class ExtensionBackend:
             self._unavailable.append(_ops.EXTENSION_ERROR)
         elif not _ops.has_kernel("running_norm", dispatch_key):
             self._unavailable.append(f"fastnorm._C was built without {dispatch_key} kernels")
+        self._split_missing = [f"fastnorm._C has no {dispatch_key} kernel for fastnorm::{op}"
+                               for op in ("batch_moments", "merge_normalize")
+                               if not self._unavailable and not _ops.has_kernel(op, dispatch_key)]
 
     def unavailable_reasons(self) -> list[str]:
         return list(self._unavailable)
@@ -62,6 +77,15 @@ class ExtensionBackend:
     def normalize(self, x, mean, var, out, **hyper) -> None:
         torch.ops.fastnorm.normalize(x, mean, var, out, **hyper)
 
+    def split_unsupported_reasons(self) -> list[str]:
+        return list(self._split_missing)
+
+    def batch_moments(self, x, mask, moments) -> None:
+        torch.ops.fastnorm.batch_moments(x, mask, moments)
+
+    def merge_normalize(self, x, mask, parts, mean, var, count, out, diag, **hyper) -> None:
+        torch.ops.fastnorm.merge_normalize(x, mask, parts, mean, var, count, out, diag, **hyper)
+
 
 class ReferenceBackend:
     """fastnorm.reference: pure PyTorch in float64, any device; the slow, always-available one."""
@@ -76,15 +100,29 @@ class ReferenceBackend:
 
     def running_norm(self, x, mask, mean, var, count, out, diag, **hyper) -> None:
         result = reference.running_norm(x, mask, mean, var, count, with_output=out is not None, **hyper)
-        mean.copy_(result.mean)
-        var.copy_(result.var)
-        count.copy_(result.count)
-        diag.copy_(result.diag)
-        if out is not None:
-            out.copy_(result.y)
+        _store(result, mean, var, count, out, diag)
 
     def normalize(self, x, mean, var, out, **hyper) -> None:
         out.copy_(reference.normalize(x, mean, var, **hyper))
+
+    def split_unsupported_reasons(self) -> list[str]:
+        return []
+
+    def batch_moments(self, x, mask, moments) -> None:
+        moments.copy_(reference.batch_moment_table(x, mask, moments.shape[1:]))
+
+    def merge_normalize(self, x, mask, parts, mean, var, count, out, diag, **hyper) -> None:
+        result = reference.merge_normalize(x, mask, parts, mean, var, count, with_output=out is not None, **hyper)
+        _store(result, mean, var, count, out, diag)
+
+
+def _store(result: reference.RunningNormResult, mean, var, count, out, diag) -> None:
+    mean.copy_(result.mean)
+    var.copy_(result.var)
+    count.copy_(result.count)
+    diag.copy_(result.diag)
+    if out is not None:
+        out.copy_(result.y)
 
 
 BACKENDS: dict[str, Backend] = {
@@ -107,19 +145,25 @@ def check_backend_name(name: str) -> str:
     return name
 
 
-def select_backend(name: str, x: Tensor) -> Backend:
-    """The backend that runs x: the named one, or for "auto" the first in AUTO_ORDER that can."""
+def select_backend(name: str, x: Tensor, *, split: bool = False) -> Backend:
+    """The backend that runs x: the named one, or for "auto" the first in AUTO_ORDER that can.
+    With split, it must also run the split ops (batch_moments, merge_normalize)."""
     if name != "auto":
         backend = BACKENDS[name]
-        reasons = backend.not_supported_reasons(x)
+        reasons = _reasons(backend, x, split)
         if reasons:
             raise RuntimeError(f"fastnorm backend {name!r} cannot run this input: " + "; ".join(reasons))
         return backend
     for candidate in AUTO_ORDER:
         backend = BACKENDS[candidate]
-        if not backend.not_supported_reasons(x):
+        if not _reasons(backend, x, split):
             return backend
     raise AssertionError("the reference backend takes every input")
+
+
+def _reasons(backend: Backend, x: Tensor, split: bool) -> list[str]:
+    reasons = backend.not_supported_reasons(x)
+    return reasons + backend.split_unsupported_reasons() if split else reasons
 
 
 def default_backend(device: Optional[torch.device] = None) -> str:
