@@ -57,10 +57,10 @@ def broadcast_state(module: nn.Module, src: int = 0, process_group: Optional[dis
     since ranks never add up their running statistics, counts never inflate. The normalizers must
     be built with the same shapes, in the same order, on every rank.
     """
-    check_group(process_group, "broadcast_state")
     normalizers = [m for m in module.modules() if hasattr(m, "BROADCAST_BUFFERS")]
     if not normalizers:
         raise ValueError(f"broadcast_state: module ({type(module).__name__}) holds no fastnorm normalizer")
+    check_group(process_group, "broadcast_state")
     for norm in normalizers:
         for name in norm.BROADCAST_BUFFERS:
             dist.broadcast(getattr(norm, name), src=src, group=process_group)
