@@ -194,7 +194,7 @@ class RunningNorm(nn.Module):
             x, mask, parts, self.mean, self.var, self.count, y, self._diag,
             momentum=self.momentum, max_count=self.max_count, **self._output_bounds(),
         )
-        self.steps += 1  # a step of the group, whatever this rank's shard
+        self.steps.add_(1)  # a step of the group, whatever this rank's shard
 
     # ------------------------------------------------------------------ state
 
