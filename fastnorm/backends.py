@@ -14,6 +14,7 @@ and running_norm split in two for RunningNorm(sync=True), which combines the hal
   batch_moments(x, mask, moments)   the batch-moments table (6, *shape) of x alone
   merge_normalize(x, mask, parts, mean, var, count, out, diag, **hyper)
                                     merge the tables parts (P, 6, *shape) in order, update, y
+A backend may lack an op on some device: not_supported_reasons(x, op) then says so.
 """
 
 from __future__ import annotations
@@ -32,15 +33,12 @@ class Backend(Protocol):
     def unavailable_reasons(self) -> list[str]:
         """Why this backend cannot run at all on this installation (empty: it can)."""
 
-    def not_supported_reasons(self, x: Tensor) -> list[str]:
-        """Why this backend cannot take x (empty: it can)."""
+    def not_supported_reasons(self, x: Tensor, op: str = "running_norm") -> list[str]:
+        """Why this backend cannot run op on x (empty: it can)."""
 
     def running_norm(self, x, mask, mean, var, count, out, diag, **hyper) -> None: ...
 
     def normalize(self, x, mean, var, out, **hyper) -> None: ...
-
-    def split_unsupported_reasons(self) -> list[str]:
-        """Why this backend cannot run batch_moments and merge_normalize (empty: it can)."""
 
     def batch_moments(self, x, mask, moments) -> None: ...
 
@@ -58,15 +56,18 @@ class ExtensionBackend:
             self._unavailable.append(_ops.EXTENSION_ERROR)
         elif not _ops.has_kernel("running_norm", dispatch_key):
             self._unavailable.append(f"fastnorm._C was built without {dispatch_key} kernels")
-        self._split_missing = [f"fastnorm._C has no {dispatch_key} kernel for fastnorm::{op}"
-                               for op in ("batch_moments", "merge_normalize")
-                               if not self._unavailable and not _ops.has_kernel(op, dispatch_key)]
+        # Ops added later may not have a kernel for every device yet.
+        self._missing_ops = [] if self._unavailable else [
+            op for op in ("batch_moments", "merge_normalize") if not _ops.has_kernel(op, dispatch_key)]
+        self._dispatch_key = dispatch_key
 
     def unavailable_reasons(self) -> list[str]:
         return list(self._unavailable)
 
-    def not_supported_reasons(self, x: Tensor) -> list[str]:
+    def not_supported_reasons(self, x: Tensor, op: str = "running_norm") -> list[str]:
         reasons = self.unavailable_reasons()
+        if op in self._missing_ops:
+            reasons.append(f"fastnorm._C has no {self._dispatch_key} kernel for {op}")
         if x.device.type != self.device_type:
             reasons.append(f"x is on {x.device.type}, this backend runs on {self.device_type}")
         return reasons
@@ -76,9 +77,6 @@ class ExtensionBackend:
 
     def normalize(self, x, mean, var, out, **hyper) -> None:
         torch.ops.fastnorm.normalize(x, mean, var, out, **hyper)
-
-    def split_unsupported_reasons(self) -> list[str]:
-        return list(self._split_missing)
 
     def batch_moments(self, x, mask, moments) -> None:
         torch.ops.fastnorm.batch_moments(x, mask, moments)
@@ -95,7 +93,7 @@ class ReferenceBackend:
     def unavailable_reasons(self) -> list[str]:
         return []
 
-    def not_supported_reasons(self, x: Tensor) -> list[str]:
+    def not_supported_reasons(self, x: Tensor, op: str = "running_norm") -> list[str]:
         return []
 
     def running_norm(self, x, mask, mean, var, count, out, diag, **hyper) -> None:
@@ -104,9 +102,6 @@ class ReferenceBackend:
 
     def normalize(self, x, mean, var, out, **hyper) -> None:
         out.copy_(reference.normalize(x, mean, var, **hyper))
-
-    def split_unsupported_reasons(self) -> list[str]:
-        return []
 
     def batch_moments(self, x, mask, moments) -> None:
         moments.copy_(reference.batch_moment_table(x, mask, moments.shape[1:]))
@@ -145,25 +140,19 @@ def check_backend_name(name: str) -> str:
     return name
 
 
-def select_backend(name: str, x: Tensor, *, split: bool = False) -> Backend:
-    """The backend that runs x: the named one, or for "auto" the first in AUTO_ORDER that can.
-    With split, it must also run the split ops (batch_moments, merge_normalize)."""
+def select_backend(name: str, x: Tensor, op: str = "running_norm") -> Backend:
+    """The backend that runs op on x: the named one, or for "auto" the first in AUTO_ORDER that can."""
     if name != "auto":
         backend = BACKENDS[name]
-        reasons = _reasons(backend, x, split)
+        reasons = backend.not_supported_reasons(x, op)
         if reasons:
             raise RuntimeError(f"fastnorm backend {name!r} cannot run this input: " + "; ".join(reasons))
         return backend
     for candidate in AUTO_ORDER:
         backend = BACKENDS[candidate]
-        if not _reasons(backend, x, split):
+        if not backend.not_supported_reasons(x, op):
             return backend
     raise AssertionError("the reference backend takes every input")
-
-
-def _reasons(backend: Backend, x: Tensor, split: bool) -> list[str]:
-    reasons = backend.not_supported_reasons(x)
-    return reasons + backend.split_unsupported_reasons() if split else reasons
 
 
 def default_backend(device: Optional[torch.device] = None) -> str:

@@ -186,7 +186,8 @@ class RunningNorm(nn.Module):
 
     def _synced_update(self, x: Tensor, mask: Optional[Tensor], y: Optional[Tensor]) -> None:
         # running_norm split around the all-gather: this rank's batch moments, every rank's merged.
-        backend = select_backend(self.backend, x, split=True)
+        # A backend implements batch_moments and merge_normalize together.
+        backend = select_backend(self.backend, x, "merge_normalize")
         moments = torch.empty((len(MOMENT_ROWS), *self.shape), dtype=torch.float64, device=x.device)
         backend.batch_moments(x, mask, moments)
         parts = distributed.all_gather_moments(moments, self.process_group)
