@@ -70,6 +70,8 @@ def run(rank: int, world: int, port: int, out_dir: str, seed: int, backends: lis
             if rank in (0, 2):
                 result["resume_pair"] = resume(rank, os.path.join(out_dir, "state.pt"), group, src=0,
                                                seed=seed + 2, world=2)
+            else:
+                result["outsider_error"] = outsider_error(group)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
@@ -99,6 +101,17 @@ def compiled_steps(rank: int, world: int, seed: int, backend: str) -> dict:
         xs, masks = step_data(seed, i, world)
         pairs.append((step(compiled_norm, xs[rank], masks[rank]), eager_norm(xs[rank], mask=masks[rank])))
     return {"ys": pairs, "states": (compiled_norm.state_dict(), eager_norm.state_dict())}
+
+
+def outsider_error(group) -> str:
+    """What a rank outside group hears when it tries to sync over it (nothing may change)."""
+    norm = RunningNorm(STATS_SHAPE, sync=True, process_group=group)
+    try:
+        norm(torch.ones(4, *STATS_SHAPE))
+    except RuntimeError as error:
+        assert int(norm.steps) == 0 and bool((norm.count == 0).all())
+        return str(error)
+    return "no error"
 
 
 def resume(rank: int, path: str, group, src: int, seed: int, world: int) -> dict:

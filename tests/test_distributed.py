@@ -117,6 +117,7 @@ def test_resume_on_fewer_ranks(world3):
     saved = torch.load(out_dir / "state.pt", weights_only=True)
     check_resume([ranks[0]["resume_pair"], ranks[2]["resume_pair"]], saved, seed=SESSION_SEED + 2, world=2)
     assert "resume_pair" not in ranks[1]
+    assert "this process (global rank 1) is not a member of process_group" in ranks[1]["outsider_error"]
 
 
 def test_resume_on_more_ranks(world2, world3):
