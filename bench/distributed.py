@@ -4,9 +4,11 @@
     python bench/distributed.py [--nproc 2] [--device cpu|cuda] [--shape 4096 16 32] [--rounds 41]
 
 Each rank normalizes its own x of --shape (float32). Cases run interleaved after a warm-up, each
-call started together on all ranks (a barrier, not timed); rank 0 prints the medians: the call
-without sync, with sync, their difference, the synced call in a group of one rank (the split ops
-without waiting on other ranks), and the all-gather of the moments table alone.
+call started together on all ranks (a barrier, not timed). Rank 0 prints medians and minima (the
+minimum is near the cost on a quiet machine; on a loaded one, thread wake-ups in the collective
+add noise) of: the call without sync, with sync, their difference, the synced call in a group of
+one rank (the split ops alone: a group of one skips the all-gather), and the all-gather of the
+moments table alone.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def run(rank: int, world: int, port: int, args) -> None:
     out = torch.empty_like(x)
     local = fastnorm.RunningNorm(shape[1:], device=device)
     synced = fastnorm.RunningNorm(shape[1:], sync=True, device=device)
-    # Every rank alone in a group of one: the split ops without waiting for other ranks.
+    # Every rank alone in a group of one: the split ops, no collective.
     alone = [dist.new_group([r]) for r in range(world)][rank]
     split = fastnorm.RunningNorm(shape[1:], sync=True, process_group=alone, device=device)
     table = torch.zeros((6, *shape[1:]), dtype=torch.float64, device=device)
@@ -66,12 +68,14 @@ def run(rank: int, world: int, port: int, args) -> None:
                 samples[name].append(seconds)
     if rank == 0:
         medians = {name: statistics.median(s) * 1e6 for name, s in samples.items()}
+        minima = {name: min(s) * 1e6 for name, s in samples.items()}
         print(f"RunningNorm{shape[1:]} on x {shape} float32, {world} ranks, {device.type} "
-              f"({dist.get_backend()}), {torch.get_num_threads()} threads per rank, "
-              f"medians of {args.rounds} rounds:")
-        for name, us in medians.items():
-            print(f"  {name:<20} {us:10.1f} us")
-        print(f"  {'sync overhead':<20} {medians['sync'] - medians['no sync']:10.1f} us per call")
+              f"({dist.get_backend()}), {torch.get_num_threads()} threads per rank, {args.rounds} rounds:")
+        print(f"  {'':<20} {'median us':>10} {'min us':>10}")
+        for name in cases:
+            print(f"  {name:<20} {medians[name]:10.1f} {minima[name]:10.1f}")
+        print(f"  {'sync overhead':<20} {medians['sync'] - medians['no sync']:10.1f} "
+              f"{minima['sync'] - minima['no sync']:10.1f}  per call")
     dist.destroy_process_group()
 
 

@@ -41,8 +41,11 @@ def check_group(process_group: Optional[dist.ProcessGroup], what: str) -> int:
 
 def all_gather_moments(moments: Tensor, process_group: Optional[dist.ProcessGroup] = None) -> Tensor:
     """Every rank's batch-moments table moments (6, *shape), stacked in group-rank order:
-    (group size, 6, *shape), the same bits on every rank. No host sync on NCCL."""
+    (group size, 6, *shape), the same bits on every rank. No host sync on NCCL; a group of one
+    needs no collective."""
     size = check_group(process_group, "RunningNorm(sync=True)")
+    if size == 1:
+        return moments[None]
     gathered = moments.new_empty((size * moments.shape[0], *moments.shape[1:]))
     _all_gather_single(gathered, moments, group=process_group)
     return gathered.view(size, *moments.shape)

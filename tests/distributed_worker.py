@@ -60,6 +60,7 @@ def run(rank: int, world: int, port: int, out_dir: str, seed: int, backends: lis
         result = {"runs": run_steps(rank, world, seed, backends)}
         if world == 2:
             result["compiled"] = compiled_steps(rank, world, seed, backends[0])
+            result["alone"] = alone_steps(rank, world, seed, backends[0])
         if rank == 0:
             torch.save(result["runs"][(backends[0], MOMENTA[0])]["state"], os.path.join(out_dir, "state.pt"))
         dist.barrier()
@@ -112,6 +113,18 @@ def outsider_error(group) -> str:
         assert int(norm.steps) == 0 and bool((norm.count == 0).all())
         return str(error)
     return "no error"
+
+
+def alone_steps(rank: int, world: int, seed: int, backend: str) -> dict:
+    """Each rank synced over a group of itself beside the same steps without sync."""
+    alone = [dist.new_group([r]) for r in range(world)][rank]
+    synced = RunningNorm(STATS_SHAPE, backend=backend, sync=True, process_group=alone)
+    local = RunningNorm(STATS_SHAPE, backend=backend)
+    pairs = []
+    for i in range(3):
+        xs, masks = step_data(seed, i, world)
+        pairs.append((synced(xs[rank], mask=masks[rank]), local(xs[rank], mask=masks[rank])))
+    return {"ys": pairs, "states": (synced.state_dict(), local.state_dict())}
 
 
 def resume(rank: int, path: str, group, src: int, seed: int, world: int) -> dict:

@@ -111,6 +111,15 @@ def test_torch_compile_fullgraph_syncs_like_eager(world2):
         assert all(torch.equal(compiled[name], eager[name]) for name in STATE_KEYS)
 
 
+def test_a_group_of_one_is_the_unsynced_update(world2):
+    for result in world2[1]:
+        for synced, local in result["alone"]["ys"]:
+            torch.testing.assert_close(synced, local, **Y_TOL[torch.float32])
+        synced, local = result["alone"]["states"]
+        for name in ("mean", "var", "count"):
+            torch.testing.assert_close(synced[name], local[name], rtol=1e-12, atol=1e-12)
+
+
 def test_resume_on_fewer_ranks(world3):
     # World 3's checkpoint, loaded by rank 0 alone, continued by ranks 0 and 2 as a group of two.
     out_dir, ranks = world3
