@@ -12,7 +12,8 @@ less for very large groups, but takes two dependent collectives, and an all-redu
 order is the library's choice: bitwise identity across ranks would rest on NCCL and gloo
 internals rather than on this code. The running statistics themselves are never summed across
 ranks, so counts cannot inflate; a rank with an empty or fully masked shard sends an empty
-table (count 0) and still takes part.
+table (count 0) and still takes part. The clipped counts, known only after normalizing, take a
+second, small all-reduce (exact: sums of whole numbers), so the diagnostics agree too.
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ def all_gather_moments(moments: Tensor, process_group: Optional[dist.ProcessGrou
     gathered = moments.new_empty((size * moments.shape[0], *moments.shape[1:]))
     _all_gather_single(gathered, moments, group=process_group)
     return gathered.view(size, *moments.shape)
+
+
+def sum_counts(counts: Tensor, process_group: Optional[dist.ProcessGroup] = None) -> None:
+    """Sums counts (float64 whole numbers below 2^53) over the group in place. Such sums are exact
+    in any order, so every rank gets the same bits whatever the all-reduce's order."""
+    if dist.get_world_size(process_group) > 1:
+        dist.all_reduce(counts, group=process_group)
 
 
 def broadcast_state(module: nn.Module, src: int = 0, process_group: Optional[dist.ProcessGroup] = None) -> None:

@@ -61,8 +61,7 @@ class RunningNorm(nn.Module):
     rank must make the same sequence of updating calls (a rank with no data passes an empty or
     fully masked x) and start from the same state (``fastnorm.distributed.broadcast_state``).
     Normalizing without updating needs no communication. Under sync, ``steps`` counts the group's
-    updating calls, and the diagnostics describe the group's batch except the clipped count, which
-    is this rank's.
+    updating calls, and the diagnostics describe the group's batch, identical on every rank.
     """
 
     BROADCAST_BUFFERS = ("mean", "var", "count", "steps")  # the state broadcast_state re-seeds
@@ -195,6 +194,7 @@ class RunningNorm(nn.Module):
             x, mask, parts, self.mean, self.var, self.count, y, self._diag,
             momentum=self.momentum, max_count=self.max_count, **self._output_bounds(),
         )
+        distributed.sum_counts(self._diag[DIAG_ROWS.index("clipped")], self.process_group)
         self.steps.add_(1)  # a step of the group, whatever this rank's shard
 
     # ------------------------------------------------------------------ state
