@@ -22,4 +22,24 @@ TORCH_LIBRARY(fastnorm, m) {
   m.def(
       "normalize(Tensor x, Tensor mean, Tensor var, Tensor(a!) out, float eps, float? min_std, "
       "float? max_std, float? clip) -> ()");
+  // running_norm split in two halves, so that the batch moments of several processes can be
+  // combined in between (RunningNorm(sync=True) all-gathers them). Running both halves on one
+  // batch with parts = moments[None] gives exactly what running_norm gives.
+  //
+  // batch_moments: the moments of the selected finite entries of x (*batch, *shape) per column,
+  // written into moments, float64 contiguous (6, *shape), rows (MomentRow in
+  // running_norm_math.h): count, mean, M2 (sum of squared deviations from the mean), non-finite
+  // count, min, max. A column with no entry reads 0, 0, 0, nonfinite, +inf, -inf; so does every
+  // column of an empty x. Merge within a part in a fixed order: equal inputs, equal bits.
+  m.def("batch_moments(Tensor x, Tensor? mask, Tensor(a!) moments) -> ()");
+  // merge_normalize: merges parts, float64 contiguous (P >= 1, 6, *shape), each a batch_moments
+  // table, per column in part order p = 0..P-1 (Chan merge, merge_column_parts), so every process
+  // given the same parts updates its statistics to the same bits; then the running update as in
+  // running_norm, and y for this process's x into out when given. diag rows batch_count,
+  // batch_mean, batch_var, nonfinite and max_abs_z describe the merged batch (max |z| from the
+  // merged min and max); clipped counts this x's entries. x may be empty while parts are not.
+  m.def(
+      "merge_normalize(Tensor x, Tensor? mask, Tensor parts, Tensor(a!) mean, Tensor(b!) var, Tensor(c!) count, "
+      "Tensor(d!)? out, Tensor(e!) diag, float? momentum, float? max_count, float eps, float? min_std, "
+      "float? max_std, float? clip) -> ()");
 }

@@ -3,8 +3,11 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
 
 #include <cmath>
+
+#include "running_norm_math.h"
 
 namespace fastnorm {
 namespace {
@@ -32,18 +35,34 @@ void check_bounds(double eps, std::optional<double> min_std, std::optional<doubl
   TORCH_CHECK(!clip || *clip > 0, "fastnorm: clip must be > 0, got ", *clip);
 }
 
-// x: (*batch, *mean.shape) of a supported float dtype on mean's device.
-RowsGeometry check_x(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var) {
+// x: (*batch, *shape) of a supported float dtype.
+RowsGeometry check_x_shape(const at::Tensor& x, at::IntArrayRef shape) {
   TORCH_CHECK(is_supported_float(x.scalar_type()),
               "fastnorm: x must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
-  check_statistic(x, mean, mean, "mean");
-  check_statistic(x, var, mean, "var");
-  const int64_t stat_dims = mean.dim();
-  TORCH_CHECK(x.dim() >= stat_dims && x.sizes().slice(x.dim() - stat_dims) == mean.sizes(),
-              "fastnorm: x must have shape (*batch, ", mean.sizes(), "), got ", x.sizes());
-  const int64_t cols = mean.numel();
+  const int64_t stat_dims = static_cast<int64_t>(shape.size());
+  TORCH_CHECK(x.dim() >= stat_dims && x.sizes().slice(x.dim() - stat_dims) == shape,
+              "fastnorm: x must have shape (*batch, ", shape, "), got ", x.sizes());
+  const int64_t cols = c10::multiply_integers(shape);
   const int64_t rows = cols == 0 ? 0 : x.numel() / cols;
   return {rows, cols, 1};
+}
+
+// x: (*batch, *mean.shape) of a supported float dtype on mean's device.
+RowsGeometry check_x(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var) {
+  check_statistic(x, mean, mean, "mean");
+  check_statistic(x, var, mean, "var");
+  return check_x_shape(x, mean.sizes());
+}
+
+// mask: bool, a prefix of x's shape covering its batch_dims; sets g.mask_cols.
+void check_mask(const at::Tensor& x, const std::optional<at::Tensor>& mask, int64_t batch_dims, RowsGeometry& g) {
+  if (!mask) return;
+  TORCH_CHECK(mask->scalar_type() == at::kBool, "fastnorm: mask must be bool, got ", mask->scalar_type());
+  TORCH_CHECK(mask->device() == x.device(), "fastnorm: mask is on ", mask->device(), " but x is on ", x.device());
+  TORCH_CHECK(mask->dim() >= batch_dims && mask->dim() <= x.dim() && mask->sizes() == x.sizes().slice(0, mask->dim()),
+              "fastnorm: mask must have a prefix of x's shape ", x.sizes(), " covering the ", batch_dims,
+              " batch dims, got ", mask->sizes());
+  g.mask_cols = g.rows == 0 ? 1 : mask->numel() / g.rows;
 }
 
 void check_out(const at::Tensor& x, const at::Tensor& out) {
@@ -75,16 +94,36 @@ RowsGeometry check_running_norm_args(const at::Tensor& x, const std::optional<at
   TORCH_CHECK(!max_count || *max_count > 0, "fastnorm: max_count must be > 0, got ", *max_count);
   check_bounds(eps, min_std, max_std, clip);
   if (out) check_out(x, *out);
-  if (mask) {
-    const int64_t batch_dims = x.dim() - mean.dim();
-    TORCH_CHECK(mask->scalar_type() == at::kBool, "fastnorm: mask must be bool, got ", mask->scalar_type());
-    TORCH_CHECK(mask->device() == x.device(), "fastnorm: mask is on ", mask->device(), " but x is on ", x.device());
-    TORCH_CHECK(mask->dim() >= batch_dims && mask->dim() <= x.dim() &&
-                    mask->sizes() == x.sizes().slice(0, mask->dim()),
-                "fastnorm: mask must have a prefix of x's shape ", x.sizes(), " covering the ", batch_dims,
-                " batch dims, got ", mask->sizes());
-    g.mask_cols = g.rows == 0 ? 1 : mask->numel() / g.rows;
-  }
+  check_mask(x, mask, x.dim() - mean.dim(), g);
+  return g;
+}
+
+RowsGeometry check_batch_moments_args(const at::Tensor& x, const std::optional<at::Tensor>& mask,
+                                      const at::Tensor& moments) {
+  TORCH_CHECK(moments.scalar_type() == at::kDouble && moments.is_contiguous() && moments.dim() >= 1 &&
+                  moments.size(0) == kNumMomentRows,
+              "fastnorm: moments must be a contiguous float64 tensor of shape (", int(kNumMomentRows),
+              ", *shape), got ", moments.sizes(), " ", moments.scalar_type());
+  TORCH_CHECK(moments.device() == x.device(), "fastnorm: moments is on ", moments.device(), " but x is on ",
+              x.device());
+  RowsGeometry g = check_x_shape(x, moments.sizes().slice(1));
+  check_mask(x, mask, x.dim() - (moments.dim() - 1), g);
+  return g;
+}
+
+RowsGeometry check_merge_normalize_args(const at::Tensor& x, const std::optional<at::Tensor>& mask,
+                                        const at::Tensor& parts, const at::Tensor& mean, const at::Tensor& var,
+                                        const at::Tensor& count, const std::optional<at::Tensor>& out,
+                                        const at::Tensor& diag, std::optional<double> momentum,
+                                        std::optional<double> max_count, double eps, std::optional<double> min_std,
+                                        std::optional<double> max_std, std::optional<double> clip) {
+  const RowsGeometry g =
+      check_running_norm_args(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip);
+  TORCH_CHECK(parts.scalar_type() == at::kDouble && parts.is_contiguous() && parts.dim() == mean.dim() + 2 &&
+                  parts.size(0) >= 1 && parts.size(1) == kNumMomentRows && parts.sizes().slice(2) == mean.sizes(),
+              "fastnorm: parts must be a contiguous float64 tensor of shape (num_parts >= 1, ", int(kNumMomentRows),
+              ", ", mean.sizes(), "), got ", parts.sizes(), " ", parts.scalar_type());
+  TORCH_CHECK(parts.device() == x.device(), "fastnorm: parts is on ", parts.device(), " but x is on ", x.device());
   return g;
 }
 

@@ -23,6 +23,19 @@ RowsGeometry check_running_norm_args(const at::Tensor& x, const std::optional<at
                                      std::optional<double> min_std, std::optional<double> max_std,
                                      std::optional<double> clip);
 
+// Checks the arguments of fastnorm::batch_moments; moments is (kNumMomentRows, *shape).
+RowsGeometry check_batch_moments_args(const at::Tensor& x, const std::optional<at::Tensor>& mask,
+                                      const at::Tensor& moments);
+
+// Checks the arguments of fastnorm::merge_normalize: those of running_norm, and parts of shape
+// (num_parts >= 1, kNumMomentRows, *mean.shape).
+RowsGeometry check_merge_normalize_args(const at::Tensor& x, const std::optional<at::Tensor>& mask,
+                                        const at::Tensor& parts, const at::Tensor& mean, const at::Tensor& var,
+                                        const at::Tensor& count, const std::optional<at::Tensor>& out,
+                                        const at::Tensor& diag, std::optional<double> momentum,
+                                        std::optional<double> max_count, double eps, std::optional<double> min_std,
+                                        std::optional<double> max_std, std::optional<double> clip);
+
 // Checks the arguments of fastnorm::normalize.
 RowsGeometry check_normalize_args(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
                                   const at::Tensor& out, double eps, std::optional<double> min_std,

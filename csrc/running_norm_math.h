@@ -33,6 +33,19 @@ struct Moments {
   double m2;
 };
 
+// Rows of a batch-moments table, shape (kNumMomentRows, C): what fastnorm::batch_moments writes
+// for one batch (or one rank's shard) and fastnorm::merge_normalize reads for each of several
+// parts. fastnorm/reference.py names them in the same order (MOMENT_ROWS).
+enum MomentRow : int {
+  kMomentCount = 0,      // selected, finite entries
+  kMomentMean = 1,       // their mean (0 where there is none)
+  kMomentM2 = 2,         // their sum of squared deviations from the mean (0 where there is none)
+  kMomentNonFinite = 3,  // selected entries that were NaN or +-inf
+  kMomentMin = 4,        // min of the selected finite entries (+inf where there is none)
+  kMomentMax = 5,        // max of the selected finite entries (-inf where there is none)
+  kNumMomentRows = 6,
+};
+
 // max(a, b) for values that are never NaN; unlike fmax it compiles to one instruction, so loops
 // of merges vectorize.
 FASTNORM_HD double max_not_nan(double a, double b) { return a > b ? a : b; }
@@ -56,6 +69,36 @@ FASTNORM_HD Moments moments_from_shifted_sums(double count, double shift, double
   const double inv_n = 1.0 / max_not_nan(count, 1.0);
   const double m2 = s2 - s1 * s1 * inv_n;
   return {count, shift + s1 * inv_n, m2 > 0.0 ? m2 : 0.0};
+}
+
+// One column of a batch-moments table (MomentRow).
+struct ColumnSummary {
+  Moments moments;
+  double nonfinite;
+  double min;
+  double max;
+};
+
+// Column c of part p of batch-moments tables stored one after another (each kNumMomentRows x cols).
+FASTNORM_HD ColumnSummary column_of_part(const double* parts, int64_t p, int64_t cols, int64_t c) {
+  const double* t = parts + p * kNumMomentRows * cols + c;
+  return {{t[kMomentCount * cols], t[kMomentMean * cols], t[kMomentM2 * cols]},
+          t[kMomentNonFinite * cols], t[kMomentMin * cols], t[kMomentMax * cols]};
+}
+
+// Column c of num_parts >= 1 batch-moments tables merged in part order, starting from part 0
+// (returned unchanged when it is the only one). The order is fixed, so every process that merges
+// the same parts gets the same bits.
+FASTNORM_HD ColumnSummary merge_column_parts(const double* parts, int64_t num_parts, int64_t cols, int64_t c) {
+  ColumnSummary s = column_of_part(parts, 0, cols, c);
+  for (int64_t p = 1; p < num_parts; ++p) {
+    const ColumnSummary t = column_of_part(parts, p, cols, c);
+    s.moments = merge_moments(s.moments, t.moments);
+    s.nonfinite += t.nonfinite;
+    s.min = t.min < s.min ? t.min : s.min;
+    s.max = max_not_nan(s.max, t.max);
+  }
+  return s;
 }
 
 // Hyper-parameters of the running update. min_weight = 1 - momentum (0 in cumulative mode);

@@ -33,3 +33,13 @@ if EXTENSION_ERROR is None:
     @torch.library.register_fake("fastnorm::normalize")
     def _normalize_fake(x, mean, var, out, eps, min_std, max_std, clip):
         torch._check(out.shape == x.shape, lambda: "out must have x's shape")
+
+    @torch.library.register_fake("fastnorm::batch_moments")
+    def _batch_moments_fake(x, mask, moments):
+        torch._check(moments.dim() >= 1 and moments.shape[0] == 6, lambda: "moments must have shape (6, *shape)")
+
+    @torch.library.register_fake("fastnorm::merge_normalize")
+    def _merge_normalize_fake(x, mask, parts, mean, var, count, out, diag, momentum, max_count, eps, min_std,
+                              max_std, clip):
+        torch._check(parts.shape[1:] == (6, *mean.shape), lambda: "parts must have shape (P, 6, *mean.shape)")
+        torch._check(diag.shape == (6, mean.numel()), lambda: "diag must have shape (6, C)")

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 
 DIAG_ROWS = ("batch_count", "batch_mean", "batch_var", "nonfinite", "clipped", "max_abs_z")
+# Rows of a batch-moments table (fastnorm::batch_moments, MomentRow in csrc/running_norm_math.h).
+MOMENT_ROWS = ("count", "mean", "m2", "nonfinite", "min", "max")
 
 
 class RunningNormResult(NamedTuple):
@@ -135,12 +137,91 @@ def running_norm(
         mean.reshape(-1), var.reshape(-1), count.reshape(-1), n_b, m_b, v_b, momentum=momentum, max_count=max_count
     )
     if with_output:
-        z = (x_rows - new_mean) / bounded_std(new_var, eps, min_std, max_std)
-        valid = selected & torch.isfinite(x_rows)
-        abs_z = torch.where(valid, z.abs(), 0.0)
-        clipped = (abs_z > clip).sum(0, dtype=torch.float64) if clip is not None else torch.zeros_like(n_b)
+        y_rows, abs_z, clipped = _output_rows(x_rows, selected, new_mean, new_var, eps=eps, min_std=min_std,
+                                              max_std=max_std, clip=clip)
         max_abs_z = abs_z.amax(0) if x_rows.shape[0] > 0 else torch.zeros_like(n_b)
-        y_rows = z if clip is None else z.clamp(-clip, clip)
+        y = y_rows.to(x.dtype).reshape(x.shape)
+    else:
+        clipped = max_abs_z = torch.full_like(n_b, float("nan"))
+        y = None
+    diag = torch.stack([n_b, m_b, v_b, nonfinite, clipped, max_abs_z])
+    return RunningNormResult(y, new_mean.reshape(shape), new_var.reshape(shape), new_count.reshape(shape), diag)
+
+
+def _output_rows(x_rows: Tensor, selected: Tensor, mean: Tensor, var: Tensor, *, eps: float,
+                 min_std: Optional[float], max_std: Optional[float],
+                 clip: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """y as float64 rows, |z| of the selected finite entries (0 elsewhere), and the per-column
+    count of those with |z| > clip."""
+    z = (x_rows - mean) / bounded_std(var, eps, min_std, max_std)
+    abs_z = torch.where(selected & torch.isfinite(x_rows), z.abs(), 0.0)
+    clipped = (abs_z > clip).sum(0, dtype=torch.float64) if clip is not None else torch.zeros_like(mean)
+    y_rows = z if clip is None else z.clamp(-clip, clip)
+    return y_rows, abs_z, clipped
+
+
+# ---------------------------------------------------------------- the split ops (sync across ranks)
+
+
+def batch_moment_table(x: Tensor, mask: Optional[Tensor], shape: torch.Size) -> Tensor:
+    """What fastnorm::batch_moments writes: float64 (6, *shape), rows MOMENT_ROWS, over the selected
+    finite entries of x (*batch, *shape); a column with none reads 0, 0, 0, nonfinite, +inf, -inf."""
+    x_rows = as_rows(x, shape)
+    selected = selection(x_rows, mask)
+    n, m, v, nonfinite = batch_moments(x_rows, selected)
+    valid = selected & torch.isfinite(x_rows)
+    inf = torch.full_like(n, float("inf"))
+    lo = torch.where(valid, x_rows, float("inf")).amin(0) if x_rows.shape[0] > 0 else inf
+    hi = torch.where(valid, x_rows, -float("inf")).amax(0) if x_rows.shape[0] > 0 else -inf
+    return torch.stack([n, m, v * n, nonfinite, lo, hi]).reshape(len(MOMENT_ROWS), *shape)
+
+
+def merge_moment_tables(parts: Tensor) -> Tensor:
+    """Tables parts (P >= 1, 6, *shape) merged in part order into the table of their union: counts,
+    non-finite counts added, min and max, and the Chan et al. (1979) merge
+    mean = mean_a + d n_b / n, M2 = M2_a + M2_b + d^2 n_a n_b / n with d = mean_b - mean_a."""
+    n, mean, m2, nonfinite, lo, hi = parts[0]
+    for part in parts[1:]:
+        n_b, mean_b, m2_b, nonfinite_b, lo_b, hi_b = part
+        total = n + n_b
+        w_b = n_b / total.clamp(min=1)
+        d = mean_b - mean
+        n, mean, m2 = total, mean + d * w_b, m2 + m2_b + d * d * n * w_b
+        nonfinite, lo, hi = nonfinite + nonfinite_b, torch.minimum(lo, lo_b), torch.maximum(hi, hi_b)
+    return torch.stack([n, mean, m2, nonfinite, lo, hi])
+
+
+def merge_normalize(
+    x: Tensor,
+    mask: Optional[Tensor],
+    parts: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: Tensor,
+    *,
+    momentum: Optional[float],
+    max_count: Optional[float],
+    eps: float,
+    min_std: Optional[float],
+    max_std: Optional[float],
+    clip: Optional[float],
+    with_output: bool = True,
+) -> RunningNormResult:
+    """What fastnorm::merge_normalize computes: the running update with the merged tables parts
+    (P, 6, *shape), then y for x. diag describes the merged batch, except `clipped`, which counts
+    x's entries; max |z| comes from the merged min and max."""
+    shape = mean.shape
+    n_b, m_b, m2_b, nonfinite, lo, hi = merge_moment_tables(parts).reshape(len(MOMENT_ROWS), -1)
+    v_b = torch.where(n_b > 0, m2_b / n_b.clamp(min=1), 0.0)
+    new_mean, new_var, new_count = merge_running(
+        mean.reshape(-1), var.reshape(-1), count.reshape(-1), n_b, m_b, v_b, momentum=momentum, max_count=max_count
+    )
+    if with_output:
+        x_rows = as_rows(x, shape)
+        y_rows, _, clipped = _output_rows(x_rows, selection(x_rows, mask), new_mean, new_var, eps=eps,
+                                          min_std=min_std, max_std=max_std, clip=clip)
+        spread = torch.maximum(hi - new_mean, new_mean - lo) / bounded_std(new_var, eps, min_std, max_std)
+        max_abs_z = torch.where(n_b > 0, spread, 0.0)
         y = y_rows.to(x.dtype).reshape(x.shape)
     else:
         clipped = max_abs_z = torch.full_like(n_b, float("nan"))

@@ -10,10 +10,10 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from fastnorm import _checks, reference
+from fastnorm import _checks, distributed, reference
 from fastnorm.backends import check_backend_name, select_backend
 from fastnorm.diagnostics import as_floats, running_norm_diagnostics
-from fastnorm.reference import DIAG_ROWS
+from fastnorm.reference import DIAG_ROWS, MOMENT_ROWS
 
 FORMAT_VERSION = 1
 HYPER_PARAMETERS = ("momentum", "max_count", "eps", "min_std", "max_std", "clip", "warmup")
@@ -48,12 +48,24 @@ class RunningNorm(nn.Module):
         warmup: number of updates after which ``ready`` becomes true.
         backend: "auto", "cpu", "cuda", "triton" or "reference" (see ``fastnorm.backends()``).
         device: where the statistics live.
+        sync: combine each update's batch across the ranks of ``process_group`` (see below).
+        process_group: the torch.distributed group to sync over (None: the default group).
 
     Call ``norm(x, mask=None, update=None, out=None)``; ``update`` defaults to ``norm.training``.
     ``mask`` is a bool tensor whose shape is a prefix of x's covering the batch dims (e.g.
     ``(B, A)`` for inactive agents); it selects entries for the statistics only. ``out`` (x's
     shape and dtype, may be x itself) receives y without allocating.
+
+    With ``sync=True`` every update is a collective over ``process_group``: each rank's batch
+    moments are all-gathered and merged in rank order (``fastnorm.distributed``), so every rank
+    holds bitwise the same statistics, those of one process seeing the concatenated batch. Every
+    rank must make the same sequence of updating calls (a rank with no data passes an empty or
+    fully masked x) and start from the same state (``fastnorm.distributed.broadcast_state``).
+    Normalizing without updating needs no communication. Under sync, ``steps`` counts the group's
+    updating calls, and the diagnostics describe the group's batch, identical on every rank.
     """
+
+    BROADCAST_BUFFERS = ("mean", "var", "count", "steps")  # the state broadcast_state re-seeds
 
     def __init__(
         self,
@@ -68,6 +80,8 @@ class RunningNorm(nn.Module):
         warmup: int = 0,
         backend: str = "auto",
         device: Optional[Union[str, torch.device]] = None,
+        sync: bool = False,
+        process_group: Optional[torch.distributed.ProcessGroup] = None,
     ):
         super().__init__()
         self.shape = torch.Size([shape] if isinstance(shape, int) else shape)
@@ -90,6 +104,12 @@ class RunningNorm(nn.Module):
             raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
         self.warmup = warmup
         self.backend = check_backend_name(backend)
+        if not isinstance(sync, bool):
+            raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
+        if process_group is not None and not sync:
+            raise ValueError("process_group is only used with sync=True")
+        self.sync = sync
+        self.process_group = process_group
 
         f64 = dict(dtype=torch.float64, device=device)
         self.register_buffer("mean", torch.zeros(self.shape, **f64))
@@ -168,12 +188,29 @@ class RunningNorm(nn.Module):
         _checks.check_out(out, x)
 
     def _update(self, x: Tensor, mask: Optional[Tensor], y: Optional[Tensor]) -> None:
+        if self.sync:
+            self._synced_update(x, mask, y)
+            return
         select_backend(self.backend, x).running_norm(
             x, mask, self.mean, self.var, self.count, y, self._diag,
             momentum=self.momentum, max_count=self.max_count, **self._output_bounds(),
         )
         if x.numel() > 0:  # an empty batch is no update step
             self.steps.add_(1)
+
+    def _synced_update(self, x: Tensor, mask: Optional[Tensor], y: Optional[Tensor]) -> None:
+        # running_norm split around the all-gather: this rank's batch moments, every rank's merged.
+        # A backend implements batch_moments and merge_normalize together.
+        backend = select_backend(self.backend, x, "merge_normalize")
+        moments = torch.empty((len(MOMENT_ROWS), *self.shape), dtype=torch.float64, device=x.device)
+        backend.batch_moments(x, mask, moments)
+        parts = distributed.all_gather_moments(moments, self.process_group)
+        backend.merge_normalize(
+            x, mask, parts, self.mean, self.var, self.count, y, self._diag,
+            momentum=self.momentum, max_count=self.max_count, **self._output_bounds(),
+        )
+        distributed.sum_counts(self._diag[DIAG_ROWS.index("clipped")], self.process_group)
+        self.steps.add_(1)  # a step of the group, whatever this rank's shard
 
     # ------------------------------------------------------------------ state
 
@@ -232,7 +269,8 @@ class RunningNorm(nn.Module):
 
     def extra_repr(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in self.hyper_parameters().items())
-        return f"shape={tuple(self.shape)}, {params}, backend={self.backend!r}"
+        synced = ", sync=True" if self.sync else ""
+        return f"shape={tuple(self.shape)}, {params}, backend={self.backend!r}{synced}"
 
 
 def _check_extra_state(extra: Any, shape: Optional[torch.Size], prefix: str) -> None:

@@ -46,6 +46,46 @@ def test_opcheck_normalize(device, gen):
 
 
 @needs_extension
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_opcheck_batch_moments(device, gen, with_mask):
+    x, mask = op_args(gen, device, with_mask=with_mask)[:2]
+    moments = torch.empty(6, 4, 3, dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.fastnorm.batch_moments.default, (x, mask, moments))
+
+
+@needs_extension
+@pytest.mark.parametrize("with_out", [True, False])
+def test_opcheck_merge_normalize(device, gen, with_out):
+    x, mask, mean, var, count, out, diag = op_args(gen, device, with_out=with_out)
+    parts = torch.empty(3, 6, 4, 3, dtype=torch.float64, device=device)
+    for part in parts:
+        torch.ops.fastnorm.batch_moments(randn((17, 4, 3), gen, device=device), None, part)
+    torch.library.opcheck(torch.ops.fastnorm.merge_normalize.default, (x, mask, parts, mean, var, count, out, diag),
+                          HYPER)
+
+
+@needs_extension
+def test_split_ops_reject_bad_arguments_directly(device, gen):
+    x, mask, mean, var, count, out, diag = op_args(gen, device)
+    moments = torch.zeros(6, 4, 3, dtype=torch.float64, device=device)
+    with pytest.raises(RuntimeError, match=r"moments must be a contiguous float64 tensor of shape \(6, \*shape\)"):
+        torch.ops.fastnorm.batch_moments(x, mask, moments[:5])
+    with pytest.raises(RuntimeError, match=r"x must have shape \(\*batch, \[3, 4\]\), got \[33, 4, 3\]"):
+        torch.ops.fastnorm.batch_moments(x, mask, torch.zeros(6, 3, 4, dtype=torch.float64, device=device))
+    with pytest.raises(RuntimeError, match="mask must be bool"):
+        torch.ops.fastnorm.batch_moments(x, mask.float(), moments)
+    merge = torch.ops.fastnorm.merge_normalize
+    with pytest.raises(RuntimeError, match=r"parts must be a contiguous float64 tensor of shape \(num_parts >= 1"):
+        merge(x, mask, moments, mean, var, count, out, diag, **HYPER)  # no parts dim
+    with pytest.raises(RuntimeError, match="parts must be a contiguous float64 tensor"):
+        merge(x, mask, moments[None].float(), mean, var, count, out, diag, **HYPER)
+    with pytest.raises(RuntimeError, match="parts must be a contiguous float64 tensor"):
+        merge(x, mask, moments[:0][None], mean, var, count, out, diag, **HYPER)
+    with pytest.raises(RuntimeError, match="clip must be > 0"):
+        merge(x, mask, moments[None], mean, var, count, out, diag, **dict(HYPER, clip=-1.0))
+
+
+@needs_extension
 def test_op_rejects_bad_arguments_directly(device, gen):
     x, mask, mean, var, count, out, diag = op_args(gen, device)
     with pytest.raises(RuntimeError, match="mean must be float64"):

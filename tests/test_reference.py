@@ -92,3 +92,22 @@ def test_output_formula_bounds():
     y = reference.normalize(torch.tensor([[100.0]]), torch.zeros(1, dtype=torch.float64),
                             torch.full((1,), 1e6, dtype=torch.float64), eps=0.0, min_std=None, max_std=10.0, clip=None)
     assert y.item() == pytest.approx(10.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(0, 30), min_size=1, max_size=6), seed=st.integers(0, 2**31 - 1))
+def test_merged_moment_tables_are_the_concatenated_batch(sizes, seed):
+    # Parts of any sizes, empty ones included, merged in order: the table of the whole batch.
+    rng = np.random.default_rng(seed)
+    data = rng.normal(rng.normal(0, 50), rng.uniform(0.1, 3), size=(sum(sizes), 2))
+    parts = torch.stack([reference.batch_moment_table(part, None, torch.Size([2]))
+                         for part in torch.from_numpy(data).split(sizes)])
+    count, mean, m2, nonfinite, lo, hi = reference.merge_moment_tables(parts).numpy()
+    np.testing.assert_array_equal(count, [len(data)] * 2)
+    np.testing.assert_array_equal(nonfinite, [0, 0])
+    if len(data) == 0:
+        np.testing.assert_array_equal(np.stack([mean, m2, lo, hi]), [[0, 0], [0, 0], [np.inf] * 2, [-np.inf] * 2])
+        return
+    np.testing.assert_allclose(mean, data.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(m2, data.var(0) * len(data), rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(np.stack([lo, hi]), np.stack([data.min(0), data.max(0)]))

@@ -1,7 +1,9 @@
 // CPU kernels of fastnorm::running_norm and fastnorm::normalize: x is cut into tiles of rows x
 // columns that the threads reduce (tile_kernels_*.cpp); the tile moments are merged per column in
 // a fixed order (results do not depend on the thread count), the running statistics updated with
-// the shared math, and a second pass over the same tiles writes y.
+// the shared math, and a second pass over the same tiles writes y. The split ops that sync across
+// ranks run the same two halves apart: fastnorm::batch_moments is pass 1 alone (reduce_batch),
+// fastnorm::merge_normalize the update and pass 2 (update_and_normalize) over merged parts.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -113,61 +115,85 @@ void normalize_rows(const TileGrid& grid, const at::Tensor& x_rows, const at::Te
   }
 }
 
-void running_norm_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask, at::Tensor& mean, at::Tensor& var,
-                      at::Tensor& count, const std::optional<at::Tensor>& out, at::Tensor& diag,
-                      std::optional<double> momentum, std::optional<double> max_count, double eps,
-                      std::optional<double> min_std, std::optional<double> max_std, std::optional<double> clip) {
-  const RowsGeometry g =
-      check_running_norm_args(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip);
-  const int64_t C = g.cols;
+// x (and the mask) as rows of contiguous columns, cut into tiles.
+struct BatchRows {
+  at::Tensor x;
+  at::Tensor mask;  // undefined without a mask
+  TileGrid grid;
+
+  BatchRows(const at::Tensor& x_in, const std::optional<at::Tensor>& mask_in, const RowsGeometry& g)
+      : x(readable_rows(x_in, g)), mask(mask_in ? mask_rows(*mask_in, g) : at::Tensor()), grid(g.rows, g.cols) {}
+  const at::Tensor* mask_or_null() const { return mask.defined() ? &mask : nullptr; }
+};
+
+// Zeroes the diagnostics; without an output the clip rows are NaN (not computed).
+void reset_diag(at::Tensor& diag, int64_t C, bool with_output) {
   diag.zero_();
-  if (C == 0) return;
   double* d = diag.data_ptr<double>();
-  double* batch_count = d + kBatchCount * C;
-  double* batch_mean = d + kBatchMean * C;
-  double* batch_var = d + kBatchVar * C;
-  double* nonfinite = d + kNonFinite * C;
-  double* clipped = d + kClipped * C;
-  double* max_abs_z = d + kMaxAbsZ * C;
-  if (!out) std::fill(clipped, max_abs_z + C, std::numeric_limits<double>::quiet_NaN());
-  if (g.rows == 0) return;
+  if (!with_output) std::fill(d + kClipped * C, d + (kMaxAbsZ + 1) * C, std::numeric_limits<double>::quiet_NaN());
+}
 
-  const at::Tensor x_rows = readable_rows(x, g);
-  const at::Tensor mask_2d = mask ? mask_rows(*mask, g) : at::Tensor();
-  const at::Tensor* mask_ptr = mask ? &mask_2d : nullptr;
-  const TileGrid grid(g.rows, C);
-
-  // Pass 1: per-tile reductions, merged per column in row-chunk order.
-  const ReduceTileFn reduce = tile_kernels().reduce[static_cast<int>(scalar_kind(x.scalar_type()))];
+// Pass 1: per-tile reductions, merged per column in row-chunk order into the batch-moments table
+// `moments` (kNumMomentRows x C, rows MomentRow). No rows give the empty table.
+void reduce_batch(const BatchRows& batch, double* moments) {
+  const TileGrid& grid = batch.grid;
+  const int64_t C = grid.cols;
+  const ReduceTileFn reduce = tile_kernels().reduce[static_cast<int>(scalar_kind(batch.x.scalar_type()))];
   const int64_t parts = grid.row_chunks * C;
   Moments* part_moments = thread_scratch<Moments, kPartMomentsSlot>(parts);
   double* part_f64 = thread_scratch<double, kPartF64Slot>(3 * parts);  // nonfinite, min, max
   at::parallel_for(0, grid.size(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const Tile t = grid.tile(i, x_rows, nullptr, mask_ptr);
+      const Tile t = grid.tile(i, batch.x, nullptr, batch.mask_or_null());
       const int64_t offset = grid.chunk_of(i) * C + t.col_begin;
       reduce(t, {part_moments + offset, part_f64 + offset, part_f64 + parts + offset, part_f64 + 2 * parts + offset});
     }
   });
+  for (int64_t c = 0; c < C; ++c) {
+    Moments m{0.0, 0.0, 0.0};
+    double nonfinite = 0.0, col_min = kInf, col_max = -kInf;
+    for (int64_t k = 0; k < grid.row_chunks; ++k) {
+      const int64_t i = k * C + c;
+      m = merge_moments(m, part_moments[i]);
+      nonfinite += part_f64[i];
+      col_min = std::min(col_min, part_f64[parts + i]);
+      col_max = std::max(col_max, part_f64[2 * parts + i]);
+    }
+    moments[kMomentCount * C + c] = m.count;
+    moments[kMomentMean * C + c] = m.mean;
+    moments[kMomentM2 * C + c] = m.m2;
+    moments[kMomentNonFinite * C + c] = nonfinite;
+    moments[kMomentMin * C + c] = col_min;
+    moments[kMomentMax * C + c] = col_max;
+  }
+}
 
+// The running update with num_parts batch-moments tables merged in part order, the diagnostics of
+// the merged batch and, when out is given, pass 2 over this batch's rows (diag must be reset).
+void update_and_normalize(const BatchRows& batch, const RowsGeometry& g, const double* parts, int64_t num_parts,
+                          at::Tensor& mean, at::Tensor& var, at::Tensor& count, const std::optional<at::Tensor>& out,
+                          at::Tensor& diag, std::optional<double> momentum, std::optional<double> max_count,
+                          double eps, std::optional<double> min_std, std::optional<double> max_std,
+                          std::optional<double> clip) {
+  const int64_t C = g.cols;
+  double* d = diag.data_ptr<double>();
+  double* batch_count = d + kBatchCount * C;
+  double* clipped = d + kClipped * C;
+  double* max_abs_z = d + kMaxAbsZ * C;
   const UpdateParams params{momentum ? 1.0 - *momentum : 0.0, max_count.value_or(kInf)};
   double* mean_ptr = mean.data_ptr<double>();
   double* var_ptr = var.data_ptr<double>();
   double* count_ptr = count.data_ptr<double>();
-  std::vector<double> col_min(C, kInf), col_max(C, -kInf);
+  std::vector<double> col_min(C), col_max(C);
   for (int64_t c = 0; c < C; ++c) {
-    Moments m{0.0, 0.0, 0.0};
-    for (int64_t k = 0; k < grid.row_chunks; ++k) {
-      const int64_t i = k * C + c;
-      m = merge_moments(m, part_moments[i]);
-      nonfinite[c] += part_f64[i];
-      col_min[c] = std::min(col_min[c], part_f64[parts + i]);
-      col_max[c] = std::max(col_max[c], part_f64[2 * parts + i]);
-    }
-    batch_count[c] = m.count;
-    batch_mean[c] = m.mean;
-    batch_var[c] = m.count > 0 ? m.m2 / m.count : 0.0;
-    update_running_stats(mean_ptr[c], var_ptr[c], count_ptr[c], m, params);
+    const ColumnSummary s = merge_column_parts(parts, num_parts, C, c);
+    batch_count[c] = s.moments.count;
+    d[kBatchMean * C + c] = s.moments.mean;
+    d[kBatchVar * C + c] = s.moments.count > 0 ? s.moments.m2 / s.moments.count : 0.0;
+    d[kNonFinite * C + c] = s.nonfinite;
+    col_min[c] = s.min;
+    col_max[c] = s.max;
+    update_running_stats(mean_ptr[c], var_ptr[c], count_ptr[c], s.moments, params);
   }
   if (!out) return;
 
@@ -181,9 +207,44 @@ void running_norm_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask
                        : 0.0;
     any_clipped |= clip && max_abs_z[c] > *clip;
   }
+  if (g.rows == 0) return;
   const at::Tensor out_rows = writable_rows(*out, g);
-  normalize_rows(grid, x_rows, out_rows, mask_ptr, mean, inv_std, clip, any_clipped ? clipped : nullptr);
+  normalize_rows(batch.grid, batch.x, out_rows, batch.mask_or_null(), mean, inv_std, clip,
+                 any_clipped ? clipped : nullptr);
   finish_writable_rows(*out, out_rows);
+}
+
+void running_norm_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask, at::Tensor& mean, at::Tensor& var,
+                      at::Tensor& count, const std::optional<at::Tensor>& out, at::Tensor& diag,
+                      std::optional<double> momentum, std::optional<double> max_count, double eps,
+                      std::optional<double> min_std, std::optional<double> max_std, std::optional<double> clip) {
+  const RowsGeometry g =
+      check_running_norm_args(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip);
+  reset_diag(diag, g.cols, out.has_value());
+  if (g.cols == 0 || g.rows == 0) return;
+  const BatchRows batch(x, mask, g);
+  std::vector<double> moments(kNumMomentRows * g.cols);
+  reduce_batch(batch, moments.data());
+  update_and_normalize(batch, g, moments.data(), 1, mean, var, count, out, diag, momentum, max_count, eps, min_std,
+                       max_std, clip);
+}
+
+void batch_moments_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask, at::Tensor& moments) {
+  const RowsGeometry g = check_batch_moments_args(x, mask, moments);
+  if (g.cols == 0) return;
+  reduce_batch(BatchRows(x, mask, g), moments.data_ptr<double>());
+}
+
+void merge_normalize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask, const at::Tensor& parts,
+                         at::Tensor& mean, at::Tensor& var, at::Tensor& count, const std::optional<at::Tensor>& out,
+                         at::Tensor& diag, std::optional<double> momentum, std::optional<double> max_count, double eps,
+                         std::optional<double> min_std, std::optional<double> max_std, std::optional<double> clip) {
+  const RowsGeometry g = check_merge_normalize_args(x, mask, parts, mean, var, count, out, diag, momentum, max_count,
+                                                    eps, min_std, max_std, clip);
+  reset_diag(diag, g.cols, out.has_value());
+  if (g.cols == 0) return;
+  update_and_normalize(BatchRows(x, mask, g), g, parts.data_ptr<double>(), parts.size(0), mean, var, count, out, diag,
+                       momentum, max_count, eps, min_std, max_std, clip);
 }
 
 void normalize_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, at::Tensor& out, double eps,
@@ -203,6 +264,8 @@ void normalize_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor
 TORCH_LIBRARY_IMPL(fastnorm, CPU, m) {
   m.impl("running_norm", &cpu::running_norm_cpu);
   m.impl("normalize", &cpu::normalize_cpu);
+  m.impl("batch_moments", &cpu::batch_moments_cpu);
+  m.impl("merge_normalize", &cpu::merge_normalize_cpu);
 }
 
 }  // namespace fastnorm
