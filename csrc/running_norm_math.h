@@ -58,7 +58,7 @@ FASTNORM_HD Moments merge_moments(const Moments& a, const Moments& b) {
   const double n = a.count + b.count;
   const double wb = b.count / max_not_nan(n, 1.0);
   const double d = b.mean - a.mean;
-  return {n, a.mean + d * wb, a.m2 + b.m2 + d * d * a.count * wb};
+  return {n, a.mean + d * wb, a.m2 + b.m2 + d * a.count * wb * d};  // 0, not inf * 0, when a is empty
 }
 
 // Moments of one block from the corrected two-pass algorithm (Chan, Golub & LeVeque 1983):
@@ -68,7 +68,7 @@ FASTNORM_HD Moments merge_moments(const Moments& a, const Moments& b) {
 FASTNORM_HD Moments moments_from_shifted_sums(double count, double shift, double s1, double s2) {
   const double inv_n = 1.0 / max_not_nan(count, 1.0);
   const double m2 = s2 - s1 * s1 * inv_n;
-  return {count, shift + s1 * inv_n, m2 > 0.0 ? m2 : 0.0};
+  return {count, shift + s1 * inv_n, m2 < 0.0 ? 0.0 : m2};  // rounding can go below 0; NaN/inf stay
 }
 
 // One column of a batch-moments table (MomentRow).
@@ -121,7 +121,8 @@ FASTNORM_HD void update_running_stats(double& mean, double& var, double& count, 
   const double w = fmax(p.min_weight, batch.count / (n_eff + batch.count));
   const double d = batch.mean - mean;
   const double new_mean = mean + w * d;
-  const double new_var = (1.0 - w) * var + w * (batch.m2 / batch.count) + w * (1.0 - w) * d * d;
+  // (w (1-w) d) d rather than w (1-w) d^2: 0, not 0 * inf, at w = 1 with |d| > 1e154.
+  const double new_var = (1.0 - w) * var + w * (batch.m2 / batch.count) + (w * (1.0 - w) * d) * d;
   if (!isfinite(new_mean) || !isfinite(new_var)) return;
   mean = new_mean;
   var = new_var;

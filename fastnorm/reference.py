@@ -80,7 +80,7 @@ def merge_running(
         w = w.clamp(min=1.0 - momentum)
     d = m_b - mean
     new_mean = mean + w * d
-    new_var = (1 - w) * var + w * v_b + w * (1 - w) * d * d
+    new_var = (1 - w) * var + w * v_b + (w * (1 - w) * d) * d  # 0, not 0 * inf, at w = 1
     keep = (n_b > 0) & torch.isfinite(new_mean) & torch.isfinite(new_var)
     return (
         torch.where(keep, new_mean, mean),

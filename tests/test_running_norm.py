@@ -305,3 +305,15 @@ def test_row_strided_views(backend, device, gen):
     torch.testing.assert_close(out, expected.y, **Y_TOL[torch.float32])
     assert torch.isnan(wide_out[:, 0]).all() and torch.isnan(wide_out[:, 6:]).all()  # nothing outside out
     assert_stats_close(norm, expected, torch.float32)
+
+
+def test_float64_values_near_the_overflow_limit(backend, device, gen):
+    # A column whose spread overflows float64 (deviations ~1e200 square to inf) keeps its
+    # statistics rather than taking a wrong (or zero) variance; ordinary columns still update.
+    x = randn((50, 2), gen, dtype=torch.float64, device=device)
+    x[:, 0] = x[:, 0] * 1e200
+    norm = RunningNorm((2,), momentum=None, backend=backend, device=device)
+    norm(x)
+    assert norm.mean[0] == 0 and norm.var[0] == 1 and norm.count[0] == 0
+    torch.testing.assert_close(norm.mean[1], x[:, 1].mean(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(norm.var[1], x[:, 1].var(unbiased=False), rtol=1e-12, atol=1e-12)
