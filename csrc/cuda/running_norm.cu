@@ -37,8 +37,9 @@ constexpr int64_t kMaxRowsPerThread = 128;
 constexpr int64_t kMinRowsPerThread = 4;
 constexpr int kUnroll = 4;  // rows whose loads a thread issues before using any (memory parallelism)
 // With several splits, each reads at least this many bytes of every column, so that its partial
-// moments (kPartialFields float64) cost under 5% of the traffic.
-constexpr int64_t kMinSplitBytesPerColumn = 1024;
+// moments (kPartialFields float64) cost under 10% of the traffic. (A larger floor leaves mid-sized
+// batches with too few blocks to fill the device, which costs more.)
+constexpr int64_t kMinSplitBytesPerColumn = 512;
 constexpr int kPartialFields = 6;
 // States merged through shared memory: a tile is at most 64 columns (2-byte types), in 8 warps.
 constexpr int kMergeCapacity = kThreads / kWarpSize * (kSegmentBytes / 2);
@@ -532,8 +533,8 @@ int64_t resident_blocks() {
   return blocks;
 }
 
-// Tiles one 128-byte segment wide (narrower for narrow x). Row splits: enough to fill the device
-// with one wave of blocks and to keep every thread at kMaxRowsPerThread rows or fewer, but (with
+// Tiles one 128-byte segment wide (narrower for narrow x). Row splits: enough to fill (not exceed)
+// one wave of blocks, and to keep every thread at kMaxRowsPerThread rows or fewer, but (with
 // partials) few enough that each split reads kMinSplitBytesPerColumn of each column, and never so
 // many that a thread gets fewer than kMinRowsPerThread rows.
 LaunchPlan tile_plan(const Problem& p, int element_bytes, int vector_width, int64_t resident, bool with_partials) {
@@ -547,7 +548,8 @@ LaunchPlan tile_plan(const Problem& p, int element_bytes, int vector_width, int6
   const int64_t row_threads = kThreads / column_threads;
   int64_t min_rows = kMinRowsPerThread * row_threads;
   if (with_partials) min_rows = std::max(min_rows, kMinSplitBytesPerColumn / element_bytes);
-  const int64_t wanted = std::min(ceil_div(resident, plan.column_tiles), p.rows / min_rows);
+  // At most one wave: a few blocks more than the device holds would double the time.
+  const int64_t wanted = std::min(resident / plan.column_tiles, p.rows / min_rows);
   const int64_t splits = std::max({int64_t{1}, wanted, ceil_div(p.rows, row_threads * kMaxRowsPerThread)});
   plan.rows_per_split = std::max<int64_t>(1, ceil_div(p.rows, splits));
   plan.row_splits = std::max<int64_t>(1, ceil_div(p.rows, plan.rows_per_split));
