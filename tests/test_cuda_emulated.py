@@ -109,12 +109,13 @@ def emulated_step(lib, device, x, mask, stats, hyper, *, out=None, with_output=T
     """One fastnorm::running_norm on x (rows, *stats_shape), mutating stats; returns (y, diag, plan)."""
     mean, var, count = stats
     cols = mean.numel()
-    x_rows = x.reshape(x.shape[0], cols)
+    rows = x.shape[0]
+    x_rows = x.reshape(rows, cols)
     assert x_rows.data_ptr() == x.data_ptr() and (cols <= 1 or x_rows.stride(1) == 1)
     if with_output and out is None:
         out = torch.full_like(x, float("nan"))  # poisoned: an unwritten element shows
-    out_rows = out.reshape(x.shape[0], cols) if out is not None else None
-    mask_rows = mask.reshape(x.shape[0], -1).contiguous() if mask is not None else None
+    out_rows = out.reshape(rows, cols) if out is not None else None
+    mask_rows = mask.reshape(rows, mask.numel() // rows if rows else 1).contiguous() if mask is not None else None
     diag = torch.full((6, cols), -7.0, dtype=torch.float64)
     problem = make_problem(x_rows, mean, var, hyper, out_rows=out_rows, mask_rows=mask_rows, count=count, diag=diag)
     plan = Plan()
