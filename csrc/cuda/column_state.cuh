@@ -39,26 +39,26 @@ __device__ __forceinline__ ColumnState shuffle_down(const ColumnState& s, int of
 
 // A block's threads are laid out as threadIdx.x = row_lane * column_threads + column_lane, with
 // column_threads a power of two. Threads of a warp that share a column lane merge by shuffles (a
-// tree), after which one thread per column lane in each group of max(column_threads, 32) threads
-// holds the group's state: this returns whether this thread is one of them.
-__device__ __forceinline__ bool holds_group_result(int column_threads) {
-  const int group = column_threads > kWarpSize ? column_threads : kWarpSize;
-  return static_cast<int>(threadIdx.x) % group < column_threads;
+// tree), after which one thread per column lane in each group of merge_group_threads threads (a
+// warp, or one row lane when it is wider) holds the group's state.
+__device__ __forceinline__ int merge_group_threads(int column_threads) {
+  return column_threads > kWarpSize ? column_threads : kWarpSize;
 }
 
-__device__ __forceinline__ int merge_groups(int column_threads, int block_threads) {
-  return block_threads / (column_threads > kWarpSize ? column_threads : kWarpSize);
+// Whether this thread holds its group's state after the warp tree.
+__device__ __forceinline__ bool holds_group_result(int column_threads) {
+  return static_cast<int>(threadIdx.x) % merge_group_threads(column_threads) < column_threads;
 }
 
 // The first half of merging a block's row lanes for column j of the thread's V columns: the warp
 // tree, then the group holders store their states in `shared`, which holds
-// merge_groups(column_threads, block_threads) * column_threads * V states. Every thread of the
-// block calls it for each j; then __syncthreads; then merged_row_lanes.
+// block_threads / merge_group_threads(column_threads) * column_threads * V states. Every thread
+// of the block calls it for each j; then __syncthreads; then merged_row_lanes.
 template <int V>
 __device__ __forceinline__ void publish_row_lanes(ColumnState s, int j, int column_threads, ColumnState* shared) {
   for (int offset = column_threads; offset < kWarpSize; offset *= 2) s = merge(s, shuffle_down(s, offset));
   if (!holds_group_result(column_threads)) return;
-  const int group = static_cast<int>(threadIdx.x) / (column_threads > kWarpSize ? column_threads : kWarpSize);
+  const int group = static_cast<int>(threadIdx.x) / merge_group_threads(column_threads);
   const int column_lane = static_cast<int>(threadIdx.x) % column_threads;
   shared[(group * column_threads + column_lane) * V + j] = s;
 }
@@ -68,7 +68,7 @@ __device__ __forceinline__ void publish_row_lanes(ColumnState s, int j, int colu
 template <int V>
 __device__ __forceinline__ ColumnState merged_row_lanes(const ColumnState* shared, int j, int column_threads,
                                                         int block_threads) {
-  const int groups = merge_groups(column_threads, block_threads);
+  const int groups = block_threads / merge_group_threads(column_threads);
   const int column_lane = static_cast<int>(threadIdx.x);
   ColumnState s = shared[column_lane * V + j];
   for (int g = 1; g < groups; ++g) s = merge(s, shared[(g * column_threads + column_lane) * V + j]);

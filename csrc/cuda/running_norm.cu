@@ -41,7 +41,8 @@ constexpr int kUnroll = 4;  // rows whose loads a thread issues before using any
 // batches with too few blocks to fill the device, which costs more.)
 constexpr int64_t kMinSplitBytesPerColumn = 512;
 constexpr int kPartialFields = 6;
-// States merged through shared memory: a tile is at most 64 columns (2-byte types), in 8 warps.
+// States the block merges through shared memory (publish_row_lanes): one per group (a warp, or a
+// wider row lane: then fewer groups) and tile column; a tile is at most 64 columns (2-byte types).
 constexpr int kMergeCapacity = kThreads / kWarpSize * (kSegmentBytes / 2);
 
 // ---------------------------------------------------------------------------------------------
