@@ -1,0 +1,86 @@
+// What a set of rows knows about one column, and how a block merges its threads' knowledge:
+// warp shuffles within a warp, then shared memory across warps, in a fixed order so that results
+// never depend on timing.
+#pragma once
+
+#include <math.h>
+
+#include "../running_norm_math.h"
+
+namespace fastnorm {
+namespace cuda {
+
+constexpr unsigned kAllLanes = 0xffffffffu;
+constexpr int kWarpSize = 32;
+
+// The moments of a column's selected finite entries, how many selected entries were NaN or inf,
+// and the smallest and largest selected finite entry (+-inf when there is none).
+struct ColumnState {
+  Moments moments;
+  double nonfinite;
+  double min, max;
+};
+
+__device__ __forceinline__ ColumnState empty_column_state() {
+  return {{0.0, 0.0, 0.0}, 0.0, static_cast<double>(INFINITY), -static_cast<double>(INFINITY)};
+}
+
+__device__ __forceinline__ ColumnState merge(const ColumnState& a, const ColumnState& b) {
+  return {merge_moments(a.moments, b.moments), a.nonfinite + b.nonfinite, fmin(a.min, b.min), fmax(a.max, b.max)};
+}
+
+__device__ __forceinline__ ColumnState shuffle_down(const ColumnState& s, int offset) {
+  return {{__shfl_down_sync(kAllLanes, s.moments.count, offset), __shfl_down_sync(kAllLanes, s.moments.mean, offset),
+           __shfl_down_sync(kAllLanes, s.moments.m2, offset)},
+          __shfl_down_sync(kAllLanes, s.nonfinite, offset),
+          __shfl_down_sync(kAllLanes, s.min, offset),
+          __shfl_down_sync(kAllLanes, s.max, offset)};
+}
+
+// A block's threads are laid out as threadIdx.x = row_lane * column_threads + column_lane, with
+// column_threads a power of two. Threads of a warp that share a column lane merge by shuffles (a
+// tree), after which one thread per column lane in each group of merge_group_threads threads (a
+// warp, or one row lane when it is wider) holds the group's state.
+__device__ __forceinline__ int merge_group_threads(int column_threads) {
+  return column_threads > kWarpSize ? column_threads : kWarpSize;
+}
+
+// Whether this thread holds its group's state after the warp tree.
+__device__ __forceinline__ bool holds_group_result(int column_threads) {
+  return static_cast<int>(threadIdx.x) % merge_group_threads(column_threads) < column_threads;
+}
+
+// The first half of merging a block's row lanes for column j of the thread's V columns: the warp
+// tree, then the group holders store their states in `shared`, which holds
+// block_threads / merge_group_threads(column_threads) * column_threads * V states. Every thread
+// of the block calls it for each j; then __syncthreads; then merged_row_lanes.
+template <int V>
+__device__ __forceinline__ void publish_row_lanes(ColumnState s, int j, int column_threads, ColumnState* shared) {
+  for (int offset = column_threads; offset < kWarpSize; offset *= 2) s = merge(s, shuffle_down(s, offset));
+  if (!holds_group_result(column_threads)) return;
+  const int group = static_cast<int>(threadIdx.x) / merge_group_threads(column_threads);
+  const int column_lane = static_cast<int>(threadIdx.x) % column_threads;
+  shared[(group * column_threads + column_lane) * V + j] = s;
+}
+
+// The second half, for the threads of row lane 0 (threadIdx.x < column_threads): the merge over
+// the whole block of column j, the groups taken in order.
+template <int V>
+__device__ __forceinline__ ColumnState merged_row_lanes(const ColumnState* shared, int j, int column_threads,
+                                                        int block_threads) {
+  const int groups = block_threads / merge_group_threads(column_threads);
+  const int column_lane = static_cast<int>(threadIdx.x);
+  ColumnState s = shared[column_lane * V + j];
+  for (int g = 1; g < groups; ++g) s = merge(s, shared[(g * column_threads + column_lane) * V + j]);
+  return s;
+}
+
+// The sum of v over the row lanes of this warp that share this thread's column lane, valid where
+// holds_group_result(column_threads). Every lane of the warp must call it.
+__device__ __forceinline__ unsigned sum_row_lanes_of_warp(unsigned v, int column_threads) {
+  for (int offset = column_threads; offset < kWarpSize; offset *= 2) v += __shfl_down_sync(kAllLanes, v, offset);
+  return v;
+}
+
+}  // namespace cuda
+}  // namespace fastnorm

@@ -1,0 +1,270 @@
+"""The CUDA kernels of csrc/cuda/running_norm.cu, run on the CPU by tests/cuda_emulator, against
+the float64 reference: their logic (plans, tiles, row splits, the last-arriving block's merge,
+masks, non-finite and huge values, clip counts, the vector and scalar paths) is checked on every
+machine with g++ and the CUDA headers, GPU or not. Races between blocks, the memory model and
+speed are for tests/test_cuda.py, on a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from fastnorm import reference
+from helpers import STAT_TOL, Y_TOL, assert_diag_close, random_mask, randn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMULATOR_DIR = os.path.join(ROOT, "tests", "cuda_emulator")
+KERNEL_SOURCE = os.path.join(ROOT, "csrc", "cuda", "running_norm.cu")
+DTYPE_KIND = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+# Emulated devices (cuda_emulator.h: emu::multiprocessors): 1 multiprocessor keeps the row splits
+# few, 132 (an H100) splits any batch of a few thousand rows.
+ONE_SM, H100_SMS = 0, 2
+
+
+def cuda_include_dir():
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and os.path.exists(os.path.join(root, "include", "cuda_fp16.h")):
+            return os.path.join(root, "include")
+    return None
+
+
+class UpdateParams(ctypes.Structure):
+    _fields_ = [("min_weight", ctypes.c_double), ("max_count", ctypes.c_double)]
+
+
+class Problem(ctypes.Structure):
+    """Mirror of fastnorm::cuda::Problem (csrc/cuda/running_norm.h); its size is checked."""
+
+    _fields_ = [("dtype", ctypes.c_int), ("rows", ctypes.c_int64), ("cols", ctypes.c_int64),
+                ("x", ctypes.c_void_p), ("x_row_stride", ctypes.c_int64), ("with_output", ctypes.c_bool),
+                ("out", ctypes.c_void_p), ("out_row_stride", ctypes.c_int64),
+                ("mask", ctypes.c_void_p), ("mask_cols", ctypes.c_int64),
+                ("mean", ctypes.c_void_p), ("var", ctypes.c_void_p), ("count", ctypes.c_void_p),
+                ("diag", ctypes.c_void_p), ("update", UpdateParams),
+                ("eps", ctypes.c_double), ("min_std", ctypes.c_double), ("max_std", ctypes.c_double),
+                ("clip", ctypes.c_double)]
+
+
+class Plan(ctypes.Structure):
+    _fields_ = [("vector_width", ctypes.c_int64), ("column_threads", ctypes.c_int64),
+                ("column_tiles", ctypes.c_int64), ("row_splits", ctypes.c_int64)]
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    include = cuda_include_dir()
+    compiler = shutil.which("g++")
+    if include is None or compiler is None:
+        pytest.skip("the CUDA emulation needs g++ and the CUDA headers (cuda_fp16.h under $CUDA_HOME/include)")
+    build = tmp_path_factory.mktemp("cuda_emulator")
+    # kernel<<<grid, block, shared, stream>>>(args) -> emu::launch(grid, block, shared, stream, [&] { kernel(args); })
+    launch = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)<<<([^;]*?)>>>\(([^;]*)\);")
+    with open(KERNEL_SOURCE) as f:
+        source, launches = launch.subn(lambda m: f"::emu::launch({m[2]}, [&] {{ {m[1]}({m[3]}); }});", f.read())
+    assert launches >= 3, "found no kernel launch to rewrite in running_norm.cu"
+    rewritten = build / "running_norm_emulated.cpp"
+    rewritten.write_text(source)
+    library = build / "libfastnorm_cuda_emulated.so"
+    # UBSan's alignment check stands in for the GPU's fault on a misaligned vector access (x86 allows
+    # them): it reports on stderr, which no_misaligned_access turns into a failure.
+    command = [compiler, "-std=c++17", "-O1", "-U_FORTIFY_SOURCE", "-fsanitize=alignment", "-fPIC", "-shared",
+               "-Wall", "-Wno-unknown-pragmas", "-include",
+               os.path.join(EMULATOR_DIR, "cuda_emulator.h"), "-I", os.path.join(ROOT, "csrc", "cuda"), "-I", include,
+               str(rewritten), os.path.join(EMULATOR_DIR, "emulated_ops.cpp"), "-Wl,--no-undefined", "-o", str(library)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lib = ctypes.CDLL(str(library))
+    lib.emulated_problem_bytes.restype = ctypes.c_size_t
+    assert lib.emulated_problem_bytes() == ctypes.sizeof(Problem), "Problem's mirror is out of date"
+    return lib
+
+
+@pytest.fixture(autouse=True)
+def no_misaligned_access(capfd):
+    """Fails a test after which UBSan reported a misaligned access (a fault on a GPU)."""
+    yield
+    err = capfd.readouterr().err
+    assert "runtime error" not in err, err
+
+
+def make_problem(x_rows, mean, var, hyper, *, out_rows=None, mask_rows=None, count=None, diag=None):
+    p = Problem()
+    p.dtype = DTYPE_KIND[x_rows.dtype]
+    p.rows, p.cols = x_rows.shape
+    p.x, p.x_row_stride = x_rows.data_ptr(), x_rows.stride(0)
+    if out_rows is not None:
+        p.with_output, p.out, p.out_row_stride = True, out_rows.data_ptr(), out_rows.stride(0)
+    if mask_rows is not None:
+        p.mask, p.mask_cols = mask_rows.data_ptr(), mask_rows.shape[1]
+    p.mean, p.var = mean.data_ptr(), var.data_ptr()
+    if count is not None:
+        p.count, p.diag = count.data_ptr(), diag.data_ptr()
+    momentum, max_count = hyper.get("momentum"), hyper.get("max_count")
+    p.update = UpdateParams(0.0 if momentum is None else 1.0 - momentum, math.inf if max_count is None else max_count)
+    p.eps = hyper["eps"]
+    p.min_std = hyper["min_std"] or 0.0
+    p.max_std = math.inf if hyper["max_std"] is None else hyper["max_std"]
+    p.clip = math.inf if hyper["clip"] is None else hyper["clip"]
+    return p
+
+
+def emulated_step(lib, device, x, mask, stats, hyper, *, out=None, with_output=True):
+    """One fastnorm::running_norm on x (rows, *stats_shape), mutating stats; returns (y, diag, plan)."""
+    mean, var, count = stats
+    cols = mean.numel()
+    rows = x.shape[0]
+    x_rows = x.reshape(rows, cols)
+    assert x_rows.data_ptr() == x.data_ptr() and (cols <= 1 or x_rows.stride(1) == 1)
+    if with_output and out is None:
+        out = torch.full_like(x, float("nan"))  # poisoned: an unwritten element shows
+    out_rows = out.reshape(rows, cols) if out is not None else None
+    mask_rows = mask.reshape(rows, mask.numel() // rows if rows else 1).contiguous() if mask is not None else None
+    diag = torch.full((6, cols), -7.0, dtype=torch.float64)
+    problem = make_problem(x_rows, mean, var, hyper, out_rows=out_rows, mask_rows=mask_rows, count=count, diag=diag)
+    plan = Plan()
+    lib.emulated_running_norm(device, ctypes.byref(problem), ctypes.byref(plan))
+    return out, diag, plan
+
+
+HYPER = dict(momentum=0.99, max_count=None, eps=1e-4, min_std=1e-2, max_std=None, clip=2.5)
+
+
+def fresh_stats(shape, gen):
+    return (randn(shape, gen, dtype=torch.float64), 0.5 + torch.rand(shape, generator=gen, dtype=torch.float64),
+            torch.full(shape, 3.0, dtype=torch.float64))
+
+
+def check_step(lib, device, x, mask, stats, hyper, scale=1.0):
+    """Runs a step and compares it with the reference (y, statistics, diagnostics); returns the plan."""
+    mean, var, count = stats
+    expected = reference.running_norm(x, mask, mean, var, count, **hyper)
+    y, diag, plan = emulated_step(lib, device, x, mask, stats, hyper)
+    torch.testing.assert_close(y, expected.y, **Y_TOL[x.dtype])
+    tol = STAT_TOL[x.dtype]
+    torch.testing.assert_close(count, expected.count, rtol=0, atol=0)
+    torch.testing.assert_close(mean, expected.mean, rtol=tol["rtol"], atol=tol["atol"] * scale)
+    torch.testing.assert_close(var, expected.var, rtol=tol["rtol"], atol=tol["atol"] * scale**2)
+    assert_diag_close(diag, expected.diag, x.dtype, scale=scale)
+    return plan
+
+
+def make_mask(kind, rows, stats_shape, gen):
+    if kind == "none":
+        return None
+    return random_mask((rows,) if kind == "rows" else (rows, stats_shape[0]), gen)
+
+
+# (device, rows, statistics shape): one launch (a single row split) and two launches (several).
+PATHS = {"one_launch": (ONE_SM, 45, (3, 8)), "row_splits": (H100_SMS, 2600, (3, 8))}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_KIND), ids=str)
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("mask_kind", ["none", "rows", "agents"])
+def test_matches_reference(emulator, gen, dtype, path, mask_kind):
+    device, rows, shape = PATHS[path]
+    stats = fresh_stats(shape, gen)
+    for _ in range(2):  # the second step starts from the first's statistics
+        x = randn((rows, *shape), gen, dtype=dtype, mean=1.0, scale=2.0)
+        plan = check_step(emulator, device, x, make_mask(mask_kind, rows, shape, gen), stats, HYPER, scale=2.0)
+        assert (plan.row_splits > 1) == (path == "row_splits")
+        assert plan.vector_width == 16 // x.element_size()
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_scalar_path_for_unaligned_rows(emulator, gen, path):
+    device, rows, shape = PATHS[path]
+    stats = fresh_stats(shape, gen)
+    wide = randn((rows, 1 + math.prod(shape)), gen, scale=3.0)
+    x = wide[:, 1:].view(rows, *shape)  # 4 bytes past a 16-byte boundary
+    plan = check_step(emulator, device, x, None, stats, HYPER, scale=3.0)
+    assert plan.vector_width == 1 and (plan.row_splits > 1) == (path == "row_splits")
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("mask_kind", ["none", "elements"])
+def test_non_finite_and_huge_values(emulator, gen, path, mask_kind):
+    device, rows, shape = PATHS[path]
+    stats = fresh_stats(shape, gen)
+    x = randn((rows, *shape), gen)
+    x[3, 0, 0] = float("nan")
+    x[rows // 2, 1, 2] = float("inf")
+    x[rows - 1, 1, 2] = float("-inf")
+    x[:, 2, 5] = float("nan")  # a column without a finite entry
+    x[:, 0, 7] = randn((rows,), gen, scale=1e30)  # float32 squares overflow
+    mask = None if mask_kind == "none" else random_mask((rows, *shape), gen)
+    mean, var, count = stats
+    expected = reference.running_norm(x, mask, mean, var, count, **HYPER)
+    y, diag, _ = emulated_step(emulator, device, x, mask, stats, HYPER)
+    torch.testing.assert_close(y, expected.y, **Y_TOL[torch.float32], equal_nan=True)
+    torch.testing.assert_close(count, expected.count, rtol=0, atol=0)
+    torch.testing.assert_close(mean, expected.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var, expected.var, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(diag[[0, 3]], expected.diag[[0, 3]], rtol=0, atol=0)  # counts, non-finite
+    torch.testing.assert_close(diag[[1, 2, 5]], expected.diag[[1, 2, 5]], rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert count.reshape(-1)[2 * 8 + 5] == 3.0  # the NaN column keeps its statistics
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("masked", [False, True])
+def test_large_offset_small_spread(emulator, gen, path, masked):
+    # mean 1e3, std 1e-3 in float32: the shifted sums keep the variance E[x^2] - E[x]^2 would lose.
+    device, rows, shape = PATHS[path]
+    x = (1e3 + 1e-3 * torch.randn((rows, *shape), generator=gen, dtype=torch.float64)).float()
+    mask = random_mask((rows, *shape), gen) if masked else None
+    stats = (torch.zeros(shape, dtype=torch.float64), torch.ones(shape, dtype=torch.float64),
+             torch.zeros(shape, dtype=torch.float64))
+    hyper = dict(HYPER, momentum=None, min_std=None, eps=0.0)
+    expected = reference.running_norm(x, mask, *stats, **hyper)
+    emulated_step(emulator, device, x, mask, stats, hyper)
+    torch.testing.assert_close(stats[1], expected.var, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_in_place_and_statistics_only(emulator, gen, path):
+    device, rows, shape = PATHS[path]
+    stats = fresh_stats(shape, gen)
+    x = randn((rows, *shape), gen)
+    expected = reference.running_norm(x, None, *stats, **HYPER)
+    y, _, _ = emulated_step(emulator, device, x, None, stats, HYPER, out=x)
+    assert y is x
+    torch.testing.assert_close(x, expected.y, **Y_TOL[torch.float32])
+    update_only = fresh_stats(shape, gen)
+    x = randn((rows, *shape), gen)
+    expected = reference.running_norm(x, None, *update_only, **HYPER, with_output=False)
+    _, diag, _ = emulated_step(emulator, device, x, None, update_only, HYPER, with_output=False)
+    torch.testing.assert_close(update_only[1], expected.var, **STAT_TOL[torch.float32])
+    assert_diag_close(diag, expected.diag, torch.float32)
+
+
+def test_empty_batch_writes_diagnostics_only(emulator, gen):
+    stats = fresh_stats((3, 8), gen)
+    before = [t.clone() for t in stats]
+    y, diag, plan = emulated_step(emulator, H100_SMS, torch.empty(0, 3, 8), None, stats, HYPER)
+    assert plan.row_splits == 1
+    for a, b in zip(stats, before):
+        assert torch.equal(a, b)
+    assert torch.equal(diag, torch.zeros(6, 24, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_normalize(emulator, gen, dtype):
+    rows, shape = 300, (5, 8)
+    x = randn((rows, *shape), gen, dtype=dtype, scale=4.0)
+    mean, var, _ = fresh_stats(shape, gen)
+    out = torch.full_like(x, float("nan"))
+    problem = make_problem(x.reshape(rows, -1), mean, var, HYPER, out_rows=out.reshape(rows, -1))
+    plan = Plan()
+    emulator.emulated_normalize(H100_SMS, ctypes.byref(problem), ctypes.byref(plan))
+    expected = reference.normalize(x, mean, var, eps=HYPER["eps"], min_std=HYPER["min_std"], max_std=None,
+                                   clip=HYPER["clip"])
+    torch.testing.assert_close(out, expected, **Y_TOL[dtype])
+    assert plan.row_splits > 1
