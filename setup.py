@@ -65,6 +65,8 @@ setup(
     extras_require={
         "triton": ["triton"],
         "test": ["pytest", "hypothesis"],
+        # The benchmark's peers (bench/peers.py) and its plot; `make bench` installs them.
+        "bench": ["stable-baselines3", "rsl-rl-lib", "rl-games", "torchrl", "tensordict", "matplotlib"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
