@@ -29,12 +29,14 @@ import fastnorm  # noqa: E402
 import plot  # noqa: E402
 import rollout  # noqa: E402
 import running_norm  # noqa: E402
+import stability  # noqa: E402
 from report import as_markdown, as_text  # noqa: E402
 
 # Each section is a module with TITLE and run(device, quick) -> report.SectionResult.
 SECTIONS = {
     "running_norm": running_norm,
     "rollout": rollout,
+    "stability": stability,
 }
 PEER_PACKAGES = ("numpy", "stable-baselines3", "rsl-rl-lib", "rl-games", "torchrl", "tensordict", "matplotlib")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
