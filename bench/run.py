@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -27,17 +28,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fastnorm  # noqa: E402
 
 import plot  # noqa: E402
-import rollout  # noqa: E402
-import running_norm  # noqa: E402
-import stability  # noqa: E402
 from report import as_markdown, as_text  # noqa: E402
 
-# Each section is a module with TITLE and run(device, quick) -> report.SectionResult.
-SECTIONS = {
-    "running_norm": running_norm,
-    "rollout": rollout,
-    "stability": stability,
-}
+# The sections, run in this order: each is a module bench/<name>.py with TITLE and
+# run(device, quick) -> report.SectionResult. Adding one is adding its name here.
+SECTIONS = [
+    "running_norm",
+    "rollout",
+    "stability",
+]
 PEER_PACKAGES = ("numpy", "stable-baselines3", "rsl-rl-lib", "rl-games", "torchrl", "tensordict", "matplotlib")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -48,7 +47,8 @@ def environment(device: torch.device) -> dict:
 
     env = {"date": datetime.date.today().isoformat(), "device": device.type, "torch": torch.__version__,
            "python": platform.python_version(), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-           "fastnorm": fastnorm.__version__, "backends": fastnorm.backends(), "machine": platform.machine()}
+           "fastnorm": fastnorm.__version__, "backends": fastnorm.backends(), "machine": platform.machine(),
+           "load_average_at_start": os.getloadavg()}
     versions = {}
     for package in PEER_PACKAGES:
         try:
@@ -68,24 +68,34 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def busy_warning(env: dict) -> str:
+    """A warning for the results when other processes competed for the CPUs during the run."""
+    if max(env["load_average_at_start"][0], env["load_average_at_end"][0]) <= (env["cpus"] or 1):
+        return ""
+    return (" Other processes competed for the cores: expect noise, most of all in small ops that wait for a "
+            "second OpenMP thread to be scheduled (seen in F.batch_norm and the compiled reference at the tiny "
+            "shape). Each row is compared with the copy timed in the same interleaved rounds.")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer shapes, sizes and rounds (under 2 minutes on CPU)")
     parser.add_argument("--json", help="where to write the results (default: bench/results/<device>-<date>.json)")
     parser.add_argument("--plot", help="where to draw the fraction-of-copy chart (default: the JSON path, .png)")
-    parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS,
                         help="which sections to run (default: all)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     env = environment(device)
     print(f"fastnorm benchmark{' (quick)' if args.quick else ''}: {env['device_name']} ({device.type}), "
           f"torch {env['torch']}, {env['threads']} threads, fastnorm backends available: "
-          f"{[name for name, reasons in env['backends'].items() if not reasons]}\n")
+          f"{[name for name, reasons in env['backends'].items() if not reasons]}, load average "
+          f"{env['load_average_at_start'][0]:.1f} (other processes share these cores: expect noise)\n")
 
-    results, markdown = {}, []
+    results, markdown, details = {}, [], []
     for name in args.sections:
-        section = SECTIONS[name]
+        section = importlib.import_module(name)
         print(f"== {section.TITLE}\n", flush=True)
         start = time.perf_counter()
         result = section.run(device, args.quick)
@@ -94,8 +104,10 @@ def main(argv=None):
             print(as_text(table) + "\n")
         print(f"({name} took {seconds:.0f} s)\n", flush=True)
         results[name] = {"seconds": seconds, **result.records}
-        markdown += [f"## {section.TITLE}", ""] + [as_markdown(t) + "\n" for t in result.tables]
+        markdown += [f"## {section.TITLE}", ""] + [as_markdown(t) + "\n" for t in result.tables if not t.detail]
+        details += [as_markdown(t) + "\n" for t in result.tables if t.detail]
 
+    env["load_average_at_end"] = os.getloadavg()
     path = args.json or os.path.join(RESULTS, f"{device.type}-{env['date']}.json")
     stem = os.path.splitext(path)[0]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -103,7 +115,10 @@ def main(argv=None):
         json.dump({"environment": env, "quick": args.quick, "sections": results}, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(f"# fastnorm benchmark, {env['date']}: {env['device_name']} ({device.type}, {env['threads']} threads), "
-                f"torch {env['torch']}{', quick' if args.quick else ''}\n\n" + "\n".join(markdown))
+                f"torch {env['torch']}{', quick' if args.quick else ''}\n\n"
+                f"Load average (1 min) {env['load_average_at_start'][0]:.1f} at the start, "
+                f"{env['load_average_at_end'][0]:.1f} at the end, on {env['cpus']} CPUs.{busy_warning(env)}\n\n"
+                + "\n".join(markdown + (["## Details", ""] + details if details else [])))
     print(f"results written to {path} and {stem}.md")
     if "running_norm" in results:
         plot_path = args.plot or stem + ".png"
