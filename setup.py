@@ -66,6 +66,8 @@ setup(
         "triton": ["triton"],
         "test": ["pytest", "hypothesis"],
         "monitor": ["tensorboard", "google-crc32c", "matplotlib"],
+        # The benchmark's peers (bench/peers.py) and its plot; `make bench` installs them.
+        "bench": ["stable-baselines3", "rsl-rl-lib", "rl-games", "torchrl", "tensordict", "matplotlib"],
     },
     entry_points={"console_scripts": ["fastnorm = fastnorm.__main__:main"]},
     ext_modules=ext_modules,

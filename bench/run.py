@@ -1,21 +1,23 @@
-"""The fastnorm benchmark: every available backend beside its peers and the memory floor.
+"""The fastnorm benchmark (`make bench`): how much faster than what RL code uses today, how close to
+the memory floor, and whether it fixes the failures the seed analyses describe.
 
-    python bench/run.py [--device cpu|cuda] [--quick] [--json PATH]
+    python bench/run.py [--device cpu|cuda] [--quick] [--json PATH] [--plot PATH] [--sections NAME ...]
 
-For each shape (B, A, F) and dtype it times every case interleaved (warm-up first, then rounds
-in which each case runs once, so all see the same machine state) and reports the median time,
-GB/s counting one read and one write of x, the fraction of the copy's GB/s, and the speed-up
-over the eager reference. Results are written to bench/results/<device>-<date>.json.
+Runs every section in SECTIONS in turn, prints its tables, and writes the results with the
+device, versions and date to bench/results/<device>-<date>.json (or --json PATH), the tables as
+markdown beside it (.md) and the fraction-of-copy bar chart (.png, or --plot PATH; needs
+matplotlib, which `pip install fastnorm[bench]` brings). --quick measures fewer shapes, sizes and
+rounds: under two minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -23,117 +25,104 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import running_norm as cases  # noqa: E402  (bench/running_norm.py)
-
 import fastnorm  # noqa: E402
-from fastnorm.backends import BACKENDS  # noqa: E402
 
-SHAPES = [(4096, 16, 32), (65536, 8, 64), (1024, 256, 16), (256, 1024, 8), (1_000_000, 1, 8), (64, 4, 8)]
-QUICK_SHAPES = [(4096, 16, 32), (1_000_000, 1, 8), (64, 4, 8)]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+import plot  # noqa: E402
+from report import as_markdown, as_text  # noqa: E402
 
-
-def timer(device: torch.device):
-    """A function that times fn() in seconds: CUDA events on GPU, perf_counter on CPU."""
-    if device.type == "cuda":
-        def run(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        return run
-
-    def run(fn):
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-    return run
+# The sections, run in this order: each is a module bench/<name>.py with TITLE and
+# run(device, quick) -> report.SectionResult. Adding one is adding its name here.
+SECTIONS = [
+    "running_norm",
+    "rollout",
+    "stability",
+]
+PEER_PACKAGES = ("numpy", "stable-baselines3", "rsl-rl-lib", "rl-games", "torchrl", "tensordict", "matplotlib")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def build_cases(x, stats_shape):
-    built = [cases.copy_case(x)]
-    for name, backend in BACKENDS.items():
-        if name != "reference" and not backend.not_supported_reasons(x):
-            built.append(cases.fastnorm_case(x, stats_shape, name))
-    built.append(cases.reference_case(x, stats_shape))
-    built.append(cases.compiled_reference_case(x, stats_shape))
-    built.append(cases.batch_norm_case(x, stats_shape))
-    return built
+def environment(device: torch.device) -> dict:
+    """Where and with what the numbers were taken."""
+    from importlib import metadata
 
-
-def measure(shape, dtype, device, rounds, warmup):
-    b, a, f = shape
-    x = torch.randn(shape, device=device).to(dtype)
-    built = build_cases(x, (a, f))
-    time_it = timer(device)
-    for case in built:
-        for _ in range(warmup):
-            case.step()
-    samples = {case.name: [] for case in built}
-    for _ in range(rounds):
-        for case in built:
-            samples[case.name].append(time_it(case.step))
-    bytes_moved = 2 * x.numel() * x.element_size()
-    copy_time = statistics.median(samples[built[0].name])
-    ref_time = statistics.median(samples["reference (eager, float64)"])
-    rows = []
-    for case in built:
-        t = statistics.median(samples[case.name])
-        rows.append({"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "impl": case.name,
-                     "median_us": t * 1e6, "gb_per_s": bytes_moved / t / 1e9, "fraction_of_copy": copy_time / t,
-                     "speedup_vs_reference": ref_time / t, "setup_s": case.setup_seconds, "note": case.note})
-    return rows
-
-
-def print_table(rows):
-    header = f"{'shape':>18} {'dtype':>8} {'implementation':<28} {'median us':>10} {'GB/s':>7} {'of copy':>8} {'vs ref':>7}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{str(tuple(r['shape'])):>18} {r['dtype']:>8} {r['impl']:<28} {r['median_us']:>10.1f} "
-              f"{r['gb_per_s']:>7.1f} {r['fraction_of_copy']:>8.2f} {r['speedup_vs_reference']:>6.1f}x")
-
-
-def environment(device):
     env = {"date": datetime.date.today().isoformat(), "device": device.type, "torch": torch.__version__,
-           "python": platform.python_version(), "threads": torch.get_num_threads(), "fastnorm": fastnorm.__version__,
-           "machine": platform.processor() or platform.machine()}
+           "python": platform.python_version(), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+           "fastnorm": fastnorm.__version__, "backends": fastnorm.backends(), "machine": platform.machine(),
+           "load_average_at_start": os.getloadavg()}
+    versions = {}
+    for package in PEER_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    env["packages"] = versions
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
     else:
         try:
             with open("/proc/cpuinfo") as f:
                 env["device_name"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
         except (OSError, StopIteration):
-            env["device_name"] = platform.processor()
+            env["device_name"] = platform.processor() or platform.machine()
     return env
+
+
+def busy_warning(env: dict) -> str:
+    """A warning for the results when other processes competed for the CPUs during the run."""
+    if max(env["load_average_at_start"][0], env["load_average_at_end"][0]) <= (env["cpus"] or 1):
+        return ""
+    return (" Other processes competed for the cores: expect noise, most of all in small ops that wait for a "
+            "second OpenMP thread to be scheduled (seen in F.batch_norm and the compiled reference at the tiny "
+            "shape). Each row is compared with the copy timed in the same interleaved rounds.")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and rounds (under 2 minutes on CPU)")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes, sizes and rounds (under 2 minutes on CPU)")
     parser.add_argument("--json", help="where to write the results (default: bench/results/<device>-<date>.json)")
+    parser.add_argument("--plot", help="where to draw the fraction-of-copy chart (default: the JSON path, .png)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS,
+                        help="which sections to run (default: all)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     env = environment(device)
-    print(f"fastnorm benchmark: {env['device_name']} ({device.type}), torch {env['torch']}, "
-          f"{env['threads']} threads, backends: {fastnorm.backends()}")
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    rounds, warmup = (7, 2) if args.quick else (21, 3)
-    rows = []
-    for dtype_name, dtype in DTYPES.items():
-        for shape in shapes:
-            rows += measure(shape, dtype, device, rounds, warmup)
-    print_table(rows)
-    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                     f"{device.type}-{env['date']}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    print(f"fastnorm benchmark{' (quick)' if args.quick else ''}: {env['device_name']} ({device.type}), "
+          f"torch {env['torch']}, {env['threads']} threads, fastnorm backends available: "
+          f"{[name for name, reasons in env['backends'].items() if not reasons]}, load average "
+          f"{env['load_average_at_start'][0]:.1f} (other processes share these cores: expect noise)\n")
+
+    results, markdown, details = {}, [], []
+    for name in args.sections:
+        section = importlib.import_module(name)
+        print(f"== {section.TITLE}\n", flush=True)
+        start = time.perf_counter()
+        result = section.run(device, args.quick)
+        seconds = time.perf_counter() - start
+        for table in result.tables:
+            print(as_text(table) + "\n")
+        print(f"({name} took {seconds:.0f} s)\n", flush=True)
+        results[name] = {"seconds": seconds, **result.records}
+        markdown += [f"## {section.TITLE}", ""] + [as_markdown(t) + "\n" for t in result.tables if not t.detail]
+        details += [as_markdown(t) + "\n" for t in result.tables if t.detail]
+
+    env["load_average_at_end"] = os.getloadavg()
+    path = args.json or os.path.join(RESULTS, f"{device.type}-{env['date']}.json")
+    stem = os.path.splitext(path)[0]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"environment": env, "results": rows}, f, indent=1)
-    print(f"results written to {path}")
+        json.dump({"environment": env, "quick": args.quick, "sections": results}, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(f"# fastnorm benchmark, {env['date']}: {env['device_name']} ({device.type}, {env['threads']} threads), "
+                f"torch {env['torch']}{', quick' if args.quick else ''}\n\n"
+                f"Load average (1 min) {env['load_average_at_start'][0]:.1f} at the start, "
+                f"{env['load_average_at_end'][0]:.1f} at the end, on {env['cpus']} CPUs.{busy_warning(env)}\n\n"
+                + "\n".join(markdown + (["## Details", ""] + details if details else [])))
+    print(f"results written to {path} and {stem}.md")
+    if "running_norm" in results:
+        plot_path = args.plot or stem + ".png"
+        print(plot.fraction_of_copy(results["running_norm"]["rows"], plot_path, env))
 
 
 if __name__ == "__main__":
