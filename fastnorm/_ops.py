@@ -33,3 +33,8 @@ if EXTENSION_ERROR is None:
     @torch.library.register_fake("fastnorm::normalize")
     def _normalize_fake(x, mean, var, out, eps, min_std, max_std, clip):
         torch._check(out.shape == x.shape, lambda: "out must have x's shape")
+
+    @torch.library.register_fake("fastnorm::normalize_advantages")
+    def _normalize_advantages_fake(x, mask, out, stats, min_std, unbiased):
+        torch._check(out.shape == x.shape, lambda: "out must have x's shape")
+        torch._check(stats.shape == (4, x.shape[1]), lambda: "stats must have shape (4, G)")

@@ -5,10 +5,13 @@ first in AUTO_ORDER that can, and an explicit backend that cannot raises an erro
 reasons. Decisions read static facts only (device type, dtype, what was built), so torch.compile
 folds them away.
 
-Every backend implements the same two calls, mutating their output arguments in place:
+Every backend implements the same calls, mutating their output arguments in place:
   running_norm(x, mask, mean, var, count, out, diag, *, momentum, max_count, eps, min_std,
                max_std, clip)     reduce + merge into (mean, var, count) + y into out (if given)
   normalize(x, mean, var, out, *, eps, min_std, max_std, clip)
+  normalize_advantages(x, mask, out, stats, *, min_std, unbiased)
+                  x (O, G, I), mask flat (see csrc/ops.cpp); stats (4, G) rows STAT_ROWS
+A backend may lack an op on some device: not_supported_reasons(x, op) then says so.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Optional, Protocol
 import torch
 from torch import Tensor
 
-from fastnorm import _ops, reference
+from fastnorm import _ops, advantages_reference, reference
 
 
 class Backend(Protocol):
@@ -27,12 +30,14 @@ class Backend(Protocol):
     def unavailable_reasons(self) -> list[str]:
         """Why this backend cannot run at all on this installation (empty: it can)."""
 
-    def not_supported_reasons(self, x: Tensor) -> list[str]:
-        """Why this backend cannot take x (empty: it can)."""
+    def not_supported_reasons(self, x: Tensor, op: str = "running_norm") -> list[str]:
+        """Why this backend cannot run op on x (empty: it can)."""
 
     def running_norm(self, x, mask, mean, var, count, out, diag, **hyper) -> None: ...
 
     def normalize(self, x, mean, var, out, **hyper) -> None: ...
+
+    def normalize_advantages(self, x, mask, out, stats, **hyper) -> None: ...
 
 
 class ExtensionBackend:
@@ -46,12 +51,18 @@ class ExtensionBackend:
             self._unavailable.append(_ops.EXTENSION_ERROR)
         elif not _ops.has_kernel("running_norm", dispatch_key):
             self._unavailable.append(f"fastnorm._C was built without {dispatch_key} kernels")
+        # Ops added later may not have a kernel for every device yet.
+        self._missing_ops = [] if self._unavailable else [
+            op for op in ("normalize_advantages",) if not _ops.has_kernel(op, dispatch_key)]
+        self._dispatch_key = dispatch_key
 
     def unavailable_reasons(self) -> list[str]:
         return list(self._unavailable)
 
-    def not_supported_reasons(self, x: Tensor) -> list[str]:
+    def not_supported_reasons(self, x: Tensor, op: str = "running_norm") -> list[str]:
         reasons = self.unavailable_reasons()
+        if op in self._missing_ops:
+            reasons.append(f"fastnorm._C has no {self._dispatch_key} kernel for {op}")
         if x.device.type != self.device_type:
             reasons.append(f"x is on {x.device.type}, this backend runs on {self.device_type}")
         return reasons
@@ -62,6 +73,9 @@ class ExtensionBackend:
     def normalize(self, x, mean, var, out, **hyper) -> None:
         torch.ops.fastnorm.normalize(x, mean, var, out, **hyper)
 
+    def normalize_advantages(self, x, mask, out, stats, **hyper) -> None:
+        torch.ops.fastnorm.normalize_advantages(x, mask, out, stats, **hyper)
+
 
 class ReferenceBackend:
     """fastnorm.reference: pure PyTorch in float64, any device; the slow, always-available one."""
@@ -71,7 +85,7 @@ class ReferenceBackend:
     def unavailable_reasons(self) -> list[str]:
         return []
 
-    def not_supported_reasons(self, x: Tensor) -> list[str]:
+    def not_supported_reasons(self, x: Tensor, op: str = "running_norm") -> list[str]:
         return []
 
     def running_norm(self, x, mask, mean, var, count, out, diag, **hyper) -> None:
@@ -85,6 +99,13 @@ class ReferenceBackend:
 
     def normalize(self, x, mean, var, out, **hyper) -> None:
         out.copy_(reference.normalize(x, mean, var, **hyper))
+
+    def normalize_advantages(self, x, mask, out, stats, **hyper) -> None:
+        if mask is not None:  # the flat mask, entry k reading mask[k // (N // M)], as a full one
+            mask = mask.repeat_interleave(x.numel() // max(mask.numel(), 1)).view(x.shape)
+        result = advantages_reference.normalize_advantages(x, mask, (0, 2), **hyper)
+        out.copy_(result.y)
+        stats.copy_(torch.stack([getattr(result, row) for row in advantages_reference.STAT_ROWS]))
 
 
 BACKENDS: dict[str, Backend] = {
@@ -107,17 +128,17 @@ def check_backend_name(name: str) -> str:
     return name
 
 
-def select_backend(name: str, x: Tensor) -> Backend:
-    """The backend that runs x: the named one, or for "auto" the first in AUTO_ORDER that can."""
+def select_backend(name: str, x: Tensor, op: str = "running_norm") -> Backend:
+    """The backend that runs op on x: the named one, or for "auto" the first in AUTO_ORDER that can."""
     if name != "auto":
         backend = BACKENDS[name]
-        reasons = backend.not_supported_reasons(x)
+        reasons = backend.not_supported_reasons(x, op)
         if reasons:
             raise RuntimeError(f"fastnorm backend {name!r} cannot run this input: " + "; ".join(reasons))
         return backend
     for candidate in AUTO_ORDER:
         backend = BACKENDS[candidate]
-        if not backend.not_supported_reasons(x):
+        if not backend.not_supported_reasons(x, op):
             return backend
     raise AssertionError("the reference backend takes every input")
 
