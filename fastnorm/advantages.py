@@ -98,7 +98,7 @@ def normalize_advantages(
         target = y if order is None else y.permute(order)
         target.copy_(y_op.view(target.shape))
 
-    rows = dict(zip(STAT_ROWS, (row.view(group_shape) for row in stats)))
+    rows = dict(zip(STAT_ROWS, stats.view((len(STAT_ROWS),) + group_shape).unbind(0)))
     return y, AdvantageStats(rows["mean"], rows["std_raw"], rows["count"], rows["norm_max_abs"],
                              rows["std_raw"] < min_std)
 

@@ -138,6 +138,17 @@ def test_no_entry_and_one_entry_overall(adv_backend, device, gen):
     assert float(y) == 0 and float(stats.count) == 1 and float(stats.std_raw) == 0
 
 
+def test_constant_groups_are_exact(adv_backend, device, gen):
+    # All advantages equal (a deterministic environment): std_raw exactly 0, y exactly 0.
+    c = torch.randn(3, generator=gen, dtype=torch.float64).float() * 7
+    for adv, dim in [(c.expand(5000, 3), 0), (c[:1].expand(70_001), None), (c.view(3, 1).expand(2, 3, 3000), (0, 2))]:
+        adv = adv.contiguous().to(device)
+        y, stats = normalize_advantages(adv, dim=dim, backend=adv_backend)
+        values = c.double().to(device)[: stats.mean.numel()].reshape(stats.mean.shape)
+        assert torch.equal(stats.mean, values) and not stats.std_raw.any() and not stats.norm_max_abs.any()
+        assert torch.equal(y, torch.zeros_like(y)) and stats.std_below_floor.all()
+
+
 def test_large_offset_small_spread_float32(adv_backend, device, gen):
     # mean 1e3, std 1e-3 in float32: E[x^2] - E[x]^2 loses every digit of the variance.
     adv = (1e3 + 1e-3 * torch.randn(4096, generator=gen, dtype=torch.float64)).float().to(device)

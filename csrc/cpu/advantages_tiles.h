@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <limits>
 #include <vector>
 
 #include "../running_norm_math.h"
@@ -27,10 +28,9 @@ enum ScratchSlot : int {
   kReduceF64Slot,
   kReduceRowsSlot,
   kNormalizeSlot,
-  kPartSlot,         // the binding's per-tile or per-column partial reductions
-  kTileColumnsSlot,  // a tile's column partials before they are merged into one
-  kGroupSlot,        // per-group reductions and coefficients
-  kColumnCoefSlot,   // per-column coefficients
+  kPartSlot,        // the binding's per-chunk or per-column partial reductions
+  kGroupSlot,       // per-group reductions and coefficients
+  kColumnCoefSlot,  // per-column coefficients
 };
 
 template <typename T, int Slot>
@@ -50,6 +50,20 @@ struct Data {
   const bool* mask;
   int64_t mask_group;
 };
+
+// The moments of a set of entries (a run, a group), and their min and max (+inf and -inf when the
+// set is empty).
+struct Reduction {
+  Moments moments{0.0, 0.0, 0.0};
+  double min = std::numeric_limits<double>::infinity();
+  double max = -std::numeric_limits<double>::infinity();
+};
+
+// Runs: the n entries from flat index `first`, all in one group.
+using ReduceRunFn = void (*)(const Data& data, int64_t first, int64_t n, Reduction* out);
+
+// y = live ? (x - mean) * scale : 0 for the n entries from flat index `first`.
+using NormalizeRunFn = void (*)(const Data& data, int64_t first, int64_t n, double mean, double scale, bool live);
 
 // A tile: `rows` rows of `cols` columns, row r starting at flat index first + r * row_stride,
 // then, when tail_cols > 0, one last row of tail_cols columns at first + rows * row_stride.
@@ -83,6 +97,8 @@ struct Coefficients {
 using NormalizeTileFn = void (*)(const Data& data, const Tile& tile, const Coefficients& k);
 
 struct Kernels {
+  ReduceRunFn reduce_run[static_cast<int>(Dtype::kCount)];
+  NormalizeRunFn normalize_run[static_cast<int>(Dtype::kCount)];
   ReduceTileFn reduce[static_cast<int>(Dtype::kCount)];
   NormalizeTileFn normalize[static_cast<int>(Dtype::kCount)];
 };

@@ -12,6 +12,7 @@
 
 #include <stdint.h>
 
+#include <cstring>
 #include <limits>
 
 #include "advantages_tiles.h"
@@ -67,32 +68,275 @@ inline void fill_selection(const Data& d, int64_t k, int64_t width, acc_t* __res
   }
 }
 
-// Per-column sums of one block of rows; moments_from_shifted_sums turns them into moments. Pass 1
-// sums in float64 (`sum`): for float32 data a block's sum is then exact, so the shift is the float
-// nearest the block mean and a constant block gets exactly its value (variance 0, not rounding
-// noise). min and max run over the whole tile; block_min and block_max are scratch.
+// ---- Runs: one group, accumulated in kLanes lanes (four AVX2 registers) kept in registers.
+
+template <typename acc_t>
+constexpr int64_t kLanes = 128 / sizeof(acc_t);
+// A block is 128 entries per lane (16 KiB): float32 lane sums stay accurate to ~1e-6, and pass 2
+// reads the block from L1.
+template <typename acc_t>
+constexpr int64_t kRunBlock = 128 * kLanes<acc_t>;
+
+// The moments of a block from its lane sums: with one shift for the whole block, the lanes' shifted
+// sums simply add up. A constant block is exact: its shift is its value, every deviation 0.
+template <typename acc_t, int64_t L>
+Reduction block_reduction(double count, const acc_t* lo, const acc_t* hi, const acc_t* s1, const acc_t* s2,
+                          acc_t shift) {
+  Reduction r;
+  double sum1 = 0, sum2 = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    sum1 += s1[l];
+    sum2 += s2[l];
+    r.min = min_of(r.min, static_cast<double>(lo[l]));
+    r.max = max_of(r.max, static_cast<double>(hi[l]));
+  }
+  r.moments = moments_from_shifted_sums(count, static_cast<double>(shift), sum1, sum2);
+  return r;
+}
+
+// Fast path: every entry selected, in L lanes (1 for blocks shorter than kLanes). Pass 1 sums
+// without testing each value: the sum is finite only if every value is. Returns false when one is
+// NaN or inf (the caller takes the careful path).
+template <typename scalar_t, typename acc_t, int64_t L>
+bool run_block_if_finite(const scalar_t* __restrict__ x, int64_t n, Reduction* out) {
+  const int64_t full = n - n % L;
+  acc_t sum[L], lo[L], hi[L];
+  for (int64_t l = 0; l < L; ++l) {
+    sum[l] = acc_t(0);
+    lo[l] = std::numeric_limits<acc_t>::infinity();
+    hi[l] = -std::numeric_limits<acc_t>::infinity();
+  }
+  for (int64_t i = 0; i < full; i += L) {
+    for (int64_t l = 0; l < L; ++l) {
+      const acc_t v = static_cast<acc_t>(x[i + l]);
+      sum[l] += v;
+      lo[l] = min_of(lo[l], v);
+      hi[l] = max_of(hi[l], v);
+    }
+  }
+  for (int64_t l = 0; l < n - full; ++l) {
+    const acc_t v = static_cast<acc_t>(x[full + l]);
+    sum[l] += v;
+    lo[l] = min_of(lo[l], v);
+    hi[l] = max_of(hi[l], v);
+  }
+  double total = 0;
+  acc_t mn = lo[0], mx = hi[0];
+  for (int64_t l = 0; l < L; ++l) {
+    total += static_cast<double>(sum[l]);
+    mn = min_of(mn, lo[l]);
+    mx = max_of(mx, hi[l]);
+  }
+  if (!is_finite(total)) return false;
+  const acc_t shift = mn == mx ? mn : static_cast<acc_t>(total / static_cast<double>(n));
+  acc_t s1[L], s2[L];
+  for (int64_t l = 0; l < L; ++l) s1[l] = s2[l] = acc_t(0);
+  for (int64_t i = 0; i < full; i += L) {
+    for (int64_t l = 0; l < L; ++l) {
+      const acc_t d = static_cast<acc_t>(x[i + l]) - shift;
+      s1[l] += d;
+      s2[l] += d * d;
+    }
+  }
+  for (int64_t l = 0; l < n - full; ++l) {
+    const acc_t d = static_cast<acc_t>(x[full + l]) - shift;
+    s1[l] += d;
+    s2[l] += d * d;
+  }
+  *out = block_reduction<acc_t, L>(static_cast<double>(n), lo, hi, s1, s2, shift);
+  return true;
+}
+
+// A vector of 32 bytes of T (AVX2 registers; two SSE registers on the baseline ISA). The careful
+// path of runs uses these GCC vectors directly: auto-vectorized, its selects became branches.
+template <typename T>
+struct Vec32 {
+  typedef T type __attribute__((vector_size(32)));
+};
+
+// Careful path: tests every value (finite, and selected by sel when kSelect), in two vectors of
+// lanes per accumulator; the last n % (2 * W) entries go to lanes one by one.
+template <typename scalar_t, typename acc_t, bool kSelect>
+void run_block_careful(const scalar_t* __restrict__ x, int64_t n, const acc_t* __restrict__ sel, Reduction* out) {
+  using V = typename Vec32<acc_t>::type;
+  constexpr int64_t W = 32 / sizeof(acc_t), L = 2 * W;
+  constexpr acc_t kInfinity = std::numeric_limits<acc_t>::infinity();
+  const int64_t full = n - n % L;
+  const V zero = {}, one = zero + acc_t(1), inf = zero + kInfinity;
+  V sum[2] = {zero, zero}, cnt[2] = {zero, zero}, lo[2] = {inf, inf}, hi[2] = {-inf, -inf};
+  auto load = [&](int64_t i, V& v, V& ok) {  // W lanes from i < full
+    V selected = one;
+    for (int64_t l = 0; l < W; ++l) v[l] = static_cast<acc_t>(x[i + l]);
+    if (kSelect) std::memcpy(&selected, sel + i, sizeof(V));
+    ok = (selected != zero) & (v - v == zero) ? one : zero;
+  };
+  for (int64_t i = 0; i < full; i += L) {
+    for (int64_t k = 0; k < 2; ++k) {
+      V v, ok;
+      load(i + k * W, v, ok);
+      sum[k] += ok != zero ? v : zero;
+      cnt[k] += ok;
+      lo[k] = ok != zero && v < lo[k] ? v : lo[k];
+      hi[k] = ok != zero && v > hi[k] ? v : hi[k];
+    }
+  }
+  acc_t lane_sum[L], lane_cnt[L], lane_lo[L], lane_hi[L], s1[L], s2[L];
+  for (int64_t l = 0; l < L; ++l) {
+    lane_sum[l] = sum[l / W][l % W];
+    lane_cnt[l] = cnt[l / W][l % W];
+    lane_lo[l] = lo[l / W][l % W];
+    lane_hi[l] = hi[l / W][l % W];
+  }
+  auto counts = [&](int64_t i) {
+    const acc_t v = static_cast<acc_t>(x[i]);
+    return ((!kSelect || sel[i] != acc_t(0)) && is_finite(v));
+  };
+  for (int64_t i = full; i < n; ++i) {
+    if (!counts(i)) continue;
+    const acc_t v = static_cast<acc_t>(x[i]);
+    const int64_t l = i - full;
+    lane_sum[l] += v;
+    lane_cnt[l] += acc_t(1);
+    lane_lo[l] = min_of(lane_lo[l], v);
+    lane_hi[l] = max_of(lane_hi[l], v);
+  }
+  double total = 0, count = 0;
+  acc_t mn = kInfinity, mx = -kInfinity;
+  for (int64_t l = 0; l < L; ++l) {
+    total += static_cast<double>(lane_sum[l]);
+    count += static_cast<double>(lane_cnt[l]);
+    mn = min_of(mn, lane_lo[l]);
+    mx = max_of(mx, lane_hi[l]);
+  }
+  const acc_t shift = count == 0 ? acc_t(0) : (mn == mx ? mn : static_cast<acc_t>(total / count));
+  const V shift_v = zero + shift;
+  V t1[2] = {zero, zero}, t2[2] = {zero, zero};
+  for (int64_t i = 0; i < full; i += L) {
+    for (int64_t k = 0; k < 2; ++k) {
+      V v, ok;
+      load(i + k * W, v, ok);
+      const V d = ok != zero ? v - shift_v : zero;
+      t1[k] += d;
+      t2[k] += d * d;
+    }
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    s1[l] = t1[l / W][l % W];
+    s2[l] = t2[l / W][l % W];
+  }
+  for (int64_t i = full; i < n; ++i) {
+    if (!counts(i)) continue;
+    const acc_t d = static_cast<acc_t>(x[i]) - shift;
+    s1[i - full] += d;
+    s2[i - full] += d * d;
+  }
+  *out = block_reduction<acc_t, L>(count, lane_lo, lane_hi, s1, s2, shift);
+}
+
+// Exact two-pass moments of a block in double: the fallback where acc_t overflowed (float32
+// deviations beyond ~1e19, sums beyond ~3e38).
+template <typename scalar_t>
+Moments run_moments_fp64(const Data& d, int64_t k, int64_t n) {
+  const scalar_t* x = static_cast<const scalar_t*>(d.x) + k;
+  auto valid = [&](int64_t i, double v) { return is_finite(v) && (d.mask == nullptr || d.mask[(k + i) / d.mask_group]); };
+  double count = 0, sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = static_cast<double>(x[i]);
+    if (valid(i, v)) {
+      count += 1;
+      sum += v;
+    }
+  }
+  const double mean = count > 0 ? sum / count : 0.0;
+  double s1 = 0, s2 = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = static_cast<double>(x[i]);
+    if (valid(i, v)) {
+      s1 += v - mean;
+      s2 += (v - mean) * (v - mean);
+    }
+  }
+  return moments_from_shifted_sums(count, mean, s1, s2);
+}
+
+template <typename scalar_t>
+void reduce_run(const Data& d, int64_t first, int64_t n, Reduction* out) {
+  using acc_t = typename Acc<scalar_t>::type;
+  constexpr int64_t B = kRunBlock<acc_t>;
+  acc_t* sel = thread_scratch<acc_t, kReduceAccSlot>(B);
+  const scalar_t* x = static_cast<const scalar_t*>(d.x);
+  Reduction run;
+  for (int64_t b = 0; b < n; b += B) {
+    const int64_t k = first + b, m = n - b < B ? n - b : B;
+    const int cover = mask_cover(d, k, m);
+    if (cover == 0) continue;
+    Reduction block;
+    if (cover < 0) {
+      fill_selection(d, k, m, sel);
+      run_block_careful<scalar_t, acc_t, true>(x + k, m, sel, &block);
+    } else if (!(m < kLanes<acc_t> ? run_block_if_finite<scalar_t, acc_t, 1>(x + k, m, &block)
+                                    : run_block_if_finite<scalar_t, acc_t, kLanes<acc_t>>(x + k, m, &block))) {
+      run_block_careful<scalar_t, acc_t, false>(x + k, m, sel, &block);
+    }
+    if (!is_finite(block.moments.mean + block.moments.m2)) block.moments = run_moments_fp64<scalar_t>(d, k, m);
+    run.moments = merge_moments(run.moments, block.moments);
+    run.min = min_of(run.min, block.min);
+    run.max = max_of(run.max, block.max);
+  }
+  *out = run;
+}
+
+template <typename scalar_t>
+void normalize_run(const Data& d, int64_t first, int64_t n, double mean, double scale, bool live) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const scalar_t* x = static_cast<const scalar_t*>(d.x) + first;
+  scalar_t* y = static_cast<scalar_t*>(d.out) + first;
+  if (!live) {
+    for (int64_t i = 0; i < n; ++i) y[i] = scalar_t(0);
+    return;
+  }
+  // mean = hi + lo: (x - hi) is exact for x near the mean (Sterbenz), so y keeps acc_t precision
+  // even when |mean| >> std.
+  const acc_t hi = static_cast<acc_t>(mean), lo = static_cast<acc_t>(mean - static_cast<double>(hi));
+  const acc_t s = static_cast<acc_t>(scale);
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>(((static_cast<acc_t>(x[i]) - hi) - lo) * s);
+}
+
+// ---- Columns: per-column accumulators over rows.
+
+// Per-column sums of one block of rows; moments_from_shifted_sums turns them into moments. min and
+// max are the block's (tile_min and tile_max run over the whole tile). A constant column is exact:
+// its shift is its value, every deviation 0.
 template <typename acc_t>
 struct BlockSums {
-  acc_t *cnt, *shift, *s1, *s2, *min, *max, *block_min, *block_max;
-  double* sum;
+  acc_t *cnt, *shift, *s1, *s2, *min, *max, *tile_min, *tile_max;
 };
+
+template <typename acc_t>
+inline void finish_pass1(int64_t width, const acc_t* __restrict__ count, const BlockSums<acc_t>& b) {
+  for (int64_t j = 0; j < width; ++j) {
+    const acc_t n = count[j] > acc_t(1) ? count[j] : acc_t(1);
+    b.shift[j] = b.min[j] == b.max[j] ? b.min[j] : b.shift[j] / n;
+    b.tile_min[j] = min_of(b.tile_min[j], b.min[j]);
+    b.tile_max[j] = max_of(b.tile_max[j], b.max[j]);
+  }
+}
 
 // Fast path: n rows, all of whose entries are selected. Pass 1 sums without testing each value:
 // a column's sum is finite only if all its values are, which one check per block confirms.
 // Returns false when a value is NaN or inf (the caller then takes the careful path).
 template <typename scalar_t, typename acc_t>
 bool block_sums_if_finite(const scalar_t* const* rows, int64_t n, int64_t width, const BlockSums<acc_t>& b) {
-  double* __restrict__ sum = b.sum;
-  acc_t* __restrict__ shift = b.shift;
+  acc_t* __restrict__ sum = b.shift;
   acc_t* __restrict__ s1 = b.s1;
   acc_t* __restrict__ s2 = b.s2;
-  acc_t* __restrict__ block_min = b.block_min;
-  acc_t* __restrict__ block_max = b.block_max;
+  acc_t* __restrict__ lo = b.min;
+  acc_t* __restrict__ hi = b.max;
   for (int64_t j = 0; j < width; ++j) {
-    sum[j] = 0.0;
-    s1[j] = s2[j] = acc_t(0);
-    block_min[j] = b.min[j];
-    block_max[j] = b.max[j];
+    sum[j] = s1[j] = s2[j] = acc_t(0);
+    lo[j] = std::numeric_limits<acc_t>::infinity();
+    hi[j] = -std::numeric_limits<acc_t>::infinity();
   }
   int64_t u = 0;
   for (; u + 4 <= n; u += 4) {
@@ -102,10 +346,9 @@ bool block_sums_if_finite(const scalar_t* const* rows, int64_t n, int64_t width,
     for (int64_t j = 0; j < width; ++j) {
       const acc_t v0 = static_cast<acc_t>(x0[j]), v1 = static_cast<acc_t>(x1[j]);
       const acc_t v2 = static_cast<acc_t>(x2[j]), v3 = static_cast<acc_t>(x3[j]);
-      sum[j] += (static_cast<double>(v0) + static_cast<double>(v1)) +
-                (static_cast<double>(v2) + static_cast<double>(v3));
-      block_min[j] = min_of(block_min[j], min_of(min_of(v0, v1), min_of(v2, v3)));
-      block_max[j] = max_of(block_max[j], max_of(max_of(v0, v1), max_of(v2, v3)));
+      sum[j] += (v0 + v1) + (v2 + v3);
+      lo[j] = min_of(lo[j], min_of(min_of(v0, v1), min_of(v2, v3)));
+      hi[j] = max_of(hi[j], max_of(max_of(v0, v1), max_of(v2, v3)));
     }
   }
   for (; u < n; ++u) {
@@ -113,22 +356,18 @@ bool block_sums_if_finite(const scalar_t* const* rows, int64_t n, int64_t width,
 #pragma GCC ivdep
     for (int64_t j = 0; j < width; ++j) {
       const acc_t v = static_cast<acc_t>(x0[j]);
-      sum[j] += static_cast<double>(v);
-      block_min[j] = min_of(block_min[j], v);
-      block_max[j] = max_of(block_max[j], v);
+      sum[j] += v;
+      lo[j] = min_of(lo[j], v);
+      hi[j] = max_of(hi[j], v);
     }
   }
-  double probe = 0;  // 0 if every sum is finite, else NaN
+  acc_t probe = 0;  // 0 if every sum is finite, else NaN
   for (int64_t j = 0; j < width; ++j) probe += sum[j] - sum[j];
   if (!is_finite(probe)) return false;
-  const double count = static_cast<double>(n);
-  for (int64_t j = 0; j < width; ++j) {
-    b.min[j] = block_min[j];
-    b.max[j] = block_max[j];
-    shift[j] = static_cast<acc_t>(sum[j] / count);
-    b.cnt[j] = static_cast<acc_t>(n);
-  }
+  for (int64_t j = 0; j < width; ++j) b.cnt[j] = static_cast<acc_t>(n);
+  finish_pass1(width, b.cnt, b);
   // Pass 2 (the block is still in cache): shifted sums.
+  const acc_t* __restrict__ shift = b.shift;
   for (u = 0; u + 4 <= n; u += 4) {
     const scalar_t *__restrict__ x0 = rows[u], *__restrict__ x1 = rows[u + 1];
     const scalar_t *__restrict__ x2 = rows[u + 2], *__restrict__ x3 = rows[u + 3];
@@ -158,16 +397,16 @@ bool block_sums_if_finite(const scalar_t* const* rows, int64_t n, int64_t width,
 template <typename scalar_t, typename acc_t, bool kSelect>
 void block_sums_careful(const Data& d, const scalar_t* const* rows, const int64_t* row_first, int64_t n,
                         int64_t width, acc_t* __restrict__ sel, const BlockSums<acc_t>& b) {
-  double* __restrict__ sum = b.sum;
   acc_t* __restrict__ cnt = b.cnt;
-  acc_t* __restrict__ shift = b.shift;
+  acc_t* __restrict__ sum = b.shift;
   acc_t* __restrict__ s1 = b.s1;
   acc_t* __restrict__ s2 = b.s2;
-  acc_t* __restrict__ col_min = b.min;
-  acc_t* __restrict__ col_max = b.max;
+  acc_t* __restrict__ lo = b.min;
+  acc_t* __restrict__ hi = b.max;
   for (int64_t j = 0; j < width; ++j) {
-    sum[j] = 0.0;
-    cnt[j] = s1[j] = s2[j] = acc_t(0);
+    cnt[j] = sum[j] = s1[j] = s2[j] = acc_t(0);
+    lo[j] = std::numeric_limits<acc_t>::infinity();
+    hi[j] = -std::numeric_limits<acc_t>::infinity();
   }
   for (int64_t u = 0; u < n; ++u) {
     if (kSelect) fill_selection(d, row_first[u], width, sel);
@@ -175,23 +414,22 @@ void block_sums_careful(const Data& d, const scalar_t* const* rows, const int64_
 #pragma GCC ivdep
     for (int64_t j = 0; j < width; ++j) {
       const acc_t v = static_cast<acc_t>(x[j]);
-      const bool ok = kSelect ? (sel[j] != acc_t(0) && is_finite(v)) : is_finite(v);
-      sum[j] += ok ? static_cast<double>(v) : 0.0;
+      const bool ok = (kSelect ? sel[j] != acc_t(0) : true) & is_finite(v);
+      sum[j] += ok ? v : acc_t(0);
       cnt[j] += ok ? acc_t(1) : acc_t(0);
-      col_min[j] = ok ? min_of(col_min[j], v) : col_min[j];
-      col_max[j] = ok ? max_of(col_max[j], v) : col_max[j];
+      lo[j] = ok ? min_of(lo[j], v) : lo[j];
+      hi[j] = ok ? max_of(hi[j], v) : hi[j];
     }
   }
-  for (int64_t j = 0; j < width; ++j) {
-    shift[j] = static_cast<acc_t>(sum[j] / static_cast<double>(cnt[j] > acc_t(1) ? cnt[j] : acc_t(1)));
-  }
+  finish_pass1(width, cnt, b);
+  const acc_t* __restrict__ shift = b.shift;
   for (int64_t u = 0; u < n; ++u) {
     if (kSelect) fill_selection(d, row_first[u], width, sel);
     const scalar_t* __restrict__ x = rows[u];
 #pragma GCC ivdep
     for (int64_t j = 0; j < width; ++j) {
       const acc_t v = static_cast<acc_t>(x[j]);
-      const bool ok = kSelect ? (sel[j] != acc_t(0) && is_finite(v)) : is_finite(v);
+      const bool ok = (kSelect ? sel[j] != acc_t(0) : true) & is_finite(v);
       const acc_t dev = ok ? v - shift[j] : acc_t(0);
       s1[j] += dev;
       s2[j] += dev * dev;
@@ -233,16 +471,16 @@ void reduce_tile(const Data& d, const Tile& t, const ColumnPartials& out) {
   const int64_t width = t.cols;
   acc_t* a = thread_scratch<acc_t, kReduceAccSlot>(9 * width);
   const BlockSums<acc_t> b{a, a + width, a + 2 * width, a + 3 * width, a + 4 * width, a + 5 * width,
-                           a + 6 * width, a + 7 * width, thread_scratch<double, kReduceF64Slot>(6 * width)};
+                           a + 6 * width, a + 7 * width};
   acc_t* sel = a + 8 * width;
-  double* __restrict__ tile_n = b.sum + width;
-  double* __restrict__ tile_mean = b.sum + 2 * width;
-  double* __restrict__ tile_m2 = b.sum + 3 * width;
-  double* __restrict__ block_mean = b.sum + 4 * width;
-  double* __restrict__ block_m2 = b.sum + 5 * width;
+  double* __restrict__ tile_n = thread_scratch<double, kReduceF64Slot>(5 * width);
+  double* __restrict__ tile_mean = tile_n + width;
+  double* __restrict__ tile_m2 = tile_n + 2 * width;
+  double* __restrict__ block_mean = tile_n + 3 * width;
+  double* __restrict__ block_m2 = tile_n + 4 * width;
   for (int64_t j = 0; j < width; ++j) {
-    b.min[j] = std::numeric_limits<acc_t>::infinity();
-    b.max[j] = -std::numeric_limits<acc_t>::infinity();
+    b.tile_min[j] = std::numeric_limits<acc_t>::infinity();
+    b.tile_max[j] = -std::numeric_limits<acc_t>::infinity();
     tile_n[j] = tile_mean[j] = tile_m2[j] = 0.0;
   }
   const scalar_t** rows = thread_scratch<const scalar_t*, kReduceRowsSlot>(kMaxBlockRows);
@@ -299,8 +537,8 @@ void reduce_tile(const Data& d, const Tile& t, const ColumnPartials& out) {
   if (t.tail_cols > 0) reduce_block(t.rows, t.rows + 1, t.tail_cols);
   for (int64_t j = 0; j < width; ++j) {
     out.moments[j] = Moments{tile_n[j], tile_mean[j], tile_m2[j]};
-    out.min[j] = static_cast<double>(b.min[j]);
-    out.max[j] = static_cast<double>(b.max[j]);
+    out.min[j] = static_cast<double>(b.tile_min[j]);
+    out.max[j] = static_cast<double>(b.tile_max[j]);
   }
 }
 
@@ -345,6 +583,8 @@ void normalize_tile(const Data& d, const Tile& t, const Coefficients& k) {
 
 inline const Kernels& make_kernels() {
   static const Kernels kernels = {
+      {&reduce_run<c10::Half>, &reduce_run<c10::BFloat16>, &reduce_run<float>, &reduce_run<double>},
+      {&normalize_run<c10::Half>, &normalize_run<c10::BFloat16>, &normalize_run<float>, &normalize_run<double>},
       {&reduce_tile<c10::Half>, &reduce_tile<c10::BFloat16>, &reduce_tile<float>, &reduce_tile<double>},
       {&normalize_tile<c10::Half>, &normalize_tile<c10::BFloat16>, &normalize_tile<float>,
        &normalize_tile<double>},
