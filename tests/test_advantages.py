@@ -26,6 +26,9 @@ STATS_TOL = {
 CASES = [
     ((37,), None),  # one short run
     ((300, 7), None),  # one run of many rows and a partial last row
+    ((129, 8), 0),  # groups repeating every 8 entries: one run with 8 slots
+    ((50, 4, 2), (0, 2)),  # groups of 2 adjacent entries repeating every 8
+    ((33, 16), 0),  # period 16: one run for float-accumulated dtypes, columns for float64
     ((129, 5), 0),  # columns, narrow rows folded, a remainder of rows
     ((64, 3, 7), 0),  # columns, groups of two dims
     ((40, 6, 3), (0, 2)),  # columns, groups of 3 entries per row
@@ -213,6 +216,7 @@ def test_empty_inputs(adv_backend, device, gen):
 def test_large_inputs_span_many_tiles(adv_kernel_backend, device, gen):
     # Many tiles of every layout: the merge order, the partial buffers, the last partial rows.
     for shape, dim, mask_shape in [((300_001,), None, (300_001,)), ((20_011, 7), 0, (20_011,)),
+                                   ((20_011, 16), 0, (20_011,)), ((9_001, 4, 2), (0, 2), (9_001, 4, 2)),
                                    ((2, 70_001), 1, (2, 70_001)), ((3, 700, 40), (0, 2), (3, 700))]:
         adv = randn(shape, gen, device=device, mean=-3.0, scale=0.5)
         mask = random_mask(mask_shape, gen, device)

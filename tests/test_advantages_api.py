@@ -127,7 +127,7 @@ def test_as_dict_summarizes_groups(adv_backend, device, gen):
     logged = stats.as_dict()
     selected = adv.double()[mask]
     assert logged["train/advantages_count"] == float(mask.sum())
-    assert math.isclose(logged["train/advantages_mean"], float(selected.mean()), rel_tol=1e-9, abs_tol=1e-12)
+    assert math.isclose(logged["train/advantages_mean"], float(selected.mean()), rel_tol=2e-6, abs_tol=2e-6)
     assert logged["train/advantages_std_raw"] == 0.0
     assert logged["train/advantages_norm_max_abs"] == float(stats.norm_max_abs.max())
     assert logged["train/advantages_std_below_floor"] == 0.25

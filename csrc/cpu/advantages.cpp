@@ -1,7 +1,7 @@
 // CPU kernel of fastnorm::normalize_advantages. x (O, G, I) is reduced by the threads in one of
 // two layouts (kernels in advantages_tiles_*.cpp):
-//  - runs: when G == 1 or the runs x[o, g, :] are long, chunks of runs (each in one group) are
-//    reduced with accumulators in registers;
+//  - runs: when G == 1, when the groups repeat with a short period (G * I <= 16, e.g. per agent),
+//    or when the runs x[o, g, :] are long, chunks are reduced with accumulators in registers;
 //  - columns: otherwise the rows x[o] (G * I entries; several rows folded into one when narrow,
 //    cut into strips when wide) are reduced per column in tiles, and the columns merged into their
 //    groups.
@@ -62,28 +62,32 @@ void merge_into(Reduction& into, const Moments& m, double min, double max) {
   into.max = std::max(into.max, max);
 }
 
-// The work of one call. Runs layout: chunks of at most kRunChunk entries of the runs x[o, g, :]
-// (a single run of every entry when G == 1), chunk i being piece i % pieces of run i / pieces.
-// Columns layout: `tiles` over rows of `width` columns (fold rows of G * I entries each); tile i
-// covers row chunk i / strips and the columns from (i % strips) * kStripCols; column c belongs to
-// group (c % (G * I)) / I.
+// The work of one call. Runs layout: chunks of at most kRunChunk entries of runs, chunk i being
+// piece i % pieces of run i / pieces. Either one run of every entry, whose groups repeat with
+// `pattern` (G == 1, or G * I dividing the kernels' period), or the runs x[o, g, :], each in one
+// group. Columns layout: `tiles` over rows of `width` columns (fold rows of G * I entries each);
+// tile i covers row chunk i / strips and the columns from (i % strips) * kStripCols; column c
+// belongs to group (c % (G * I)) / I.
 struct Plan {
-  bool runs;
+  bool runs, one_run;
+  adv::Pattern pattern{1, 1};
   int64_t run_length = 0, pieces = 0, chunk_count = 0, groups;
   std::vector<Tile> tiles;
   int64_t width = 0, strips = 1, row_chunks = 0;
 
-  // Runs when each group is one run, when runs are long, or when they are longer than the rows
-  // are many (each column's fixed costs would then be shared by few entries).
-  explicit Plan(const AdvantageGeometry& g)
-      : runs(g.groups == 1 || g.inner >= kMinRunLength || g.inner > g.outer), groups(g.groups) {
+  // Runs x[o, g, :] when they are long, or longer than the rows are many (each column's fixed
+  // costs would then be shared by few entries).
+  Plan(const AdvantageGeometry& g, adv::Dtype dtype) : groups(g.groups) {
+    const int64_t L = g.groups * g.inner;
+    one_run = g.groups == 1 || adv::max_period(dtype) % L == 0;
+    runs = one_run || g.inner >= kMinRunLength || g.inner > g.outer;
     if (runs) {
-      run_length = g.groups == 1 ? g.numel : g.inner;
+      if (g.groups > 1 && one_run) pattern = {L, g.inner};
+      run_length = one_run ? g.numel : g.inner;
       pieces = (run_length + kRunChunk - 1) / kRunChunk;
-      chunk_count = (g.groups == 1 ? 1 : g.outer * g.groups) * pieces;
+      chunk_count = (one_run ? 1 : g.outer * g.groups) * pieces;
       return;
     }
-    const int64_t L = g.groups * g.inner;
     const int64_t fold = 2 * L <= kFoldWidth ? kFoldWidth / L : 1;
     width = fold * L;
     const int64_t units = g.outer / fold, rest = g.outer % fold;  // rest > 0 only when strips == 1
@@ -100,23 +104,30 @@ struct Plan {
       }
     }
   }
-  // Runs layout: chunk i's first entry, entries and group.
+  // Runs layout: chunk i's first entry, entries, and the group of its slot 0 (slot s is group s
+  // in one run).
   int64_t chunk_first(int64_t i) const { return (i / pieces) * run_length + (i % pieces) * kRunChunk; }
   int64_t chunk_size(int64_t i) const { return std::min(kRunChunk, run_length - (i % pieces) * kRunChunk); }
-  int64_t chunk_group(int64_t i) const { return (i / pieces) % groups; }
+  int64_t chunk_group(int64_t i) const { return one_run ? 0 : (i / pieces) % groups; }
   // Columns layout: tile i's first column and row chunk.
   int64_t column_of(int64_t i) const { return (i % strips) * kStripCols; }
   int64_t row_chunk_of(int64_t i) const { return i / strips; }
 };
 
-// Pass 1, runs layout: each chunk, then each group over its chunks in order.
+// Pass 1, runs layout: each chunk per slot, then each group over its chunks in order.
 void reduce_runs(const Plan& plan, const adv::Data& data, adv::ReduceRunFn reduce, Reduction* groups) {
-  Reduction* part = adv::thread_scratch<Reduction, adv::kPartSlot>(plan.chunk_count);
+  const int64_t slots = plan.pattern.slots();
+  Reduction* part = adv::thread_scratch<Reduction, adv::kPartSlot>(plan.chunk_count * slots);
   at::parallel_for(0, plan.chunk_count, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) reduce(data, plan.chunk_first(i), plan.chunk_size(i), part + i);
+    for (int64_t i = begin; i < end; ++i) {
+      reduce(data, plan.chunk_first(i), plan.chunk_size(i), plan.pattern, part + i * slots);
+    }
   });
   for (int64_t i = 0; i < plan.chunk_count; ++i) {
-    merge_into(groups[plan.chunk_group(i)], part[i].moments, part[i].min, part[i].max);
+    for (int64_t s = 0; s < slots; ++s) {
+      const Reduction& r = part[i * slots + s];
+      merge_into(groups[plan.chunk_group(i) + s], r.moments, r.min, r.max);
+    }
   }
 }
 
@@ -153,11 +164,12 @@ void reduce_columns(const Plan& plan, const adv::Data& data, adv::ReduceTileFn r
 // Pass 2: y, each thread's chunks or tiles backwards (pass 1 left its last ones in cache).
 // coef holds per group the mean, scale and live (1 or 0) rows of G entries each.
 void normalize_runs(const Plan& plan, const adv::Data& data, adv::NormalizeRunFn normalize, const double* coef,
-                    int64_t G) {
+                    int64_t G, bool all_live) {
   at::parallel_for(0, plan.chunk_count, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = end - 1; i >= begin; --i) {
       const int64_t k = plan.chunk_group(i);
-      normalize(data, plan.chunk_first(i), plan.chunk_size(i), coef[k], coef[G + k], coef[2 * G + k] != 0.0);
+      normalize(data, plan.chunk_first(i), plan.chunk_size(i), plan.pattern,
+                {coef + k, coef + G + k, all_live ? nullptr : coef + 2 * G + k});
     }
   });
 }
@@ -190,7 +202,7 @@ void normalize_advantages_cpu(const at::Tensor& x, const std::optional<at::Tenso
   const adv::Data data{x_c.data_ptr(), out_c.data_ptr(), mask ? mask_c.data_ptr<bool>() : nullptr, g.mask_group};
   const adv::Kernels& table = kernels();
   const int dtype = static_cast<int>(dtype_of(x.scalar_type()));
-  const Plan plan(g);
+  const Plan plan(g, dtype_of(x.scalar_type()));
 
   Reduction* groups = adv::thread_scratch<Reduction, adv::kGroupSlot>(G);
   std::fill(groups, groups + G, Reduction{});
@@ -215,7 +227,7 @@ void normalize_advantages_cpu(const at::Tensor& x, const std::optional<at::Tenso
     all_live &= a.live;
   }
   if (plan.runs) {
-    normalize_runs(plan, data, table.normalize_run[dtype], coef, G);
+    normalize_runs(plan, data, table.normalize_run[dtype], coef, G, all_live);
   } else {
     normalize_columns(plan, data, table.normalize[dtype], coef, G, g.inner, all_live);
   }

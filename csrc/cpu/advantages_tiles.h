@@ -59,11 +59,32 @@ struct Reduction {
   double max = -std::numeric_limits<double>::infinity();
 };
 
-// Runs: the n entries from flat index `first`, all in one group.
-using ReduceRunFn = void (*)(const Data& data, int64_t first, int64_t n, Reduction* out);
+// Runs: chunks of entries whose groups repeat with a short period. Entry i of a chunk (counted from
+// its first entry, a multiple of period) is in group slot (i % period) / inner. The period divides
+// max_period(dtype), so that it divides the kernels' lane counts.
+constexpr int64_t kMaxSlots = 16;
+constexpr int64_t max_period(Dtype t) { return t == Dtype::kFloat64 ? 8 : 16; }
 
-// y = live ? (x - mean) * scale : 0 for the n entries from flat index `first`.
-using NormalizeRunFn = void (*)(const Data& data, int64_t first, int64_t n, double mean, double scale, bool live);
+struct Pattern {
+  int64_t period;
+  int64_t inner;
+  int64_t slots() const { return period / inner; }
+  int64_t slot(int64_t i) const { return (i % period) / inner; }
+};
+
+// Reduces the n entries from flat index `first`: out[s] for each slot s.
+using ReduceRunFn = void (*)(const Data& data, int64_t first, int64_t n, const Pattern& pattern, Reduction* out);
+
+// Per slot s: mean[s], scale[s] and, unless live is nullptr (every slot live), live[s] (1 or 0).
+struct SlotCoefficients {
+  const double* mean;
+  const double* scale;
+  const double* live;
+};
+
+// y = live ? (x - mean) * scale : 0 for the n entries from flat index `first`, per slot.
+using NormalizeRunFn = void (*)(const Data& data, int64_t first, int64_t n, const Pattern& pattern,
+                                const SlotCoefficients& k);
 
 // A tile: `rows` rows of `cols` columns, row r starting at flat index first + r * row_stride,
 // then, when tail_cols > 0, one last row of tail_cols columns at first + rows * row_stride.

@@ -68,7 +68,9 @@ inline void fill_selection(const Data& d, int64_t k, int64_t width, acc_t* __res
   }
 }
 
-// ---- Runs: one group, accumulated in kLanes lanes (four AVX2 registers) kept in registers.
+// ---- Runs: chunks whose entries follow a repeating pattern of group slots (Pattern), reduced in
+// kLanes lanes (four AVX2 registers) kept in registers. Lane l of a block holds the entries i with
+// i % kLanes == l, all in slot pattern.slot(l) as the period divides the lane count.
 
 template <typename acc_t>
 constexpr int64_t kLanes = 128 / sizeof(acc_t);
@@ -77,28 +79,71 @@ constexpr int64_t kLanes = 128 / sizeof(acc_t);
 template <typename acc_t>
 constexpr int64_t kRunBlock = 128 * kLanes<acc_t>;
 
-// The moments of a block from its lane sums: with one shift for the whole block, the lanes' shifted
-// sums simply add up. A constant block is exact: its shift is its value, every deviation 0.
-template <typename acc_t, int64_t L>
-Reduction block_reduction(double count, const acc_t* lo, const acc_t* hi, const acc_t* s1, const acc_t* s2,
-                          acc_t shift) {
-  Reduction r;
-  double sum1 = 0, sum2 = 0;
-  for (int64_t l = 0; l < L; ++l) {
-    sum1 += s1[l];
-    sum2 += s2[l];
-    r.min = min_of(r.min, static_cast<double>(lo[l]));
-    r.max = max_of(r.max, static_cast<double>(hi[l]));
+// The lanes of each slot and each lane's slot (computed once per chunk: divisions are not cheap):
+// slot k holds lanes k * inner + j + m * period for j < inner.
+struct LaneSlots {
+  int64_t period, inner, count;
+  int64_t of[kLanes<float>];
+
+  explicit LaneSlots(const Pattern& p) : period(p.period), inner(p.inner), count(p.slots()) {
+    for (int64_t l = 0; l < kLanes<float>; ++l) of[l] = p.slot(l);
   }
-  r.moments = moments_from_shifted_sums(count, static_cast<double>(shift), sum1, sum2);
-  return r;
+};
+
+// A block's pass-1 results per slot, and the shift they give each slot: with one shift per slot,
+// the shifted sums of the slot's lanes simply add up. A constant slot is exact: its shift is its
+// value, every deviation 0. Slots are summed lane by lane into registers (accumulating into
+// arrays indexed by slot would chain every addition through memory).
+template <typename acc_t>
+struct SlotSums {
+  double count[kMaxSlots];
+  acc_t lo[kMaxSlots], hi[kMaxSlots], shift[kMaxSlots];
+};
+
+// cnt == nullptr: lane l holds `base` entries, plus one when l < extra.
+template <typename acc_t, int64_t L>
+void slot_shifts(const LaneSlots& p, const acc_t* cnt, int64_t base, int64_t extra, const acc_t* sum,
+                 const acc_t* lo, const acc_t* hi, SlotSums<acc_t>& s, acc_t* lane_shift) {
+  for (int64_t k = 0; k < p.count; ++k) {
+    double count = 0, total = 0;
+    acc_t mn = std::numeric_limits<acc_t>::infinity(), mx = -mn;
+    for (int64_t l0 = k * p.inner; l0 < (k + 1) * p.inner; ++l0) {
+      for (int64_t l = l0; l < L; l += p.period) {
+        count += cnt ? static_cast<double>(cnt[l]) : static_cast<double>(base + (l < extra ? 1 : 0));
+        total += static_cast<double>(sum[l]);
+        mn = min_of(mn, lo[l]);
+        mx = max_of(mx, hi[l]);
+      }
+    }
+    s.count[k] = count;
+    s.lo[k] = mn;
+    s.hi[k] = mx;
+    s.shift[k] = count == 0 ? acc_t(0) : (mn == mx ? mn : static_cast<acc_t>(total / count));
+  }
+  for (int64_t l = 0; l < L; ++l) lane_shift[l] = s.shift[p.of[l]];
 }
 
-// Fast path: every entry selected, in L lanes (1 for blocks shorter than kLanes). Pass 1 sums
-// without testing each value: the sum is finite only if every value is. Returns false when one is
-// NaN or inf (the caller takes the careful path).
+template <typename acc_t, int64_t L>
+void slot_moments(const LaneSlots& p, const SlotSums<acc_t>& s, const acc_t* s1, const acc_t* s2, Reduction* out) {
+  for (int64_t k = 0; k < p.count; ++k) {
+    double sum1 = 0, sum2 = 0;
+    for (int64_t l0 = k * p.inner; l0 < (k + 1) * p.inner; ++l0) {
+      for (int64_t l = l0; l < L; l += p.period) {
+        sum1 += static_cast<double>(s1[l]);
+        sum2 += static_cast<double>(s2[l]);
+      }
+    }
+    out[k].moments = moments_from_shifted_sums(s.count[k], static_cast<double>(s.shift[k]), sum1, sum2);
+    out[k].min = static_cast<double>(s.lo[k]);
+    out[k].max = static_cast<double>(s.hi[k]);
+  }
+}
+
+// Fast path: every entry selected, in L lanes (1 for blocks shorter than kLanes with one slot).
+// Pass 1 sums without testing each value: the sum is finite only if every value is. Returns false
+// when one is NaN or inf (the caller takes the careful path).
 template <typename scalar_t, typename acc_t, int64_t L>
-bool run_block_if_finite(const scalar_t* __restrict__ x, int64_t n, Reduction* out) {
+bool run_block_if_finite(const scalar_t* __restrict__ x, int64_t n, const LaneSlots& p, Reduction* out) {
   const int64_t full = n - n % L;
   acc_t sum[L], lo[L], hi[L];
   for (int64_t l = 0; l < L; ++l) {
@@ -121,29 +166,26 @@ bool run_block_if_finite(const scalar_t* __restrict__ x, int64_t n, Reduction* o
     hi[l] = max_of(hi[l], v);
   }
   double total = 0;
-  acc_t mn = lo[0], mx = hi[0];
-  for (int64_t l = 0; l < L; ++l) {
-    total += static_cast<double>(sum[l]);
-    mn = min_of(mn, lo[l]);
-    mx = max_of(mx, hi[l]);
-  }
+  for (int64_t l = 0; l < L; ++l) total += static_cast<double>(sum[l]);
   if (!is_finite(total)) return false;
-  const acc_t shift = mn == mx ? mn : static_cast<acc_t>(total / static_cast<double>(n));
+  acc_t shift[L];
+  SlotSums<acc_t> slots{};
+  slot_shifts<acc_t, L>(p, nullptr, full / L, n - full, sum, lo, hi, slots, shift);
   acc_t s1[L], s2[L];
   for (int64_t l = 0; l < L; ++l) s1[l] = s2[l] = acc_t(0);
   for (int64_t i = 0; i < full; i += L) {
     for (int64_t l = 0; l < L; ++l) {
-      const acc_t d = static_cast<acc_t>(x[i + l]) - shift;
+      const acc_t d = static_cast<acc_t>(x[i + l]) - shift[l];
       s1[l] += d;
       s2[l] += d * d;
     }
   }
   for (int64_t l = 0; l < n - full; ++l) {
-    const acc_t d = static_cast<acc_t>(x[full + l]) - shift;
+    const acc_t d = static_cast<acc_t>(x[full + l]) - shift[l];
     s1[l] += d;
     s2[l] += d * d;
   }
-  *out = block_reduction<acc_t, L>(static_cast<double>(n), lo, hi, s1, s2, shift);
+  slot_moments<acc_t, L>(p, slots, s1, s2, out);
   return true;
 }
 
@@ -155,14 +197,14 @@ struct Vec32 {
 };
 
 // Careful path: tests every value (finite, and selected by sel when kSelect), in two vectors of
-// lanes per accumulator; the last n % (2 * W) entries go to lanes one by one.
+// lanes per accumulator (kCarefulLanes); the last n % kCarefulLanes entries go to lanes one by one.
 template <typename scalar_t, typename acc_t, bool kSelect>
-void run_block_careful(const scalar_t* __restrict__ x, int64_t n, const acc_t* __restrict__ sel, Reduction* out) {
+void run_block_careful(const scalar_t* __restrict__ x, int64_t n, const acc_t* __restrict__ sel, const LaneSlots& p,
+                       Reduction* out) {
   using V = typename Vec32<acc_t>::type;
   constexpr int64_t W = 32 / sizeof(acc_t), L = 2 * W;
-  constexpr acc_t kInfinity = std::numeric_limits<acc_t>::infinity();
   const int64_t full = n - n % L;
-  const V zero = {}, one = zero + acc_t(1), inf = zero + kInfinity;
+  const V zero = {}, one = zero + acc_t(1), inf = zero + std::numeric_limits<acc_t>::infinity();
   V sum[2] = {zero, zero}, cnt[2] = {zero, zero}, lo[2] = {inf, inf}, hi[2] = {-inf, -inf};
   auto load = [&](int64_t i, V& v, V& ok) {  // W lanes from i < full
     V selected = one;
@@ -180,7 +222,7 @@ void run_block_careful(const scalar_t* __restrict__ x, int64_t n, const acc_t* _
       hi[k] = ok != zero && v > hi[k] ? v : hi[k];
     }
   }
-  acc_t lane_sum[L], lane_cnt[L], lane_lo[L], lane_hi[L], s1[L], s2[L];
+  acc_t lane_sum[L], lane_cnt[L], lane_lo[L], lane_hi[L], shift[L], s1[L], s2[L];
   for (int64_t l = 0; l < L; ++l) {
     lane_sum[l] = sum[l / W][l % W];
     lane_cnt[l] = cnt[l / W][l % W];
@@ -188,8 +230,7 @@ void run_block_careful(const scalar_t* __restrict__ x, int64_t n, const acc_t* _
     lane_hi[l] = hi[l / W][l % W];
   }
   auto counts = [&](int64_t i) {
-    const acc_t v = static_cast<acc_t>(x[i]);
-    return ((!kSelect || sel[i] != acc_t(0)) && is_finite(v));
+    return (!kSelect || sel[i] != acc_t(0)) && is_finite(static_cast<acc_t>(x[i]));
   };
   for (int64_t i = full; i < n; ++i) {
     if (!counts(i)) continue;
@@ -200,22 +241,15 @@ void run_block_careful(const scalar_t* __restrict__ x, int64_t n, const acc_t* _
     lane_lo[l] = min_of(lane_lo[l], v);
     lane_hi[l] = max_of(lane_hi[l], v);
   }
-  double total = 0, count = 0;
-  acc_t mn = kInfinity, mx = -kInfinity;
-  for (int64_t l = 0; l < L; ++l) {
-    total += static_cast<double>(lane_sum[l]);
-    count += static_cast<double>(lane_cnt[l]);
-    mn = min_of(mn, lane_lo[l]);
-    mx = max_of(mx, lane_hi[l]);
-  }
-  const acc_t shift = count == 0 ? acc_t(0) : (mn == mx ? mn : static_cast<acc_t>(total / count));
-  const V shift_v = zero + shift;
-  V t1[2] = {zero, zero}, t2[2] = {zero, zero};
+  SlotSums<acc_t> slots{};
+  slot_shifts<acc_t, L>(p, lane_cnt, 0, 0, lane_sum, lane_lo, lane_hi, slots, shift);
+  V shift_v[2], t1[2] = {zero, zero}, t2[2] = {zero, zero};
+  for (int64_t l = 0; l < L; ++l) shift_v[l / W][l % W] = shift[l];
   for (int64_t i = 0; i < full; i += L) {
     for (int64_t k = 0; k < 2; ++k) {
       V v, ok;
       load(i + k * W, v, ok);
-      const V d = ok != zero ? v - shift_v : zero;
+      const V d = ok != zero ? v - shift_v[k] : zero;
       t1[k] += d;
       t2[k] += d * d;
     }
@@ -226,19 +260,21 @@ void run_block_careful(const scalar_t* __restrict__ x, int64_t n, const acc_t* _
   }
   for (int64_t i = full; i < n; ++i) {
     if (!counts(i)) continue;
-    const acc_t d = static_cast<acc_t>(x[i]) - shift;
+    const acc_t d = static_cast<acc_t>(x[i]) - shift[i - full];
     s1[i - full] += d;
     s2[i - full] += d * d;
   }
-  *out = block_reduction<acc_t, L>(count, lane_lo, lane_hi, s1, s2, shift);
+  slot_moments<acc_t, L>(p, slots, s1, s2, out);
 }
 
-// Exact two-pass moments of a block in double: the fallback where acc_t overflowed (float32
-// deviations beyond ~1e19, sums beyond ~3e38).
+// Exact two-pass moments of one slot of a block in double: the fallback where acc_t overflowed
+// (float32 deviations beyond ~1e19, sums beyond ~3e38).
 template <typename scalar_t>
-Moments run_moments_fp64(const Data& d, int64_t k, int64_t n) {
+Moments run_moments_fp64(const Data& d, int64_t k, int64_t n, const Pattern& p, int64_t slot) {
   const scalar_t* x = static_cast<const scalar_t*>(d.x) + k;
-  auto valid = [&](int64_t i, double v) { return is_finite(v) && (d.mask == nullptr || d.mask[(k + i) / d.mask_group]); };
+  auto valid = [&](int64_t i, double v) {
+    return p.slot(i) == slot && is_finite(v) && (d.mask == nullptr || d.mask[(k + i) / d.mask_group]);
+  };
   double count = 0, sum = 0;
   for (int64_t i = 0; i < n; ++i) {
     const double v = static_cast<double>(x[i]);
@@ -260,47 +296,76 @@ Moments run_moments_fp64(const Data& d, int64_t k, int64_t n) {
 }
 
 template <typename scalar_t>
-void reduce_run(const Data& d, int64_t first, int64_t n, Reduction* out) {
+void reduce_run(const Data& d, int64_t first, int64_t n, const Pattern& p, Reduction* out) {
   using acc_t = typename Acc<scalar_t>::type;
   constexpr int64_t B = kRunBlock<acc_t>;
   acc_t* sel = thread_scratch<acc_t, kReduceAccSlot>(B);
   const scalar_t* x = static_cast<const scalar_t*>(d.x);
-  Reduction run;
+  const LaneSlots lanes(p);
+  for (int64_t k = 0; k < p.slots(); ++k) out[k] = Reduction{};
   for (int64_t b = 0; b < n; b += B) {
     const int64_t k = first + b, m = n - b < B ? n - b : B;
     const int cover = mask_cover(d, k, m);
     if (cover == 0) continue;
-    Reduction block;
+    Reduction block[kMaxSlots];
     if (cover < 0) {
       fill_selection(d, k, m, sel);
-      run_block_careful<scalar_t, acc_t, true>(x + k, m, sel, &block);
-    } else if (!(m < kLanes<acc_t> ? run_block_if_finite<scalar_t, acc_t, 1>(x + k, m, &block)
-                                    : run_block_if_finite<scalar_t, acc_t, kLanes<acc_t>>(x + k, m, &block))) {
-      run_block_careful<scalar_t, acc_t, false>(x + k, m, sel, &block);
+      run_block_careful<scalar_t, acc_t, true>(x + k, m, sel, lanes, block);
+    } else if (!(m < kLanes<acc_t> && p.period == 1
+                     ? run_block_if_finite<scalar_t, acc_t, 1>(x + k, m, lanes, block)
+                     : run_block_if_finite<scalar_t, acc_t, kLanes<acc_t>>(x + k, m, lanes, block))) {
+      run_block_careful<scalar_t, acc_t, false>(x + k, m, sel, lanes, block);
     }
-    if (!is_finite(block.moments.mean + block.moments.m2)) block.moments = run_moments_fp64<scalar_t>(d, k, m);
-    run.moments = merge_moments(run.moments, block.moments);
-    run.min = min_of(run.min, block.min);
-    run.max = max_of(run.max, block.max);
+    for (int64_t s = 0; s < p.slots(); ++s) {
+      if (!is_finite(block[s].moments.mean + block[s].moments.m2)) {
+        block[s].moments = run_moments_fp64<scalar_t>(d, k, m, p, s);
+      }
+      out[s].moments = merge_moments(out[s].moments, block[s].moments);
+      out[s].min = min_of(out[s].min, block[s].min);
+      out[s].max = max_of(out[s].max, block[s].max);
+    }
   }
-  *out = run;
+}
+
+// y for a chunk, with per-lane coefficients. mean = hi + lo: (x - hi) is exact for x near the mean
+// (Sterbenz), so y keeps acc_t precision even when |mean| >> std.
+template <typename scalar_t, typename acc_t, bool kLive>
+void normalize_lanes(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t n, const acc_t* hi,
+                     const acc_t* lo, const acc_t* scale, const acc_t* live) {
+  constexpr int64_t L = kLanes<acc_t>;
+  const int64_t full = n - n % L;
+  for (int64_t i = 0; i < full; i += L) {
+    for (int64_t l = 0; l < L; ++l) {
+      const acc_t z = ((static_cast<acc_t>(x[i + l]) - hi[l]) - lo[l]) * scale[l];
+      y[i + l] = static_cast<scalar_t>(kLive ? (live[l] != acc_t(0) ? z : acc_t(0)) : z);
+    }
+  }
+  for (int64_t l = 0; l < n - full; ++l) {
+    const acc_t z = ((static_cast<acc_t>(x[full + l]) - hi[l]) - lo[l]) * scale[l];
+    y[full + l] = static_cast<scalar_t>(kLive ? (live[l] != acc_t(0) ? z : acc_t(0)) : z);
+  }
 }
 
 template <typename scalar_t>
-void normalize_run(const Data& d, int64_t first, int64_t n, double mean, double scale, bool live) {
+void normalize_run(const Data& d, int64_t first, int64_t n, const Pattern& p, const SlotCoefficients& k) {
   using acc_t = typename Acc<scalar_t>::type;
+  constexpr int64_t L = kLanes<acc_t>;
+  const LaneSlots lanes(p);
+  acc_t hi[L], lo[L], scale[L], live[L];
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t s = lanes.of[l];
+    hi[l] = static_cast<acc_t>(k.mean[s]);
+    lo[l] = static_cast<acc_t>(k.mean[s] - static_cast<double>(hi[l]));
+    scale[l] = static_cast<acc_t>(k.scale[s]);
+    live[l] = k.live == nullptr || k.live[s] != 0.0 ? acc_t(1) : acc_t(0);
+  }
   const scalar_t* x = static_cast<const scalar_t*>(d.x) + first;
   scalar_t* y = static_cast<scalar_t*>(d.out) + first;
-  if (!live) {
-    for (int64_t i = 0; i < n; ++i) y[i] = scalar_t(0);
-    return;
+  if (k.live == nullptr) {
+    normalize_lanes<scalar_t, acc_t, false>(x, y, n, hi, lo, scale, live);
+  } else {
+    normalize_lanes<scalar_t, acc_t, true>(x, y, n, hi, lo, scale, live);
   }
-  // mean = hi + lo: (x - hi) is exact for x near the mean (Sterbenz), so y keeps acc_t precision
-  // even when |mean| >> std.
-  const acc_t hi = static_cast<acc_t>(mean), lo = static_cast<acc_t>(mean - static_cast<double>(hi));
-  const acc_t s = static_cast<acc_t>(scale);
-#pragma GCC ivdep
-  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>(((static_cast<acc_t>(x[i]) - hi) - lo) * s);
 }
 
 // ---- Columns: per-column accumulators over rows.
