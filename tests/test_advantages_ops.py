@@ -100,7 +100,8 @@ def test_baseline_instruction_set_matches_reference():
         from helpers import Y_TOL, random_mask, randn
         g = torch.Generator().manual_seed(int(sys.argv[2]))
         for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-            for shape, dims, mask_dims in [((3001,), (0,), 1), ((301, 5, 7), (0,), 2), ((9, 3000), (1,), 2)]:
+            for shape, dims, mask_dims in [((3001,), (0,), 1), ((301, 5, 7), (0,), 2), ((9, 3000), (1,), 2),
+                                           ((301, 8), (0,), 1), ((301, 4, 2), (0, 2), 3)]:
                 adv = randn(shape, g, dtype=dtype, mean=1.0, scale=2.0)
                 adv[3, ...] = float("nan")
                 mask = random_mask(shape[:mask_dims], g)
