@@ -49,7 +49,8 @@ def fastnorm_case(adv, backend: str, dim=None, mask=None) -> Case:
 def eager_step(adv, dim=None, mask=None):
     """The usual formula and the diagnostics the eager way (masked: over the selected entries)."""
     if mask is None:
-        mean, std = (adv.mean(), adv.std()) if dim is None else (adv.mean(dim, keepdim=True), adv.std(dim, keepdim=True))
+        keep = {} if dim is None else dict(dim=dim, keepdim=True)
+        mean, std = adv.mean(**keep), adv.std(**keep)
         y = (adv - mean) / (std + 1e-8)
         norm_max_abs = y.abs().max() if dim is None else y.abs().amax(dim)
         count = adv.numel() // norm_max_abs.numel()

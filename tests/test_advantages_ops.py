@@ -73,7 +73,8 @@ def test_torch_compile_fullgraph(adv_backend, device, gen):
 
 
 @needs_cpu_kernel
-@pytest.mark.parametrize("shape,dim", [((200_003,), None), ((9_001, 7), 0), ((3, 70_001), 1)], ids=str)
+@pytest.mark.parametrize("shape,dim", [((200_003,), None), ((9_001, 7), 0), ((50_001, 8), 0), ((3, 70_001), 1)],
+                         ids=str)
 def test_results_do_not_depend_on_thread_count(gen, shape, dim):
     adv = randn(shape, gen)
     results = []
