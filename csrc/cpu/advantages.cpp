@@ -1,7 +1,8 @@
 // CPU kernel of fastnorm::normalize_advantages. x (O, G, I) is reduced by the threads in one of
 // two layouts (kernels in advantages_tiles_*.cpp):
-//  - runs: when G == 1, when the groups repeat with a short period (G * I <= 16, e.g. per agent),
-//    or when the runs x[o, g, :] are long, chunks are reduced with accumulators in registers;
+//  - runs: when G == 1, when the groups repeat with a short period (G * I dividing 16, 8 for
+//    float64: e.g. per agent), or when the runs x[o, g, :] are long, chunks are reduced with
+//    accumulators in registers;
 //  - columns: otherwise the rows x[o] (G * I entries; several rows folded into one when narrow,
 //    cut into strips when wide) are reduced per column in tiles, and the columns merged into their
 //    groups.
@@ -29,7 +30,7 @@ using adv::Reduction;
 using adv::Tile;
 
 constexpr int64_t kRunChunk = 1 << 16;   // entries of a run per task
-constexpr int64_t kMinRunLength = 2048;  // shorter runs (G > 1) take the columns layout
+constexpr int64_t kMinRunLength = 2048;  // runs this long are reduced as runs whatever O
 constexpr int64_t kFoldWidth = 256;      // narrower rows are folded into units of this width
 constexpr int64_t kStripCols = 2048;     // wider rows are cut into strips of this width
 constexpr int64_t kTileElems = 1 << 17;  // entries per tile in the columns layout

@@ -1,10 +1,12 @@
-// The per-tile CPU kernels of normalize_advantages. Included by one .cpp per instruction set, each
-// of which defines FASTNORM_CPU_ISA (the namespace) and may set a target before including it.
+// The per-chunk and per-tile CPU kernels of normalize_advantages. Included by one .cpp per
+// instruction set, each of which defines FASTNORM_CPU_ISA (the namespace) and may set a target
+// before including it.
 //
-// Inner loops run over the contiguous columns of 1 or 4 rows with per-column accumulators, so the
-// compiler vectorizes them (#pragma GCC ivdep: the scratch arrays never alias x or y). Blocks of
-// rows are reduced with the corrected two-pass algorithm (running_norm_math.h) while in cache and
-// merged per column in float64.
+// Every reduction works on blocks small enough to stay in cache, with the corrected two-pass
+// algorithm (running_norm_math.h), and merges the blocks' moments in float64. Runs keep their
+// accumulators in lanes held in registers; column tiles loop over the contiguous columns of 1 or
+// 4 rows with per-column accumulators, so the compiler vectorizes them (#pragma GCC ivdep: the
+// scratch arrays never alias x or y).
 #pragma once
 
 #include <c10/util/BFloat16.h>
