@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fastnorm import advantages_reference, normalize_advantages
 from fastnorm.advantages import reduced_dims
@@ -72,6 +74,21 @@ def test_matches_reference(adv_backend, device, gen, dtype, shape, dim, mask_kin
     ref = expected(adv, mask, dim)
     assert stats.count.shape == ref.count.shape and stats.mean.dtype == torch.float64
     assert_matches(y, stats, ref, dtype, scale=2.0)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.lists(st.sampled_from([1, 2, 3, 4, 7, 8, 16, 33, 130]), max_size=4), data=st.data())
+def test_random_layouts_match_reference(adv_backend, device, shape, data):
+    # Any dims (adjacent or not), any mask prefix, any dtype: every way the API maps onto the op.
+    dims = data.draw(st.none() | st.sets(st.integers(0, max(len(shape) - 1, 0)), min_size=1), label="dims")
+    dims = None if dims is None or not shape else sorted(dims)
+    mask_dims = data.draw(st.integers(0, len(shape)), label="mask_dims")
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+    adv = randn(shape, g, dtype=dtype, device=device, mean=1.0, scale=2.0)
+    mask = random_mask(shape[:mask_dims], g, device) if data.draw(st.booleans(), label="masked") else None
+    y, stats = normalize_advantages(adv, mask=mask, dim=dims, backend=adv_backend)
+    assert_matches(y, stats, expected(adv, mask, dims), dtype, scale=2.0)
 
 
 @pytest.mark.parametrize("shape,dim", [((50, 3), None), ((50, 3), 0), ((5, 4, 3), (0, 2))], ids=str)
