@@ -1,6 +1,7 @@
 // The interface between the CPU binding of normalize_advantages (tiling, threads, merges; in
-// advantages.cpp) and its per-tile kernels, which are compiled once per instruction set
-// (advantages_tiles_base.cpp, advantages_tiles_avx2.cpp) and picked at run time. Free of torch.
+// advantages.cpp) and its per-chunk (runs) and per-tile (columns) kernels, which are compiled once
+// per instruction set (advantages_tiles_base.cpp, advantages_tiles_avx2.cpp) and picked at run
+// time. Free of torch.
 #pragma once
 
 #include <stddef.h>
@@ -15,9 +16,9 @@ namespace fastnorm {
 namespace cpu {
 namespace adv {
 
-// A reduce block is read twice (the corrected two-pass algorithm), the second time from cache:
-// at most kBlockElems elements (256 KiB of float32, within L2) and kMaxBlockRows rows, so that
-// float32 shifted sums stay accurate to ~1e-6.
+// A column tile's reduce block is read twice (the corrected two-pass algorithm), the second time
+// from cache: at most kBlockElems elements (256 KiB of float32, within L2) and kMaxBlockRows rows,
+// so that float32 shifted sums stay accurate to ~1e-6.
 constexpr int64_t kBlockElems = 1 << 16;
 constexpr int64_t kMaxBlockRows = 128;
 
