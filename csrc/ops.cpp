@@ -42,4 +42,10 @@ TORCH_LIBRARY(fastnorm, m) {
       "merge_normalize(Tensor x, Tensor? mask, Tensor parts, Tensor(a!) mean, Tensor(b!) var, Tensor(c!) count, "
       "Tensor(d!)? out, Tensor(e!) diag, float? momentum, float? max_count, float eps, float? min_std, "
       "float? max_std, float? clip) -> ()");
+  // x (O, G, I) reduced over dims 0 and 2: for each group g, over its selected finite entries
+  // (mask[k / (N / mask.numel())] for flat index k, no mask: all), writes stats (4, G) (rows:
+  // AdvantageStatRow) and y = (x - mean) / max(std_raw, min_std) into out (0 for an empty group).
+  m.def(
+      "normalize_advantages(Tensor x, Tensor? mask, Tensor(a!) out, Tensor(b!) stats, float min_std, "
+      "bool unbiased) -> ()");
 }

@@ -43,3 +43,8 @@ if EXTENSION_ERROR is None:
                               max_std, clip):
         torch._check(parts.shape[1:] == (6, *mean.shape), lambda: "parts must have shape (P, 6, *mean.shape)")
         torch._check(diag.shape == (6, mean.numel()), lambda: "diag must have shape (6, C)")
+
+    @torch.library.register_fake("fastnorm::normalize_advantages")
+    def _normalize_advantages_fake(x, mask, out, stats, min_std, unbiased):
+        torch._check(out.shape == x.shape, lambda: "out must have x's shape")
+        torch._check(stats.shape == (4, x.shape[1]), lambda: "stats must have shape (4, G)")

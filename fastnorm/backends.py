@@ -9,6 +9,8 @@ Every backend implements the same calls, mutating their output arguments in plac
   running_norm(x, mask, mean, var, count, out, diag, *, momentum, max_count, eps, min_std,
                max_std, clip)     reduce + merge into (mean, var, count) + y into out (if given)
   normalize(x, mean, var, out, *, eps, min_std, max_std, clip)
+  normalize_advantages(x, mask, out, stats, *, min_std, unbiased)
+                  x (O, G, I), mask flat (see csrc/ops.cpp); stats (4, G) rows STAT_ROWS
 and running_norm split in two for RunningNorm(sync=True), which combines the halves across ranks
 (schemas and semantics in csrc/ops.cpp; the float64 reference in fastnorm.reference):
   batch_moments(x, mask, moments)   the batch-moments table (6, *shape) of x alone
@@ -24,7 +26,7 @@ from typing import Optional, Protocol
 import torch
 from torch import Tensor
 
-from fastnorm import _ops, reference
+from fastnorm import _ops, advantages_reference, reference
 
 
 class Backend(Protocol):
@@ -44,6 +46,8 @@ class Backend(Protocol):
 
     def merge_normalize(self, x, mask, parts, mean, var, count, out, diag, **hyper) -> None: ...
 
+    def normalize_advantages(self, x, mask, out, stats, **hyper) -> None: ...
+
 
 class ExtensionBackend:
     """The C++ kernels of fastnorm._C for one device type (fastnorm::running_norm, ::normalize)."""
@@ -58,7 +62,8 @@ class ExtensionBackend:
             self._unavailable.append(f"fastnorm._C was built without {dispatch_key} kernels")
         # Ops added later may not have a kernel for every device yet.
         self._missing_ops = [] if self._unavailable else [
-            op for op in ("batch_moments", "merge_normalize") if not _ops.has_kernel(op, dispatch_key)]
+            op for op in ("normalize_advantages", "batch_moments", "merge_normalize")
+            if not _ops.has_kernel(op, dispatch_key)]
         self._dispatch_key = dispatch_key
 
     def unavailable_reasons(self) -> list[str]:
@@ -87,6 +92,9 @@ class ExtensionBackend:
     def merge_normalize(self, x, mask, parts, mean, var, count, out, diag, **hyper) -> None:
         torch.ops.fastnorm.merge_normalize(x, mask, parts, mean, var, count, out, diag, **hyper)
 
+    def normalize_advantages(self, x, mask, out, stats, **hyper) -> None:
+        torch.ops.fastnorm.normalize_advantages(x, mask, out, stats, **hyper)
+
 
 class ReferenceBackend:
     """fastnorm.reference: pure PyTorch in float64, any device; the slow, always-available one."""
@@ -112,6 +120,14 @@ class ReferenceBackend:
     def merge_normalize(self, x, mask, parts, mean, var, count, out, diag, **hyper) -> None:
         result = reference.merge_normalize(x, mask, parts, mean, var, count, with_output=out is not None, **hyper)
         _store(result, mean, var, count, out, diag)
+
+
+    def normalize_advantages(self, x, mask, out, stats, **hyper) -> None:
+        if mask is not None:  # the flat mask, entry k reading mask[k // (N // M)], as a full one
+            mask = mask.repeat_interleave(x.numel() // max(mask.numel(), 1)).view(x.shape)
+        result = advantages_reference.normalize_advantages(x, mask, (0, 2), **hyper)
+        out.copy_(result.y)
+        stats.copy_(torch.stack([getattr(result, row) for row in advantages_reference.STAT_ROWS]))
 
 
 def _store(result: reference.RunningNormResult, mean, var, count, out, diag) -> None:

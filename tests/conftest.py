@@ -35,6 +35,10 @@ def _backends_under_test() -> list[str]:
 
 BACKENDS_UNDER_TEST = _backends_under_test()
 KERNEL_BACKENDS = [b for b in BACKENDS_UNDER_TEST if b != "reference"]
+# The backends under test that have normalize_advantages on the device (adv_backend, adv_kernel_backend).
+ADVANTAGE_BACKENDS = [b for b in BACKENDS_UNDER_TEST
+                      if not BACKENDS[b].not_supported_reasons(torch.empty(0, device=DEVICE), "normalize_advantages")]
+ADVANTAGE_KERNEL_BACKENDS = [b for b in ADVANTAGE_BACKENDS if b != "reference"]
 
 
 def pytest_report_header(config):
@@ -61,3 +65,8 @@ def pytest_generate_tests(metafunc):
     if "kernel_backend" in metafunc.fixturenames:
         metafunc.parametrize("kernel_backend", KERNEL_BACKENDS or [pytest.param(None, marks=pytest.mark.skip(
             reason=f"no kernel backend runs on {DEVICE}"))])
+    if "adv_backend" in metafunc.fixturenames:
+        metafunc.parametrize("adv_backend", ADVANTAGE_BACKENDS)
+    if "adv_kernel_backend" in metafunc.fixturenames:
+        metafunc.parametrize("adv_kernel_backend", ADVANTAGE_KERNEL_BACKENDS or [pytest.param(None, marks=pytest.mark.skip(
+            reason=f"no kernel backend has normalize_advantages on {DEVICE}"))])
