@@ -39,13 +39,15 @@ ScalarKind scalar_kind(at::ScalarType t) {
   }
 }
 
-// AVX2 + FMA kernels where the CPU has them; FASTNORM_CPU_ISA=base forces the baseline ones.
+// AVX2 + FMA + F16C kernels where the CPU has them; FASTNORM_CPU_ISA=base forces the baseline ones.
 const TileKernels& tile_kernels() {
   static const TileKernels& kernels = [] () -> const TileKernels& {
     const char* forced = std::getenv("FASTNORM_CPU_ISA");
     if (forced != nullptr && std::strcmp(forced, "base") == 0) return tile_kernels_base();
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return tile_kernels_avx2();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+      return tile_kernels_avx2();
+    }
 #endif
     return tile_kernels_base();
   }();
