@@ -14,8 +14,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "../advantages_args.h"
@@ -35,27 +33,7 @@ constexpr int64_t kFoldWidth = 256;      // narrower rows are folded into units 
 constexpr int64_t kStripCols = 2048;     // wider rows are cut into strips of this width
 constexpr int64_t kTileElems = 1 << 17;  // entries per tile in the columns layout
 
-adv::Dtype dtype_of(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return adv::Dtype::kFloat16;
-    case at::kBFloat16: return adv::Dtype::kBFloat16;
-    case at::kFloat: return adv::Dtype::kFloat32;
-    default: return adv::Dtype::kFloat64;
-  }
-}
-
-// AVX2 + FMA kernels where the CPU has them; FASTNORM_CPU_ISA=base forces the baseline ones.
-const adv::Kernels& kernels() {
-  static const adv::Kernels& table = [] () -> const adv::Kernels& {
-    const char* forced = std::getenv("FASTNORM_CPU_ISA");
-    if (forced != nullptr && std::strcmp(forced, "base") == 0) return adv::kernels_base();
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return adv::kernels_avx2();
-#endif
-    return adv::kernels_base();
-  }();
-  return table;
-}
+const adv::Kernels& kernels() { return use_avx2_kernels() ? adv::kernels_avx2() : adv::kernels_base(); }
 
 void merge_into(Reduction& into, const Moments& m, double min, double max) {
   into.moments = merge_moments(into.moments, m);
@@ -118,7 +96,7 @@ struct Plan {
 // Pass 1, runs layout: each chunk per slot, then each group over its chunks in order.
 void reduce_runs(const Plan& plan, const adv::Data& data, adv::ReduceRunFn reduce, Reduction* groups) {
   const int64_t slots = plan.pattern.slots();
-  Reduction* part = adv::thread_scratch<Reduction, adv::kPartSlot>(plan.chunk_count * slots);
+  Reduction* part = thread_scratch<Reduction, adv::kPartSlot>(plan.chunk_count * slots);
   at::parallel_for(0, plan.chunk_count, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       reduce(data, plan.chunk_first(i), plan.chunk_size(i), plan.pattern, part + i * slots);
@@ -137,15 +115,15 @@ void reduce_runs(const Plan& plan, const adv::Data& data, adv::ReduceRunFn reduc
 void reduce_columns(const Plan& plan, const adv::Data& data, adv::ReduceTileFn reduce, const AdvantageGeometry& g,
                     Reduction* groups) {
   const int64_t parts = plan.row_chunks * plan.width;
-  Moments* moments = adv::thread_scratch<Moments, adv::kPartSlot>(parts);
-  double* bounds = adv::thread_scratch<double, adv::kPartSlot>(2 * parts);
+  Moments* moments = thread_scratch<Moments, adv::kPartSlot>(parts);
+  double* bounds = thread_scratch<double, adv::kPartSlot>(2 * parts);
   at::parallel_for(0, static_cast<int64_t>(plan.tiles.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t offset = plan.row_chunk_of(i) * plan.width + plan.column_of(i);
       reduce(data, plan.tiles[i], {moments + offset, bounds + offset, bounds + parts + offset});
     }
   });
-  Reduction* column = adv::thread_scratch<Reduction, adv::kPartSlot>(plan.width);
+  Reduction* column = thread_scratch<Reduction, adv::kPartSlot>(plan.width);
   at::parallel_for(0, plan.width, 256, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       Reduction r;
@@ -178,7 +156,7 @@ void normalize_runs(const Plan& plan, const adv::Data& data, adv::NormalizeRunFn
 void normalize_columns(const Plan& plan, const adv::Data& data, adv::NormalizeTileFn normalize, const double* coef,
                        int64_t G, int64_t inner, bool all_live) {
   const int64_t W = plan.width, L = G * inner;
-  double* col = adv::thread_scratch<double, adv::kColumnCoefSlot>(3 * W);
+  double* col = thread_scratch<double, adv::kColumnCoefSlot>(3 * W);
   for (int64_t c = 0; c < W; ++c) {
     for (int row = 0; row < 3; ++row) col[row * W + c] = coef[row * G + (c % L) / inner];
   }
@@ -202,10 +180,10 @@ void normalize_advantages_cpu(const at::Tensor& x, const std::optional<at::Tenso
   at::Tensor out_c = out.is_contiguous() ? out : at::empty_like(x_c);
   const adv::Data data{x_c.data_ptr(), out_c.data_ptr(), mask ? mask_c.data_ptr<bool>() : nullptr, g.mask_group};
   const adv::Kernels& table = kernels();
-  const int dtype = static_cast<int>(dtype_of(x.scalar_type()));
-  const Plan plan(g, dtype_of(x.scalar_type()));
+  const int dtype = static_cast<int>(scalar_kind(x.scalar_type()));
+  const Plan plan(g, scalar_kind(x.scalar_type()));
 
-  Reduction* groups = adv::thread_scratch<Reduction, adv::kGroupSlot>(G);
+  Reduction* groups = thread_scratch<Reduction, adv::kGroupSlot>(G);
   std::fill(groups, groups + G, Reduction{});
   if (plan.runs) {
     reduce_runs(plan, data, table.reduce_run[dtype], groups);
@@ -214,7 +192,7 @@ void normalize_advantages_cpu(const at::Tensor& x, const std::optional<at::Tenso
   }
 
   // The stats, and per group the coefficients of y: mean, scale, live.
-  double* coef = adv::thread_scratch<double, adv::kGroupSlot>(3 * G);
+  double* coef = thread_scratch<double, adv::kGroupSlot>(3 * G);
   bool all_live = true;
   for (int64_t k = 0; k < G; ++k) {
     const AdvantageGroup a = advantage_group(groups[k].moments, groups[k].min, groups[k].max, min_std, unbiased);
