@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fastnorm import _ops, reference
+from fastnorm.triton_backend import TritonBackend
 
 
 class Backend(Protocol):
@@ -29,6 +30,9 @@ class Backend(Protocol):
 
     def not_supported_reasons(self, x: Tensor) -> list[str]:
         """Why this backend cannot take x (empty: it can)."""
+
+    def auto_skip_reasons(self, x: Tensor) -> list[str]:
+        """Why "auto" passes over this backend for x although it can take it (empty: auto may pick it)."""
 
     def running_norm(self, x, mask, mean, var, count, out, diag, **hyper) -> None: ...
 
@@ -56,6 +60,9 @@ class ExtensionBackend:
             reasons.append(f"x is on {x.device.type}, this backend runs on {self.device_type}")
         return reasons
 
+    def auto_skip_reasons(self, x: Tensor) -> list[str]:
+        return []
+
     def running_norm(self, x, mask, mean, var, count, out, diag, **hyper) -> None:
         torch.ops.fastnorm.running_norm(x, mask, mean, var, count, out, diag, **hyper)
 
@@ -72,6 +79,9 @@ class ReferenceBackend:
         return []
 
     def not_supported_reasons(self, x: Tensor) -> list[str]:
+        return []
+
+    def auto_skip_reasons(self, x: Tensor) -> list[str]:
         return []
 
     def running_norm(self, x, mask, mean, var, count, out, diag, **hyper) -> None:
@@ -91,8 +101,9 @@ BACKENDS: dict[str, Backend] = {
     "cuda": ExtensionBackend("cuda", "cuda", "CUDA"),
     "cpu": ExtensionBackend("cpu", "cpu", "CPU"),
     "reference": ReferenceBackend(),
+    "triton": TritonBackend(),
 }
-AUTO_ORDER = ("cuda", "cpu", "reference")
+AUTO_ORDER = ("cuda", "triton", "cpu", "reference")
 BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
 
 
@@ -117,7 +128,7 @@ def select_backend(name: str, x: Tensor) -> Backend:
         return backend
     for candidate in AUTO_ORDER:
         backend = BACKENDS[candidate]
-        if not backend.not_supported_reasons(x):
+        if not backend.not_supported_reasons(x) and not backend.auto_skip_reasons(x):
             return backend
     raise AssertionError("the reference backend takes every input")
 
