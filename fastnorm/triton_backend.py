@@ -26,6 +26,10 @@ else:
     INTERPRETED = False
 
 
+# The ops this backend has kernels for; not_supported_reasons(x, op) names any other.
+OPS = ("running_norm", "normalize")
+
+
 class TritonBackend:
     """fastnorm::running_norm_triton and ::normalize_triton."""
 
@@ -39,8 +43,10 @@ class TritonBackend:
     def unavailable_reasons(self) -> list[str]:
         return [TRITON_ERROR] if TRITON_ERROR is not None else []
 
-    def not_supported_reasons(self, x: Tensor) -> list[str]:
+    def not_supported_reasons(self, x: Tensor, op: str = "running_norm") -> list[str]:
         reasons = self.unavailable_reasons()
+        if op not in OPS:
+            reasons.append(f"the triton backend has no kernel for {op}")
         if x.device.type == "cpu" and not INTERPRETED:
             reasons.append("x is on cpu: Triton runs CPU tensors only under TRITON_INTERPRET=1")
         elif x.device.type not in ("cpu", "cuda"):

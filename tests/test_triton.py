@@ -215,6 +215,11 @@ def test_auto_never_picks_the_interpreter():
         assert any("TRITON_INTERPRET=1" in reason for reason in triton_backend.not_supported_reasons(x))
 
 
+def test_ops_without_triton_kernels_are_named():
+    reasons = BACKENDS["triton"].not_supported_reasons(torch.empty(0), "batch_moments")
+    assert any("no kernel for batch_moments" in reason for reason in reasons)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_auto_on_cuda_prefers_the_cuda_kernel_then_triton():
     x = torch.empty(0, device="cuda")

@@ -96,15 +96,17 @@ def _reduce_kernel(
         step_n64 = step_n.to(tl.float64)
         inv_n = 1.0 / tl.maximum(step_n64, 1.0)
         step_mean = shift.to(tl.float64) + s1 * inv_n
-        step_m2 = tl.maximum(s2 - s1 * s1 * inv_n, 0.0)
+        step_m2 = s2 - s1 * s1 * inv_n
+        step_m2 = tl.where(step_m2 < 0.0, 0.0, step_m2)  # rounding can go below 0; NaN/inf stay
         # Chan, Golub & LeVeque 1979 merge of the step into the program's moments:
-        # mean += d n_b/n, M2 += M2_b + d^2 n_a n_b/n with d = mean_b - mean_a. Written out rather
-        # than called: the interpreter is slow at device-function calls (tl.sum is one).
+        # mean += d n_b/n, M2 += M2_b + d^2 n_a n_b/n with d = mean_b - mean_a (merge_moments; the
+        # product ordered so that an empty side gives 0, not inf * 0). Written out rather than
+        # called: the interpreter is slow at device-function calls (tl.sum is one).
         total = n + step_n64
         w = step_n64 / tl.maximum(total, 1.0)
         delta = step_mean - mean
         mean += delta * w
-        m2 += step_m2 + delta * delta * n * w
+        m2 += step_m2 + delta * n * w * delta
         n = total
 
     nonfinite_n = tl.sum(nonfinite, 0).to(tl.float64)
@@ -151,13 +153,13 @@ def _merge_partials(c, col_ok, cols, splits, partials_ptr, BLOCK_C: tl.constexpr
         chunk_n = tl.sum(p_n, 0)
         chunk_mean = tl.sum(p_n * p_mean, 0) / tl.maximum(chunk_n, 1.0)
         dev = p_mean - chunk_mean[None, :]
-        chunk_m2 = tl.sum(p_m2 + p_n * dev * dev, 0)
+        chunk_m2 = tl.sum(p_m2 + p_n * dev * dev, 0)  # p_n * dev first: 0 for an empty partial
         # Chan's merge of the chunk into the moments so far, as in the reduce loop.
         total = n + chunk_n
         w = chunk_n / tl.maximum(total, 1.0)
         delta = chunk_mean - mean
         mean += delta * w
-        m2 += chunk_m2 + delta * delta * n * w
+        m2 += chunk_m2 + delta * n * w * delta
         n = total
         nonfinite += tl.sum(p_nonfinite, 0)
     return n, mean, m2, nonfinite
@@ -179,7 +181,7 @@ def _update(c, col_ok, cols, n, mean, m2, nonfinite, mean_ptr, var_ptr, count_pt
     w = tl.maximum(min_weight, n / tl.where(n > 0, n_eff + n, 1.0))
     d = mean - old_mean
     new_mean = old_mean + w * d
-    new_var = (1.0 - w) * old_var + w * batch_var + w * (1.0 - w) * d * d
+    new_var = (1.0 - w) * old_var + w * batch_var + (w * (1.0 - w) * d) * d  # 0, not 0 * inf, at w = 1
     keep = (n > 0) & (tl.abs(new_mean) < _INF) & (tl.abs(new_var) < _INF)
     tl.store(mean_ptr + c, tl.where(keep, new_mean, old_mean), mask=col_ok)
     tl.store(var_ptr + c, tl.where(keep, new_var, old_var), mask=col_ok)
