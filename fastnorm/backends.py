@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from fastnorm import _ops, advantages_reference, reference
+from fastnorm.triton_backend import TritonBackend
 
 
 class Backend(Protocol):
@@ -37,6 +38,9 @@ class Backend(Protocol):
 
     def not_supported_reasons(self, x: Tensor, op: str = "running_norm") -> list[str]:
         """Why this backend cannot run op on x (empty: it can)."""
+
+    def auto_skip_reasons(self, x: Tensor) -> list[str]:
+        """Why "auto" passes over this backend for x although it can take it (empty: auto may pick it)."""
 
     def running_norm(self, x, mask, mean, var, count, out, diag, **hyper) -> None: ...
 
@@ -77,6 +81,9 @@ class ExtensionBackend:
             reasons.append(f"x is on {x.device.type}, this backend runs on {self.device_type}")
         return reasons
 
+    def auto_skip_reasons(self, x: Tensor) -> list[str]:
+        return []
+
     def running_norm(self, x, mask, mean, var, count, out, diag, *, momentum, max_count, eps, min_std, max_std,
                      clip) -> None:
         # The overload, positionally: keyword arguments cost a few microseconds per call.
@@ -105,6 +112,9 @@ class ReferenceBackend:
         return []
 
     def not_supported_reasons(self, x: Tensor, op: str = "running_norm") -> list[str]:
+        return []
+
+    def auto_skip_reasons(self, x: Tensor) -> list[str]:
         return []
 
     def running_norm(self, x, mask, mean, var, count, out, diag, **hyper) -> None:
@@ -143,8 +153,9 @@ BACKENDS: dict[str, Backend] = {
     "cuda": ExtensionBackend("cuda", "cuda", "CUDA"),
     "cpu": ExtensionBackend("cpu", "cpu", "CPU"),
     "reference": ReferenceBackend(),
+    "triton": TritonBackend(),
 }
-AUTO_ORDER = ("cuda", "cpu", "reference")
+AUTO_ORDER = ("cuda", "triton", "cpu", "reference")
 BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
 
 
@@ -169,7 +180,7 @@ def select_backend(name: str, x: Tensor, op: str = "running_norm") -> Backend:
         return backend
     for candidate in AUTO_ORDER:
         backend = BACKENDS[candidate]
-        if not backend.not_supported_reasons(x, op):
+        if not backend.not_supported_reasons(x, op) and not backend.auto_skip_reasons(x):
             return backend
     raise AssertionError("the reference backend takes every input")
 
