@@ -1,0 +1,161 @@
+"""The Triton kernels' split paths, forced with tiny blocks so that every reduce cuts its rows
+across several programs whose last one merges their tables in several steps: the fused running
+norm and its halves (batch_moments, merge_normalize), against the float64 reference. The blocks the ops choose for these small shapes would take one program.
+
+make test runs these under TRITON_INTERPRET=1 on cpu; natively they run where the backend runs (cuda).
+See tests/test_triton.py for the interpreter's bfloat16 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import BACKENDS_UNDER_TEST, DEVICE
+from fastnorm import reference
+from helpers import DTYPES, STAT_TOL, Y_TOL, assert_diag_close, random_mask, randn
+
+pytestmark = pytest.mark.skipif("triton" not in BACKENDS_UNDER_TEST,
+                                reason=f"the triton backend is not under test on {DEVICE}")
+HYPER = dict(momentum=0.9, max_count=None, eps=1e-4, min_std=1e-2, max_std=None, clip=3.0)
+# 13 rows of 10 columns, (2, 5) statistics: splits of 4 rows (the last one short), column tiles
+# of 4 (the last one short), agent masks whose groups of 5 columns straddle the tiles.
+BATCH, STATS, COLS = (13,), (2, 5), 10
+MASK_SHAPES = dict(none=None, rows=BATCH, agents=BATCH + STATS[:1], full=BATCH + STATS)
+
+
+def tiny_blocks():
+    """2 rows a step, 4 columns a program, 4 rows a split, 2 tables a merge step: every split
+    takes 2 steps, and the last program of each column tile merges its 4 tables in 2 steps."""
+    from fastnorm.triton_kernels.running_norm import Blocks
+
+    return Blocks(rows=2, cols=4, rows_per_split=4, merge=2, num_warps=1)
+
+
+def rows_of(x, mask):
+    """x (*batch, *STATS) as (rows, COLS) and the mask as the kernels take it."""
+    rows = x.numel() // COLS
+    return x.reshape(rows, COLS), (mask.reshape(rows, -1).contiguous().view(torch.uint8) if mask is not None else None)
+
+
+def launch_fused(x, mask, stats, out, diag):
+    from fastnorm.triton_kernels.running_norm import launch_running_norm
+
+    x_rows, mask_rows = rows_of(x, mask)
+    out_rows = out.view(x_rows.shape) if out is not None else None
+    launch_running_norm(x_rows, mask_rows, *stats, out_rows, diag, blocks=tiny_blocks(), **HYPER)
+
+
+def launch_halves(x, mask, stats, out, diag):
+    """batch_moments of x, then merge_normalize with that one table: the fused op's bits."""
+    from fastnorm.triton_kernels.running_norm import launch_batch_moments, launch_merge_normalize
+
+    x_rows, mask_rows = rows_of(x, mask)
+    table = torch.full((6, COLS), math.nan, dtype=torch.float64, device=x.device)
+    launch_batch_moments(x_rows, mask_rows, table, blocks=tiny_blocks())
+    out_rows = out.view(x_rows.shape) if out is not None else None
+    launch_merge_normalize(x_rows, mask_rows, table[None], *stats, out_rows, diag, blocks=tiny_blocks(), **HYPER)
+    return table
+
+
+def with_non_finite(x):
+    """x with NaN, +inf and -inf in places, one column NaN throughout and one constant."""
+    x = x.clone()
+    x[1, 0, 0] = math.nan
+    x[2, 1, 3] = math.inf
+    x[5, 1, 3] = -math.inf
+    x[:, 0, 2] = math.nan
+    x[:, 1, 1] = x[0, 1, 1]
+    return x
+
+
+def fresh_stats(gen, device):
+    mean = randn(STATS, gen, dtype=torch.float64, device=device)
+    var = torch.rand(STATS, generator=gen, dtype=torch.float64).to(device) + 0.5
+    count = torch.full(STATS, 3.0, dtype=torch.float64, device=device)
+    return mean, var, count
+
+
+def assert_stats_close(stats, expected, dtype, scale=1.0):
+    tol = STAT_TOL[dtype]
+    mean, var, count = stats
+    assert torch.equal(count, expected.count)
+    torch.testing.assert_close(mean, expected.mean, rtol=tol["rtol"], atol=tol["atol"] * scale)
+    torch.testing.assert_close(var, expected.var, rtol=tol["rtol"], atol=tol["atol"] * scale**2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_kind", list(MASK_SHAPES))
+def test_split_rows_merge_matches_reference(device, gen, dtype, mask_kind):
+    stats = fresh_stats(gen, device)
+    for _ in range(3):  # each call zeroes its own arrival counters
+        x = with_non_finite(randn(BATCH + STATS, gen, dtype=dtype, device=device, mean=1.0, scale=2.0))
+        mask = random_mask(MASK_SHAPES[mask_kind], gen, device) if MASK_SHAPES[mask_kind] else None
+        expected = reference.running_norm(x, mask, *stats, **HYPER)
+        out = torch.full_like(x, math.nan)
+        diag = torch.full((6, COLS), -7.0, dtype=torch.float64, device=device)
+        launch_fused(x, mask, stats, out, diag)
+        torch.testing.assert_close(out, expected.y, equal_nan=True, **Y_TOL[dtype])
+        assert_stats_close(stats, expected, dtype, scale=2.0)
+        assert_diag_close(diag, expected.diag, dtype, scale=2.0)
+
+
+def test_split_rows_without_output(device, gen):
+    stats = fresh_stats(gen, device)
+    x = with_non_finite(randn(BATCH + STATS, gen, device=device))
+    expected = reference.running_norm(x, None, *stats, with_output=False, **HYPER)
+    diag = torch.zeros(6, COLS, dtype=torch.float64, device=device)
+    launch_fused(x, None, stats, None, diag)
+    assert torch.isnan(diag[4:]).all()
+    assert_diag_close(diag, expected.diag, torch.float32)
+    assert_stats_close(stats, expected, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "agents"])
+def test_split_batch_moments_match_reference(device, gen, dtype, mask_kind):
+    x = with_non_finite(randn(BATCH + STATS, gen, dtype=dtype, device=device, mean=-4.0, scale=2.0))
+    mask = random_mask(MASK_SHAPES[mask_kind], gen, device) if MASK_SHAPES[mask_kind] else None
+    table = launch_halves(x, mask, fresh_stats(gen, device), None, torch.empty(6, COLS, dtype=torch.float64,
+                                                                                device=device))
+    want = reference.batch_moment_table(x, mask, torch.Size(STATS)).view(6, COLS)
+    for row in (0, 3, 4, 5):  # counts, and input values: exact
+        assert torch.equal(table[row], want[row]), reference.MOMENT_ROWS[row]
+    tol = STAT_TOL[dtype]
+    torch.testing.assert_close(table[1], want[1], rtol=tol["rtol"], atol=tol["atol"] * 4.0)
+    torch.testing.assert_close(table[2], want[2], rtol=tol["rtol"], atol=tol["atol"] * 16.0 * BATCH[0])
+    assert table[2, 6] == 0  # the constant column
+    assert table[0, 2] == 0 and table[1, 2] == 0 and table[4, 2] == math.inf and table[5, 2] == -math.inf
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_output", [True, False])
+def test_split_halves_give_the_fused_bits(device, gen, dtype, with_output):
+    start = fresh_stats(gen, device)
+    x = with_non_finite(randn(BATCH + STATS, gen, dtype=dtype, device=device, mean=3.0))
+    mask = random_mask(MASK_SHAPES["agents"], gen, device)
+    results = []
+    for launch in (launch_fused, launch_halves):
+        stats = tuple(s.clone() for s in start)
+        out = torch.full_like(x, math.nan) if with_output else None
+        diag = torch.full((6, COLS), -7.0, dtype=torch.float64, device=device)
+        launch(x, mask, stats, out, diag)
+        results.append((*stats, diag.nan_to_num(-1.0)) + ((out.nan_to_num(-1.0),) if with_output else ()))
+    for fused, halves in zip(*results):
+        assert torch.equal(fused, halves)
+
+
+def test_split_rows_are_deterministic(device, gen):
+    start = fresh_stats(gen, device)
+    x = randn(BATCH + STATS, gen, device=device, mean=3.0)
+    results = []
+    for _ in range(2):
+        stats = tuple(s.clone() for s in start)
+        out = torch.empty_like(x)
+        diag = torch.empty(6, COLS, dtype=torch.float64, device=device)
+        launch_fused(x, None, stats, out, diag)
+        results.append((out, *stats, diag))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
