@@ -1,8 +1,9 @@
-"""The Triton ops: fastnorm::running_norm_triton, ::normalize_triton, ::batch_moments_triton and
-::merge_normalize_triton.
+"""The Triton ops: fastnorm::running_norm_triton, ::normalize_triton, ::batch_moments_triton,
+::merge_normalize_triton and ::normalize_advantages_triton.
 
 Each takes the arguments of the fastnorm op of the same name without the suffix (csrc/ops.cpp) and
-checks them as the C++ bindings do (csrc/running_norm_args.cpp), from static facts only. On a GPU they are `torch.library.triton_op`s, so torch.compile traces through
+checks them as the C++ bindings do (csrc/running_norm_args.cpp, csrc/advantages_args.cpp), from
+static facts only. On a GPU they are `torch.library.triton_op`s, so torch.compile traces through
 them to the Triton kernels; under TRITON_INTERPRET=1 they are opaque custom ops that run the
 interpreted kernels directly (a traced graph cannot call them). Scratch (the split-rows tables and
 arrival counters) is allocated per call, on the caller's stream.
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor
 
 from fastnorm._checks import FLOAT_DTYPES, check_out_overlap
+from fastnorm.triton_kernels.advantages import choose_advantage_blocks, launch_normalize_advantages
 from fastnorm.triton_kernels.moments import TABLE_ROWS
 from fastnorm.triton_kernels.running_norm import (INTERPRETED, Blocks, choose_blocks, launch_batch_moments,
                                                   launch_merge_normalize, launch_normalize, launch_running_norm)
@@ -29,6 +31,7 @@ from fastnorm.triton_kernels.running_norm import (INTERPRETED, Blocks, choose_bl
 INTERPRETER_PROGRAMS = 2
 INTERPRETER_STEPS = dict(step_elems=1 << 16, row_bytes=4096)
 DIAG_ROWS = 6
+ADVANTAGE_STAT_ROWS = 4
 
 
 def _programs(x: Tensor) -> int:
@@ -244,3 +247,39 @@ def merge_normalize_triton(
                            clip=clip, blocks=blocks_for(x, cols))
     if scratch and rows > 0:
         out.copy_(out_rows.view(out.shape))
+
+
+# ---------------------------------------------------------------- the advantages op
+
+
+@_define("fastnorm::normalize_advantages_triton", ("out", "stats"))
+def normalize_advantages_triton(x: Tensor, mask: Optional[Tensor], out: Tensor, stats: Tensor, min_std: float,
+                                unbiased: bool) -> None:
+    """fastnorm::normalize_advantages on the Triton kernels: x (O, G, I) reduced over dims 0 and 2."""
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"fastnorm: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() != 3:
+        raise ValueError(f"fastnorm: x must be 3-D (outer, groups, inner), got shape {tuple(x.shape)}")
+    _check_out(x, out)
+    outer, groups, inner = x.shape
+    _check_float64(x, stats, "stats", (ADVANTAGE_STAT_ROWS, groups), f"({ADVANTAGE_STAT_ROWS}, {groups})")
+    if not (math.isfinite(min_std) and min_std > 0):
+        raise ValueError(f"fastnorm: min_std must be finite and > 0, got {min_std}")
+    numel = x.numel()
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.device != x.device or mask.dim() != 1:
+            raise ValueError(f"fastnorm: mask must be a 1-D (flattened) bool tensor on {x.device}, got {mask.dtype} "
+                             f"of shape {tuple(mask.shape)} on {mask.device}")
+        if numel > 0 and (mask.numel() == 0 or numel % mask.numel() != 0):
+            raise ValueError(f"fastnorm: mask must have a number of elements that divides x's {numel}, "
+                             f"got {mask.numel()}")
+    if numel == 0:
+        stats.zero_()
+        return
+    x_c = x.contiguous()
+    out_c = out if out.is_contiguous() else torch.empty_like(x_c)
+    mask_flat = mask.contiguous().view(torch.uint8) if mask is not None else None
+    blocks = choose_advantage_blocks(outer, groups, inner, x.element_size(), _programs(x), **_steps(x))
+    launch_normalize_advantages(x_c, mask_flat, out_c, stats, min_std=min_std, unbiased=unbiased, blocks=blocks)
+    if out_c is not out:
+        out.copy_(out_c)

@@ -27,13 +27,13 @@ else:
 
 
 # The ops this backend has kernels for; not_supported_reasons(x, op) names any other.
-OPS = ("running_norm", "normalize", "batch_moments", "merge_normalize")
+OPS = ("running_norm", "normalize", "batch_moments", "merge_normalize", "normalize_advantages")
 
 
 class TritonBackend:
-    """fastnorm::running_norm_triton, ::normalize_triton, ::batch_moments_triton and
-    ::merge_normalize_triton. It holds no state: each call allocates its own scratch on the
-    caller's stream."""
+    """fastnorm::running_norm_triton, ::normalize_triton, ::batch_moments_triton,
+    ::merge_normalize_triton and ::normalize_advantages_triton. It holds no state: each call
+    allocates its own scratch on the caller's stream."""
 
     name = "triton"
 
@@ -66,3 +66,6 @@ class TritonBackend:
 
     def merge_normalize(self, x, mask, parts, mean, var, count, out, diag, **hyper) -> None:
         torch.ops.fastnorm.merge_normalize_triton(x, mask, parts, mean, var, count, out, diag, **hyper)
+
+    def normalize_advantages(self, x, mask, out, stats, **hyper) -> None:
+        torch.ops.fastnorm.normalize_advantages_triton(x, mask, out, stats, **hyper)

@@ -1,6 +1,7 @@
-"""The Triton kernels' split paths, forced with tiny blocks so that every reduce cuts its rows
-across several programs whose last one merges their tables in several steps: the fused running
-norm and its halves (batch_moments, merge_normalize), against the float64 reference. The blocks the ops choose for these small shapes would take one program.
+"""The Triton kernels' split paths, forced with tiny blocks so that every reduce cuts its rows (or
+steps) across several programs whose last one merges their tables in several steps: the fused
+running norm, its halves (batch_moments, merge_normalize) and normalize_advantages, against the
+float64 reference. The blocks the ops choose for these small shapes would take one program.
 
 make test runs these under TRITON_INTERPRET=1 on cpu; natively they run where the backend runs (cuda).
 See tests/test_triton.py for the interpreter's bfloat16 rounding.
@@ -14,8 +15,9 @@ import pytest
 import torch
 
 from conftest import BACKENDS_UNDER_TEST, DEVICE
-from fastnorm import reference
+from fastnorm import advantages_reference, reference
 from helpers import DTYPES, STAT_TOL, Y_TOL, assert_diag_close, random_mask, randn
+from test_advantages import STATS_TOL as ADVANTAGE_TOL
 
 pytestmark = pytest.mark.skipif("triton" not in BACKENDS_UNDER_TEST,
                                 reason=f"the triton backend is not under test on {DEVICE}")
@@ -159,3 +161,77 @@ def test_split_rows_are_deterministic(device, gen):
         results.append((out, *stats, diag))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- normalize_advantages
+
+# x (5, 3, 7) in steps of (2, 2, 4): 3 o-blocks by 2 i-blocks, 6 steps per group tile, 2 group tiles
+# (the last one short), every step with missing rows, groups or inner entries.
+ADV_SHAPE = (5, 3, 7)
+
+
+def advantage_blocks(steps_per_split):
+    """1 step a split: 6 splits merged 2 tables a step; 4: 2 splits, the last one short."""
+    from fastnorm.triton_kernels.advantages import AdvantageBlocks
+
+    return AdvantageBlocks(outer=2, groups=2, inner=4, steps_per_split=steps_per_split, merge=2, num_warps=1)
+
+
+def run_advantages(x, mask, blocks, unbiased=True, min_std=1e-4):
+    """y (poisoned first) and stats (4, G) of the kernels on contiguous x (O, G, I)."""
+    from fastnorm.triton_kernels.advantages import launch_normalize_advantages
+
+    out = torch.full_like(x, math.nan)
+    stats = torch.full((4, x.shape[1]), math.nan, dtype=torch.float64, device=x.device)
+    flat_mask = mask.reshape(-1).contiguous().view(torch.uint8) if mask is not None else None
+    launch_normalize_advantages(x, flat_mask, out, stats, min_std=min_std, unbiased=unbiased, blocks=blocks)
+    return out, stats
+
+
+def advantage_reference(x, mask, unbiased=True, min_std=1e-4):
+    full_mask = mask.repeat_interleave(x.numel() // mask.numel()).view(x.shape) if mask is not None else None
+    return advantages_reference.normalize_advantages(x, full_mask, (0, 2), min_std=min_std, unbiased=unbiased)
+
+
+def assert_advantages_close(y, stats, ref, dtype, scale=1.0):
+    tol = ADVANTAGE_TOL[dtype]
+    torch.testing.assert_close(y, ref.y, equal_nan=True, **Y_TOL[dtype])
+    assert torch.equal(stats[0], ref.count)
+    torch.testing.assert_close(stats[1], ref.mean, rtol=tol["rtol"], atol=tol["atol"] * scale)
+    torch.testing.assert_close(stats[2], ref.std_raw, rtol=tol["rtol"], atol=tol["atol"] * scale)
+    torch.testing.assert_close(stats[3], ref.norm_max_abs, rtol=5 * tol["rtol"], atol=5 * tol["atol"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "outer", "groups", "full"])
+@pytest.mark.parametrize("steps_per_split", [1, 4])
+def test_split_advantages_match_reference(device, gen, dtype, mask_kind, steps_per_split):
+    x = randn(ADV_SHAPE, gen, dtype=dtype, device=device, mean=-2.0, scale=3.0)
+    x[1, 0, 2], x[3, 0, 6], x[4, 2, 0] = math.nan, math.inf, -math.inf
+    x[:, 1] = x[0, 1, 0]  # a constant group
+    mask_shape = dict(none=None, outer=ADV_SHAPE[:1], groups=ADV_SHAPE[:2], full=ADV_SHAPE)[mask_kind]
+    mask = random_mask(mask_shape, gen, device) if mask_shape else None
+    y, stats = run_advantages(x, mask, advantage_blocks(steps_per_split))
+    assert_advantages_close(y, stats, advantage_reference(x, mask), dtype, scale=3.0)
+    if mask is None:  # exact: M2 = 0, y = 0
+        assert stats[2, 1] == 0 and stats[3, 1] == 0 and not y[:, 1].any()
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_split_advantages_of_groups_with_0_1_and_2_entries(device, gen, unbiased):
+    x = randn(ADV_SHAPE, gen, device=device)
+    mask = torch.zeros(ADV_SHAPE, dtype=torch.bool, device=device)
+    mask[4, 1, 6] = True  # group 1: its one entry in the last step
+    mask[0, 2, 0] = mask[4, 2, 5] = True  # group 2: two entries in different splits; group 0: none
+    x[2, 0, 3] = math.nan
+    y, stats = run_advantages(x, mask, advantage_blocks(1), unbiased=unbiased, min_std=1e-2)
+    ref = advantage_reference(x, mask, unbiased=unbiased, min_std=1e-2)
+    assert stats[0].tolist() == [0.0, 1.0, 2.0]
+    assert not y[:, 0].any() and stats[1, 0] == 0 and stats[2, :2].tolist() == [0.0, 0.0]
+    assert_advantages_close(y, stats, ref, torch.float32)
+
+
+def test_split_advantages_are_deterministic(device, gen):
+    x = randn(ADV_SHAPE, gen, device=device, mean=5.0)
+    first, second = (run_advantages(x, None, advantage_blocks(1)) for _ in range(2))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
