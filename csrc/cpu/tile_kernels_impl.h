@@ -138,9 +138,9 @@ inline bool counted(acc_t v, acc_t sel) {
 }
 
 // Per-column sums of one block of units; the corrected two-pass algorithm of running_norm_math.h
-// turns them into moments. Pass 1 sums in float64 (`sum`): for float32 data a block's sum is then
-// exact, so the shift is the float nearest the block mean and a constant block gets exactly its
-// value (variance 0, not rounding noise). min and max run over the whole tile.
+// turns them into moments. Pass 1 accumulates in float64 (`sum`), so the shift is close to the
+// block mean and a constant block gets exactly its value (variance 0, not rounding noise). min and
+// max run over the whole tile.
 template <typename acc_t>
 struct BlockSums {
   acc_t *cnt, *nsel, *shift, *s1, *s2, *min, *max;
@@ -172,8 +172,7 @@ bool block_sums_if_finite(const scalar_t* const* units, int64_t n, int64_t width
     for (int64_t j = 0; j < width; ++j) {
       const acc_t v0 = to_acc<acc_t>(x0[j]), v1 = to_acc<acc_t>(x1[j]);
       const acc_t v2 = to_acc<acc_t>(x2[j]), v3 = to_acc<acc_t>(x3[j]);
-      sum[j] += (static_cast<double>(v0) + static_cast<double>(v1)) +
-                (static_cast<double>(v2) + static_cast<double>(v3));
+      sum[j] += static_cast<double>((v0 + v1) + (v2 + v3));  // exact for equal values (doublings)
       block_min[j] = min_of(block_min[j], min_of(min_of(v0, v1), min_of(v2, v3)));
       block_max[j] = max_of(block_max[j], max_of(max_of(v0, v1), max_of(v2, v3)));
     }
