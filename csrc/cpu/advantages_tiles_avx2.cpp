@@ -1,11 +1,12 @@
-// The per-tile kernels of normalize_advantages compiled for AVX2 + FMA, picked at run time on CPUs
-// that have them. Headers shared with other translation units are included before the target
-// pragma so that their inline functions keep the baseline instruction set.
+// The per-tile kernels of normalize_advantages compiled for AVX2 + FMA + F16C, picked at run time
+// on CPUs that have them. Headers shared with other translation units are included before the
+// target pragma so that their inline functions keep the baseline instruction set.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <math.h>
 #include <stdint.h>
 
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -14,8 +15,9 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #define FASTNORM_CPU_ISA avx2
+#define FASTNORM_CPU_F16C
 #include "advantages_tiles_impl.h"
 #pragma GCC pop_options
 

@@ -18,31 +18,14 @@
 #include <limits>
 
 #include "advantages_tiles.h"
+#include "block_moments_impl.h"
 
 namespace fastnorm {
 namespace cpu {
 namespace adv {
 namespace FASTNORM_CPU_ISA {
 
-// Accumulate half precision and float32 in float, float64 in double.
-template <typename scalar_t>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
-// min and max for values that are not NaN (one instruction each, unlike fmin/fmax).
-template <typename T>
-inline T min_of(T a, T b) {
-  return a < b ? a : b;
-}
-template <typename T>
-inline T max_of(T a, T b) {
-  return a > b ? a : b;
-}
+using namespace ::fastnorm::cpu::FASTNORM_CPU_ISA;  // Acc, to_acc, from_acc, min_of, max_of, block sums
 
 // Whether the mask selects all (1), none (0) or some (-1) of the `width` entries from flat index k.
 inline int mask_cover(const Data& d, int64_t k, int64_t width) {
@@ -155,14 +138,14 @@ bool run_block_if_finite(const scalar_t* __restrict__ x, int64_t n, const LaneSl
   }
   for (int64_t i = 0; i < full; i += L) {
     for (int64_t l = 0; l < L; ++l) {
-      const acc_t v = static_cast<acc_t>(x[i + l]);
+      const acc_t v = to_acc<acc_t>(x[i + l]);
       sum[l] += v;
       lo[l] = min_of(lo[l], v);
       hi[l] = max_of(hi[l], v);
     }
   }
   for (int64_t l = 0; l < n - full; ++l) {
-    const acc_t v = static_cast<acc_t>(x[full + l]);
+    const acc_t v = to_acc<acc_t>(x[full + l]);
     sum[l] += v;
     lo[l] = min_of(lo[l], v);
     hi[l] = max_of(hi[l], v);
@@ -177,13 +160,13 @@ bool run_block_if_finite(const scalar_t* __restrict__ x, int64_t n, const LaneSl
   for (int64_t l = 0; l < L; ++l) s1[l] = s2[l] = acc_t(0);
   for (int64_t i = 0; i < full; i += L) {
     for (int64_t l = 0; l < L; ++l) {
-      const acc_t d = static_cast<acc_t>(x[i + l]) - shift[l];
+      const acc_t d = to_acc<acc_t>(x[i + l]) - shift[l];
       s1[l] += d;
       s2[l] += d * d;
     }
   }
   for (int64_t l = 0; l < n - full; ++l) {
-    const acc_t d = static_cast<acc_t>(x[full + l]) - shift[l];
+    const acc_t d = to_acc<acc_t>(x[full + l]) - shift[l];
     s1[l] += d;
     s2[l] += d * d;
   }
@@ -210,7 +193,7 @@ void run_block_careful(const scalar_t* __restrict__ x, int64_t n, const acc_t* _
   V sum[2] = {zero, zero}, cnt[2] = {zero, zero}, lo[2] = {inf, inf}, hi[2] = {-inf, -inf};
   auto load = [&](int64_t i, V& v, V& ok) {  // W lanes from i < full
     V selected = one;
-    for (int64_t l = 0; l < W; ++l) v[l] = static_cast<acc_t>(x[i + l]);
+    for (int64_t l = 0; l < W; ++l) v[l] = to_acc<acc_t>(x[i + l]);
     if (kSelect) std::memcpy(&selected, sel + i, sizeof(V));
     ok = (selected != zero) & (v - v == zero) ? one : zero;
   };
@@ -232,11 +215,11 @@ void run_block_careful(const scalar_t* __restrict__ x, int64_t n, const acc_t* _
     lane_hi[l] = hi[l / W][l % W];
   }
   auto counts = [&](int64_t i) {
-    return (!kSelect || sel[i] != acc_t(0)) && is_finite(static_cast<acc_t>(x[i]));
+    return (!kSelect || sel[i] != acc_t(0)) && is_finite(to_acc<acc_t>(x[i]));
   };
   for (int64_t i = full; i < n; ++i) {
     if (!counts(i)) continue;
-    const acc_t v = static_cast<acc_t>(x[i]);
+    const acc_t v = to_acc<acc_t>(x[i]);
     const int64_t l = i - full;
     lane_sum[l] += v;
     lane_cnt[l] += acc_t(1);
@@ -262,7 +245,7 @@ void run_block_careful(const scalar_t* __restrict__ x, int64_t n, const acc_t* _
   }
   for (int64_t i = full; i < n; ++i) {
     if (!counts(i)) continue;
-    const acc_t d = static_cast<acc_t>(x[i]) - shift[i - full];
+    const acc_t d = to_acc<acc_t>(x[i]) - shift[i - full];
     s1[i - full] += d;
     s2[i - full] += d * d;
   }
@@ -338,13 +321,13 @@ void normalize_lanes(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, i
   const int64_t full = n - n % L;
   for (int64_t i = 0; i < full; i += L) {
     for (int64_t l = 0; l < L; ++l) {
-      const acc_t z = ((static_cast<acc_t>(x[i + l]) - hi[l]) - lo[l]) * scale[l];
-      y[i + l] = static_cast<scalar_t>(kLive ? (live[l] != acc_t(0) ? z : acc_t(0)) : z);
+      const acc_t z = ((to_acc<acc_t>(x[i + l]) - hi[l]) - lo[l]) * scale[l];
+      y[i + l] = from_acc<scalar_t>(kLive ? (live[l] != acc_t(0) ? z : acc_t(0)) : z);
     }
   }
   for (int64_t l = 0; l < n - full; ++l) {
-    const acc_t z = ((static_cast<acc_t>(x[full + l]) - hi[l]) - lo[l]) * scale[l];
-    y[full + l] = static_cast<scalar_t>(kLive ? (live[l] != acc_t(0) ? z : acc_t(0)) : z);
+    const acc_t z = ((to_acc<acc_t>(x[full + l]) - hi[l]) - lo[l]) * scale[l];
+    y[full + l] = from_acc<scalar_t>(kLive ? (live[l] != acc_t(0) ? z : acc_t(0)) : z);
   }
 }
 
@@ -370,185 +353,22 @@ void normalize_run(const Data& d, int64_t first, int64_t n, const Pattern& p, co
   }
 }
 
-// ---- Columns: per-column accumulators over rows.
-
-// Per-column sums of one block of rows; moments_from_shifted_sums turns them into moments. min and
-// max are the block's (tile_min and tile_max run over the whole tile). A constant column is exact:
-// its shift is its value, every deviation 0.
-template <typename acc_t>
-struct BlockSums {
-  acc_t *cnt, *shift, *s1, *s2, *min, *max, *tile_min, *tile_max;
-};
-
-template <typename acc_t>
-inline void finish_pass1(int64_t width, const acc_t* __restrict__ count, const BlockSums<acc_t>& b) {
-  for (int64_t j = 0; j < width; ++j) {
-    const acc_t n = count[j] > acc_t(1) ? count[j] : acc_t(1);
-    b.shift[j] = b.min[j] == b.max[j] ? b.min[j] : b.shift[j] / n;
-    b.tile_min[j] = min_of(b.tile_min[j], b.min[j]);
-    b.tile_max[j] = max_of(b.tile_max[j], b.max[j]);
-  }
-}
-
-// Fast path: n rows, all of whose entries are selected. Pass 1 sums without testing each value:
-// a column's sum is finite only if all its values are, which one check per block confirms.
-// Returns false when a value is NaN or inf (the caller then takes the careful path).
-template <typename scalar_t, typename acc_t>
-bool block_sums_if_finite(const scalar_t* const* rows, int64_t n, int64_t width, const BlockSums<acc_t>& b) {
-  acc_t* __restrict__ sum = b.shift;
-  acc_t* __restrict__ s1 = b.s1;
-  acc_t* __restrict__ s2 = b.s2;
-  acc_t* __restrict__ lo = b.min;
-  acc_t* __restrict__ hi = b.max;
-  for (int64_t j = 0; j < width; ++j) {
-    sum[j] = s1[j] = s2[j] = acc_t(0);
-    lo[j] = std::numeric_limits<acc_t>::infinity();
-    hi[j] = -std::numeric_limits<acc_t>::infinity();
-  }
-  int64_t u = 0;
-  for (; u + 4 <= n; u += 4) {
-    const scalar_t *__restrict__ x0 = rows[u], *__restrict__ x1 = rows[u + 1];
-    const scalar_t *__restrict__ x2 = rows[u + 2], *__restrict__ x3 = rows[u + 3];
-#pragma GCC ivdep
-    for (int64_t j = 0; j < width; ++j) {
-      const acc_t v0 = static_cast<acc_t>(x0[j]), v1 = static_cast<acc_t>(x1[j]);
-      const acc_t v2 = static_cast<acc_t>(x2[j]), v3 = static_cast<acc_t>(x3[j]);
-      sum[j] += (v0 + v1) + (v2 + v3);
-      lo[j] = min_of(lo[j], min_of(min_of(v0, v1), min_of(v2, v3)));
-      hi[j] = max_of(hi[j], max_of(max_of(v0, v1), max_of(v2, v3)));
-    }
-  }
-  for (; u < n; ++u) {
-    const scalar_t* __restrict__ x0 = rows[u];
-#pragma GCC ivdep
-    for (int64_t j = 0; j < width; ++j) {
-      const acc_t v = static_cast<acc_t>(x0[j]);
-      sum[j] += v;
-      lo[j] = min_of(lo[j], v);
-      hi[j] = max_of(hi[j], v);
-    }
-  }
-  acc_t probe = 0;  // 0 if every sum is finite, else NaN
-  for (int64_t j = 0; j < width; ++j) probe += sum[j] - sum[j];
-  if (!is_finite(probe)) return false;
-  for (int64_t j = 0; j < width; ++j) b.cnt[j] = static_cast<acc_t>(n);
-  finish_pass1(width, b.cnt, b);
-  // Pass 2 (the block is still in cache): shifted sums.
-  const acc_t* __restrict__ shift = b.shift;
-  for (u = 0; u + 4 <= n; u += 4) {
-    const scalar_t *__restrict__ x0 = rows[u], *__restrict__ x1 = rows[u + 1];
-    const scalar_t *__restrict__ x2 = rows[u + 2], *__restrict__ x3 = rows[u + 3];
-#pragma GCC ivdep
-    for (int64_t j = 0; j < width; ++j) {
-      const acc_t m = shift[j];
-      const acc_t d0 = static_cast<acc_t>(x0[j]) - m, d1 = static_cast<acc_t>(x1[j]) - m;
-      const acc_t d2 = static_cast<acc_t>(x2[j]) - m, d3 = static_cast<acc_t>(x3[j]) - m;
-      s1[j] += (d0 + d1) + (d2 + d3);
-      s2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
-    }
-  }
-  for (; u < n; ++u) {
-    const scalar_t* __restrict__ x0 = rows[u];
-#pragma GCC ivdep
-    for (int64_t j = 0; j < width; ++j) {
-      const acc_t d = static_cast<acc_t>(x0[j]) - shift[j];
-      s1[j] += d;
-      s2[j] += d * d;
-    }
-  }
-  return true;
-}
-
-// Careful path: tests every value (finite, and selected when kSelect). row_first[u] is the flat
-// index of row u's first entry.
-template <typename scalar_t, typename acc_t, bool kSelect>
-void block_sums_careful(const Data& d, const scalar_t* const* rows, const int64_t* row_first, int64_t n,
-                        int64_t width, acc_t* __restrict__ sel, const BlockSums<acc_t>& b) {
-  acc_t* __restrict__ cnt = b.cnt;
-  acc_t* __restrict__ sum = b.shift;
-  acc_t* __restrict__ s1 = b.s1;
-  acc_t* __restrict__ s2 = b.s2;
-  acc_t* __restrict__ lo = b.min;
-  acc_t* __restrict__ hi = b.max;
-  for (int64_t j = 0; j < width; ++j) {
-    cnt[j] = sum[j] = s1[j] = s2[j] = acc_t(0);
-    lo[j] = std::numeric_limits<acc_t>::infinity();
-    hi[j] = -std::numeric_limits<acc_t>::infinity();
-  }
-  for (int64_t u = 0; u < n; ++u) {
-    if (kSelect) fill_selection(d, row_first[u], width, sel);
-    const scalar_t* __restrict__ x = rows[u];
-#pragma GCC ivdep
-    for (int64_t j = 0; j < width; ++j) {
-      const acc_t v = static_cast<acc_t>(x[j]);
-      const bool ok = (kSelect ? sel[j] != acc_t(0) : true) & is_finite(v);
-      sum[j] += ok ? v : acc_t(0);
-      cnt[j] += ok ? acc_t(1) : acc_t(0);
-      lo[j] = ok ? min_of(lo[j], v) : lo[j];
-      hi[j] = ok ? max_of(hi[j], v) : hi[j];
-    }
-  }
-  finish_pass1(width, cnt, b);
-  const acc_t* __restrict__ shift = b.shift;
-  for (int64_t u = 0; u < n; ++u) {
-    if (kSelect) fill_selection(d, row_first[u], width, sel);
-    const scalar_t* __restrict__ x = rows[u];
-#pragma GCC ivdep
-    for (int64_t j = 0; j < width; ++j) {
-      const acc_t v = static_cast<acc_t>(x[j]);
-      const bool ok = (kSelect ? sel[j] != acc_t(0) : true) & is_finite(v);
-      const acc_t dev = ok ? v - shift[j] : acc_t(0);
-      s1[j] += dev;
-      s2[j] += dev * dev;
-    }
-  }
-}
-
-// Exact two-pass moments of column j of a block in double: the fallback where acc_t overflowed
-// (float32 deviations beyond ~1e19).
-template <typename scalar_t>
-Moments column_moments_fp64(const Data& d, const scalar_t* const* rows, const int64_t* row_first, int64_t n,
-                            int64_t j) {
-  auto valid = [&](int64_t u, double v) {
-    return is_finite(v) && (d.mask == nullptr || d.mask[(row_first[u] + j) / d.mask_group]);
-  };
-  double count = 0, sum = 0;
-  for (int64_t u = 0; u < n; ++u) {
-    const double v = static_cast<double>(rows[u][j]);
-    if (valid(u, v)) {
-      count += 1;
-      sum += v;
-    }
-  }
-  const double mean = count > 0 ? sum / count : 0.0;
-  double s1 = 0, s2 = 0;
-  for (int64_t u = 0; u < n; ++u) {
-    const double v = static_cast<double>(rows[u][j]);
-    if (valid(u, v)) {
-      s1 += v - mean;
-      s2 += (v - mean) * (v - mean);
-    }
-  }
-  return moments_from_shifted_sums(count, mean, s1, s2);
-}
+// ---- Columns: per-column accumulators over rows (block_moments_impl.h).
 
 template <typename scalar_t>
 void reduce_tile(const Data& d, const Tile& t, const ColumnPartials& out) {
   using acc_t = typename Acc<scalar_t>::type;
   const int64_t width = t.cols;
-  acc_t* a = thread_scratch<acc_t, kReduceAccSlot>(9 * width);
-  const BlockSums<acc_t> b{a, a + width, a + 2 * width, a + 3 * width, a + 4 * width, a + 5 * width,
-                           a + 6 * width, a + 7 * width};
-  acc_t* sel = a + 8 * width;
-  double* __restrict__ tile_n = thread_scratch<double, kReduceF64Slot>(5 * width);
-  double* __restrict__ tile_mean = tile_n + width;
-  double* __restrict__ tile_m2 = tile_n + 2 * width;
-  double* __restrict__ block_mean = tile_n + 3 * width;
-  double* __restrict__ block_m2 = tile_n + 4 * width;
+  acc_t* a = thread_scratch<acc_t, kReduceAccSlot>(8 * width);
+  double* f64 = thread_scratch<double, kReduceF64Slot>(6 * width);
+  acc_t* sel = a;
+  const BlockSums<acc_t> b{a + width,     a + 2 * width, a + 3 * width, a + 4 * width,
+                           a + 5 * width, a + 6 * width, a + 7 * width, f64 + 5 * width};
+  const ColumnMoments tile{f64, f64 + width, f64 + 2 * width, f64 + 3 * width, f64 + 4 * width};
+  for (int64_t j = 0; j < 3 * width; ++j) f64[j] = 0.0;  // n, mean, m2
   for (int64_t j = 0; j < width; ++j) {
-    b.tile_min[j] = std::numeric_limits<acc_t>::infinity();
-    b.tile_max[j] = -std::numeric_limits<acc_t>::infinity();
-    tile_n[j] = tile_mean[j] = tile_m2[j] = 0.0;
+    b.min[j] = std::numeric_limits<acc_t>::infinity();
+    b.max[j] = -std::numeric_limits<acc_t>::infinity();
   }
   const scalar_t** rows = thread_scratch<const scalar_t*, kReduceRowsSlot>(kMaxBlockRows);
   int64_t* row_first = thread_scratch<int64_t, kReduceRowsSlot>(kMaxBlockRows);
@@ -567,33 +387,16 @@ void reduce_tile(const Data& d, const Tile& t, const ColumnPartials& out) {
       rows[n++] = x + k;
     }
     if (n == 0) return;
+    auto select = [&](int64_t u, acc_t* s) { fill_selection(d, row_first[u], w, s); };
+    auto counts = [&](int64_t u, int64_t j, double v) {
+      return is_finite(v) && (d.mask == nullptr || d.mask[(row_first[u] + j) / d.mask_group]);
+    };
     if (partly_selected) {
-      block_sums_careful<scalar_t, acc_t, true>(d, rows, row_first, n, w, sel, b);
+      block_sums_careful<scalar_t, acc_t, true>(rows, n, w, select, sel, b);
     } else if (!block_sums_if_finite(rows, n, w, b)) {
-      block_sums_careful<scalar_t, acc_t, false>(d, rows, row_first, n, w, sel, b);
+      block_sums_careful<scalar_t, acc_t, false>(rows, n, w, select, sel, b);
     }
-    double probe = 0.0;  // NaN or inf only where acc_t overflowed
-    for (int64_t j = 0; j < w; ++j) {
-      const Moments m = moments_from_shifted_sums(b.cnt[j], b.shift[j], b.s1[j], b.s2[j]);
-      block_mean[j] = m.mean;
-      block_m2[j] = m.m2;
-      probe += m.mean + m.m2;
-    }
-    if (!is_finite(probe)) {
-      for (int64_t j = 0; j < w; ++j) {
-        if (is_finite(block_mean[j]) && is_finite(block_m2[j])) continue;
-        const Moments m = column_moments_fp64(d, rows, row_first, n, j);
-        block_mean[j] = m.mean;
-        block_m2[j] = m.m2;
-      }
-    }
-    for (int64_t j = 0; j < w; ++j) {
-      const Moments m = merge_moments({tile_n[j], tile_mean[j], tile_m2[j]},
-                                      {static_cast<double>(b.cnt[j]), block_mean[j], block_m2[j]});
-      tile_n[j] = m.count;
-      tile_mean[j] = m.mean;
-      tile_m2[j] = m.m2;
-    }
+    merge_block(rows, n, w, b, tile, counts);
   };
 
   int64_t rows_per_block = kBlockElems / (width > 0 ? width : 1);
@@ -603,9 +406,9 @@ void reduce_tile(const Data& d, const Tile& t, const ColumnPartials& out) {
   }
   if (t.tail_cols > 0) reduce_block(t.rows, t.rows + 1, t.tail_cols);
   for (int64_t j = 0; j < width; ++j) {
-    out.moments[j] = Moments{tile_n[j], tile_mean[j], tile_m2[j]};
-    out.min[j] = static_cast<double>(b.tile_min[j]);
-    out.max[j] = static_cast<double>(b.tile_max[j]);
+    out.moments[j] = Moments{tile.n[j], tile.mean[j], tile.m2[j]};
+    out.min[j] = static_cast<double>(b.min[j]);
+    out.max[j] = static_cast<double>(b.max[j]);
   }
 }
 
@@ -617,8 +420,8 @@ inline void normalize_row(const scalar_t* __restrict__ x, scalar_t* __restrict__
                           const acc_t* __restrict__ scale, const acc_t* __restrict__ live) {
 #pragma GCC ivdep
   for (int64_t j = 0; j < w; ++j) {
-    const acc_t z = ((static_cast<acc_t>(x[j]) - mean_hi[j]) - mean_lo[j]) * scale[j];
-    y[j] = static_cast<scalar_t>(kLive ? (live[j] != acc_t(0) ? z : acc_t(0)) : z);
+    const acc_t z = ((to_acc<acc_t>(x[j]) - mean_hi[j]) - mean_lo[j]) * scale[j];
+    y[j] = from_acc<scalar_t>(kLive ? (live[j] != acc_t(0) ? z : acc_t(0)) : z);
   }
 }
 

@@ -8,81 +8,16 @@
 // (#pragma GCC ivdep: the scratch arrays never alias x or y).
 #pragma once
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <stdint.h>
 
-#include <cstring>
 #include <limits>
-#include <vector>
 
+#include "block_moments_impl.h"
 #include "tile_kernels.h"
 
 namespace fastnorm {
 namespace cpu {
 namespace FASTNORM_CPU_ISA {
-
-// Accumulate half precision and float32 in float, float64 in double.
-template <typename scalar_t>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
-// Conversions between the storage type and acc_t in the hot loops. c10's are scalar code; these
-// vectorize (bfloat16: a 16-bit shift each way, rounding to nearest even and NaN to 0x7FC0 as c10
-// does) or use the F16C instructions (float16, in builds that define FASTNORM_CPU_F16C).
-template <typename acc_t, typename scalar_t>
-inline acc_t to_acc(scalar_t v) {
-  return static_cast<acc_t>(v);
-}
-template <typename scalar_t, typename acc_t>
-inline scalar_t from_acc(acc_t v) {
-  return static_cast<scalar_t>(v);
-}
-template <>
-inline float to_acc<float, c10::BFloat16>(c10::BFloat16 v) {
-  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-template <>
-inline c10::BFloat16 from_acc<c10::BFloat16, float>(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return c10::BFloat16(static_cast<uint16_t>(f != f ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
-}
-#ifdef FASTNORM_CPU_F16C
-template <>
-inline float to_acc<float, c10::Half>(c10::Half v) {
-  _Float16 h;
-  std::memcpy(&h, &v.x, sizeof h);
-  return static_cast<float>(h);
-}
-template <>
-inline c10::Half from_acc<c10::Half, float>(float f) {
-  const _Float16 h = static_cast<_Float16>(f);
-  uint16_t bits;
-  std::memcpy(&bits, &h, sizeof bits);
-  return c10::Half(bits, c10::Half::from_bits());
-}
-#endif
-
-// min and max for values that are not NaN (one instruction each, unlike fmin/fmax).
-template <typename T>
-inline T min_of(T a, T b) {
-  return a < b ? a : b;
-}
-template <typename T>
-inline T max_of(T a, T b) {
-  return a > b ? a : b;
-}
 
 // How a tile is cut into units.
 struct Units {
@@ -137,175 +72,13 @@ inline bool counted(acc_t v, acc_t sel) {
   return kSelect ? (sel != acc_t(0) && is_finite(v)) : is_finite(v);
 }
 
-// Per-column sums of one block of units; the corrected two-pass algorithm of running_norm_math.h
-// turns them into moments. Pass 1 sums in float64 (`sum`): for float32 data a block's sum is then
-// exact, so the shift is the float nearest the block mean and a constant block gets exactly its
-// value (variance 0, not rounding noise). min and max run over the whole tile.
-template <typename acc_t>
-struct BlockSums {
-  acc_t *cnt, *nsel, *shift, *s1, *s2, *min, *max;
-  double* sum;
-};
 
-// Fast path: n units, all of whose entries are selected. Pass 1 sums without testing each value:
-// a column's sum is finite only if all its values are, which one check per block confirms.
-// Returns false when a value is NaN or inf (the caller then takes the careful path).
-template <typename scalar_t, typename acc_t>
-bool block_sums_if_finite(const scalar_t* const* units, int64_t n, int64_t width, const BlockSums<acc_t>& b) {
-  double* __restrict__ sum = b.sum;
-  acc_t* __restrict__ shift = b.shift;
-  acc_t* __restrict__ s1 = b.s1;
-  acc_t* __restrict__ s2 = b.s2;
-  acc_t* __restrict__ block_min = b.nsel;  // scratch: nsel is not needed on this path
-  acc_t* __restrict__ block_max = b.cnt;
-  for (int64_t j = 0; j < width; ++j) {
-    sum[j] = 0.0;
-    s1[j] = s2[j] = acc_t(0);
-    block_min[j] = b.min[j];
-    block_max[j] = b.max[j];
-  }
-  int64_t u = 0;
-  for (; u + 4 <= n; u += 4) {
-    const scalar_t *__restrict__ x0 = units[u], *__restrict__ x1 = units[u + 1];
-    const scalar_t *__restrict__ x2 = units[u + 2], *__restrict__ x3 = units[u + 3];
-#pragma GCC ivdep
-    for (int64_t j = 0; j < width; ++j) {
-      const acc_t v0 = to_acc<acc_t>(x0[j]), v1 = to_acc<acc_t>(x1[j]);
-      const acc_t v2 = to_acc<acc_t>(x2[j]), v3 = to_acc<acc_t>(x3[j]);
-      sum[j] += (static_cast<double>(v0) + static_cast<double>(v1)) +
-                (static_cast<double>(v2) + static_cast<double>(v3));
-      block_min[j] = min_of(block_min[j], min_of(min_of(v0, v1), min_of(v2, v3)));
-      block_max[j] = max_of(block_max[j], max_of(max_of(v0, v1), max_of(v2, v3)));
-    }
-  }
-  for (; u < n; ++u) {
-    const scalar_t* __restrict__ x0 = units[u];
-#pragma GCC ivdep
-    for (int64_t j = 0; j < width; ++j) {
-      const acc_t v = to_acc<acc_t>(x0[j]);
-      sum[j] += static_cast<double>(v);
-      block_min[j] = min_of(block_min[j], v);
-      block_max[j] = max_of(block_max[j], v);
-    }
-  }
-  double probe = 0;  // 0 if every sum is finite, else NaN
-  for (int64_t j = 0; j < width; ++j) probe += sum[j] - sum[j];
-  if (!is_finite(probe)) return false;
-  const double count = static_cast<double>(n);
-  for (int64_t j = 0; j < width; ++j) {
-    b.min[j] = block_min[j];
-    b.max[j] = block_max[j];
-    shift[j] = static_cast<acc_t>(sum[j] / count);
-    b.cnt[j] = static_cast<acc_t>(n);
-  }
-  // Pass 2 (the block is still in cache): shifted sums.
-  for (u = 0; u + 4 <= n; u += 4) {
-    const scalar_t *__restrict__ x0 = units[u], *__restrict__ x1 = units[u + 1];
-    const scalar_t *__restrict__ x2 = units[u + 2], *__restrict__ x3 = units[u + 3];
-#pragma GCC ivdep
-    for (int64_t j = 0; j < width; ++j) {
-      const acc_t m = shift[j];
-      const acc_t d0 = to_acc<acc_t>(x0[j]) - m, d1 = to_acc<acc_t>(x1[j]) - m;
-      const acc_t d2 = to_acc<acc_t>(x2[j]) - m, d3 = to_acc<acc_t>(x3[j]) - m;
-      s1[j] += (d0 + d1) + (d2 + d3);
-      s2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
-    }
-  }
-  for (; u < n; ++u) {
-    const scalar_t* __restrict__ x0 = units[u];
-#pragma GCC ivdep
-    for (int64_t j = 0; j < width; ++j) {
-      const acc_t d = to_acc<acc_t>(x0[j]) - shift[j];
-      s1[j] += d;
-      s2[j] += d * d;
-    }
-  }
-  return true;
-}
-
-// Careful path: tests every value (finite, and selected when kSelect), counting the selected
-// entries per column in nsel. unit_row[u] is the first row of unit u, of `rows` rows.
-template <typename scalar_t, typename acc_t, bool kSelect>
-void block_sums_careful(const Tile& t, const scalar_t* const* units, const int64_t* unit_row, int64_t n,
-                        int64_t rows, int64_t width, acc_t* __restrict__ sel, const BlockSums<acc_t>& b) {
-  double* __restrict__ sum = b.sum;
-  acc_t* __restrict__ cnt = b.cnt;
-  acc_t* __restrict__ nsel = b.nsel;
-  acc_t* __restrict__ shift = b.shift;
-  acc_t* __restrict__ s1 = b.s1;
-  acc_t* __restrict__ s2 = b.s2;
-  acc_t* __restrict__ col_min = b.min;
-  acc_t* __restrict__ col_max = b.max;
-  for (int64_t j = 0; j < width; ++j) {
-    sum[j] = 0.0;
-    cnt[j] = nsel[j] = s1[j] = s2[j] = acc_t(0);
-  }
-  for (int64_t u = 0; u < n; ++u) {
-    if (kSelect) selection(t, unit_row[u], rows, width / rows, sel);
-    const scalar_t* __restrict__ x = units[u];
-#pragma GCC ivdep
-    for (int64_t j = 0; j < width; ++j) {
-      const acc_t v = to_acc<acc_t>(x[j]);
-      const bool ok = counted<kSelect>(v, kSelect ? sel[j] : acc_t(1));
-      sum[j] += ok ? static_cast<double>(v) : 0.0;
-      cnt[j] += ok ? acc_t(1) : acc_t(0);
-      nsel[j] += kSelect ? sel[j] : acc_t(1);
-      col_min[j] = ok ? min_of(col_min[j], v) : col_min[j];
-      col_max[j] = ok ? max_of(col_max[j], v) : col_max[j];
-    }
-  }
-  for (int64_t j = 0; j < width; ++j) {
-    shift[j] = static_cast<acc_t>(sum[j] / static_cast<double>(cnt[j] > acc_t(1) ? cnt[j] : acc_t(1)));
-  }
-  for (int64_t u = 0; u < n; ++u) {
-    if (kSelect) selection(t, unit_row[u], rows, width / rows, sel);
-    const scalar_t* __restrict__ x = units[u];
-#pragma GCC ivdep
-    for (int64_t j = 0; j < width; ++j) {
-      const acc_t v = to_acc<acc_t>(x[j]);
-      const bool ok = counted<kSelect>(v, kSelect ? sel[j] : acc_t(1));
-      const acc_t d = ok ? v - shift[j] : acc_t(0);
-      s1[j] += d;
-      s2[j] += d * d;
-    }
-  }
-}
-
-// Exact two-pass moments of unit column j over a block in double: the fallback where acc_t
-// overflowed (fp32 deviations beyond ~1e19).
-template <typename scalar_t>
-Moments column_moments_fp64(const Tile& t, const scalar_t* const* units, const int64_t* unit_row, int64_t n,
-                            int64_t rows, int64_t width, int64_t j) {
-  const int64_t cols = width / rows, q = j / cols, c = j % cols;
-  const int64_t mask_c = t.mask_cols > 1 ? (t.col_begin + c) / t.mask_group : 0;
-  auto valid = [&](int64_t u, double v) {
-    return is_finite(v) && (t.mask == nullptr || t.mask[(unit_row[u] + q) * t.mask_cols + mask_c]);
-  };
-  double count = 0, sum = 0;
-  for (int64_t u = 0; u < n; ++u) {
-    const double v = static_cast<double>(units[u][j]);
-    if (valid(u, v)) {
-      count += 1;
-      sum += v;
-    }
-  }
-  const double mean = count > 0 ? sum / count : 0.0;
-  double s1 = 0, s2 = 0;
-  for (int64_t u = 0; u < n; ++u) {
-    const double v = static_cast<double>(units[u][j]);
-    if (valid(u, v)) {
-      s1 += v - mean;
-      s2 += (v - mean) * (v - mean);
-    }
-  }
-  return moments_from_shifted_sums(count, mean, s1, s2);
-}
-
-// A tile's reduce state: per unit column, the running float64 moments and non-finite count;
-// the block scratch; the unit pointers of the current block.
+// A tile's reduce state: per unit column, the running float64 moments and non-finite count; the
+// block sums and selection scratch; the unit pointers of the current block and their first rows.
 template <typename scalar_t, typename acc_t>
 struct ReduceState {
-  double *n, *mean, *m2, *nonfinite, *block_mean, *block_m2;
+  ColumnMoments moments;
+  double* nonfinite;
   BlockSums<acc_t> block;
   acc_t* sel;
   const scalar_t** units;
@@ -318,6 +91,12 @@ template <typename scalar_t, typename acc_t, bool kSelect>
 void reduce_units(const Tile& t, int64_t first, int64_t n_units, int64_t rows, int64_t width,
                   const ReduceState<scalar_t, acc_t>& s) {
   const BlockSums<acc_t>& b = s.block;
+  const int64_t cols = width / rows;
+  auto select = [&](int64_t u, acc_t* sel) { selection(t, s.unit_row[u], rows, cols, sel); };
+  auto counts = [&](int64_t u, int64_t j, double v) {
+    const int64_t mask_col = t.mask_cols > 1 ? (t.col_begin + j % cols) / t.mask_group : 0;
+    return is_finite(v) && (t.mask == nullptr || t.mask[(s.unit_row[u] + j / cols) * t.mask_cols + mask_col]);
+  };
   const int64_t per_block = block_rows(width);
   for (int64_t u0 = 0; u0 < n_units; u0 += per_block) {
     const int64_t u1 = u0 + per_block < n_units ? u0 + per_block : n_units;
@@ -330,34 +109,10 @@ void reduce_units(const Tile& t, int64_t first, int64_t n_units, int64_t rows, i
     }
     if (n == 0) continue;
     if (kSelect || !block_sums_if_finite(s.units, n, width, b)) {
-      block_sums_careful<scalar_t, acc_t, kSelect>(t, s.units, s.unit_row, n, rows, width, s.sel, b);
+      block_sums_careful<scalar_t, acc_t, kSelect>(s.units, n, width, select, s.sel, b);
       for (int64_t j = 0; j < width; ++j) s.nonfinite[j] += static_cast<double>(b.nsel[j] - b.cnt[j]);
     }
-    for (int64_t j = 0; j < width; ++j) {
-      const Moments m = moments_from_shifted_sums(b.cnt[j], b.shift[j], b.s1[j], b.s2[j]);
-      s.block_mean[j] = m.mean;
-      s.block_m2[j] = m.m2;
-    }
-    double probe = 0.0;  // NaN or inf only where acc_t overflowed
-    for (int64_t j = 0; j < width; ++j) probe += s.block_mean[j] + s.block_m2[j];
-    if (!is_finite(probe)) {
-      for (int64_t j = 0; j < width; ++j) {
-        if (is_finite(s.block_mean[j]) && is_finite(s.block_m2[j])) continue;
-        const Moments m = column_moments_fp64(t, s.units, s.unit_row, n, rows, width, j);
-        s.block_mean[j] = m.mean;
-        s.block_m2[j] = m.m2;
-      }
-    }
-    double* __restrict__ tile_n = s.n;
-    double* __restrict__ tile_mean = s.mean;
-    double* __restrict__ tile_m2 = s.m2;
-    for (int64_t j = 0; j < width; ++j) {
-      const Moments m = merge_moments({tile_n[j], tile_mean[j], tile_m2[j]},
-                                      {static_cast<double>(b.cnt[j]), s.block_mean[j], s.block_m2[j]});
-      tile_n[j] = m.count;
-      tile_mean[j] = m.mean;
-      tile_m2[j] = m.m2;
-    }
+    merge_block(s.units, n, width, b, s.moments, counts);
   }
 }
 
@@ -380,12 +135,13 @@ void reduce_tile(const Tile& t, const ColumnReduction& out) {
   double* f64 = thread_scratch<double, kReduceF64Slot>(7 * w);
   const int64_t max_block = block_rows(units.cols) > block_rows(w) ? block_rows(units.cols) : block_rows(w);
   const ReduceState<scalar_t, acc_t> s{
-      f64, f64 + w, f64 + 2 * w, f64 + 3 * w, f64 + 4 * w, f64 + 5 * w,
+      {f64, f64 + w, f64 + 2 * w, f64 + 4 * w, f64 + 5 * w},
+      f64 + 3 * w,
       {acc + w, acc + 2 * w, acc + 3 * w, acc + 4 * w, acc + 5 * w, acc + 6 * w, acc + 7 * w, f64 + 6 * w},
       acc,
       thread_scratch<const scalar_t*, kReduceRowsSlot>(max_block),
       thread_scratch<int64_t, kReduceRowIndexSlot>(max_block)};
-  for (int64_t j = 0; j < 4 * w; ++j) f64[j] = 0.0;
+  for (int64_t j = 0; j < 4 * w; ++j) f64[j] = 0.0;  // n, mean, m2, nonfinite
   for (int64_t j = 0; j < w; ++j) {
     s.block.min[j] = std::numeric_limits<acc_t>::infinity();
     s.block.max[j] = -std::numeric_limits<acc_t>::infinity();
@@ -398,7 +154,7 @@ void reduce_tile(const Tile& t, const ColumnReduction& out) {
     Moments m{0.0, 0.0, 0.0};
     double nonfinite = 0.0, lo = std::numeric_limits<double>::infinity(), hi = -lo;
     for (int64_t j = c; j < w; j += units.cols) {
-      m = merge_moments(m, {s.n[j], s.mean[j], s.m2[j]});
+      m = merge_moments(m, {s.moments.n[j], s.moments.mean[j], s.moments.m2[j]});
       nonfinite += s.nonfinite[j];
       lo = min_of(lo, static_cast<double>(s.block.min[j]));
       hi = max_of(hi, static_cast<double>(s.block.max[j]));
