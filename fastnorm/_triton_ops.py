@@ -1,5 +1,6 @@
 """The Triton ops: fastnorm::running_norm_triton, ::normalize_triton, ::batch_moments_triton,
-::merge_normalize_triton and ::normalize_advantages_triton.
+::merge_normalize_triton, ::normalize_advantages_triton, ::advantage_moments_triton and
+::normalize_advantages_from_triton.
 
 Each takes the arguments of the fastnorm op of the same name without the suffix (csrc/ops.cpp) and
 checks them as the C++ bindings do (csrc/running_norm_args.cpp, csrc/advantages_args.cpp), from
@@ -21,7 +22,9 @@ import torch
 from torch import Tensor
 
 from fastnorm._checks import FLOAT_DTYPES, check_out_overlap
-from fastnorm.triton_kernels.advantages import choose_advantage_blocks, launch_normalize_advantages
+from fastnorm.triton_kernels.advantages import (ADVANTAGE_MOMENT_ROWS, choose_advantage_blocks,
+                                                launch_advantage_moments, launch_normalize_advantages,
+                                                launch_normalize_advantages_from)
 from fastnorm.triton_kernels.moments import TABLE_ROWS
 from fastnorm.triton_kernels.running_norm import (INTERPRETED, Blocks, choose_blocks, launch_batch_moments,
                                                   launch_merge_normalize, launch_normalize, launch_running_norm)
@@ -249,37 +252,96 @@ def merge_normalize_triton(
         out.copy_(out_rows.view(out.shape))
 
 
-# ---------------------------------------------------------------- the advantages op
+# ---------------------------------------------------------------- the advantages ops
+
+
+def _check_advantage_x(x: Tensor) -> tuple[int, int, int]:
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"fastnorm: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() != 3:
+        raise ValueError(f"fastnorm: x must be 3-D (outer, groups, inner), got shape {tuple(x.shape)}")
+    return tuple(x.shape)
+
+
+def _check_advantage_outputs(x: Tensor, out: Tensor, stats: Tensor, min_std: float) -> None:
+    _check_out(x, out)
+    groups = x.shape[1]
+    _check_float64(x, stats, "stats", (ADVANTAGE_STAT_ROWS, groups), f"({ADVANTAGE_STAT_ROWS}, {groups})")
+    if not (math.isfinite(min_std) and min_std > 0):
+        raise ValueError(f"fastnorm: min_std must be finite and > 0, got {min_std}")
+
+
+def _check_advantage_mask(x: Tensor, mask: Optional[Tensor]) -> None:
+    if mask is None:
+        return
+    if mask.dtype != torch.bool or mask.device != x.device or mask.dim() != 1:
+        raise ValueError(f"fastnorm: mask must be a 1-D (flattened) bool tensor on {x.device}, got {mask.dtype} "
+                         f"of shape {tuple(mask.shape)} on {mask.device}")
+    if x.numel() > 0 and (mask.numel() == 0 or x.numel() % mask.numel() != 0):
+        raise ValueError(f"fastnorm: mask must have a number of elements that divides x's {x.numel()}, "
+                         f"got {mask.numel()}")
+
+
+def _advantage_blocks(x: Tensor):
+    return choose_advantage_blocks(*x.shape, x.element_size(), _programs(x), **_steps(x))
+
+
+def _flat_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
+    return mask.contiguous().view(torch.uint8) if mask is not None else None
+
+
+def _contiguous_out(x: Tensor, out: Tensor) -> Tensor:
+    """out itself when contiguous, else a scratch to copy back."""
+    return out if out.is_contiguous() else torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 @_define("fastnorm::normalize_advantages_triton", ("out", "stats"))
 def normalize_advantages_triton(x: Tensor, mask: Optional[Tensor], out: Tensor, stats: Tensor, min_std: float,
                                 unbiased: bool) -> None:
     """fastnorm::normalize_advantages on the Triton kernels: x (O, G, I) reduced over dims 0 and 2."""
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"fastnorm: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if x.dim() != 3:
-        raise ValueError(f"fastnorm: x must be 3-D (outer, groups, inner), got shape {tuple(x.shape)}")
-    _check_out(x, out)
-    outer, groups, inner = x.shape
-    _check_float64(x, stats, "stats", (ADVANTAGE_STAT_ROWS, groups), f"({ADVANTAGE_STAT_ROWS}, {groups})")
-    if not (math.isfinite(min_std) and min_std > 0):
-        raise ValueError(f"fastnorm: min_std must be finite and > 0, got {min_std}")
-    numel = x.numel()
-    if mask is not None:
-        if mask.dtype != torch.bool or mask.device != x.device or mask.dim() != 1:
-            raise ValueError(f"fastnorm: mask must be a 1-D (flattened) bool tensor on {x.device}, got {mask.dtype} "
-                             f"of shape {tuple(mask.shape)} on {mask.device}")
-        if numel > 0 and (mask.numel() == 0 or numel % mask.numel() != 0):
-            raise ValueError(f"fastnorm: mask must have a number of elements that divides x's {numel}, "
-                             f"got {mask.numel()}")
-    if numel == 0:
+    _check_advantage_x(x)
+    _check_advantage_outputs(x, out, stats, min_std)
+    _check_advantage_mask(x, mask)
+    if x.numel() == 0:
         stats.zero_()
         return
-    x_c = x.contiguous()
-    out_c = out if out.is_contiguous() else torch.empty_like(x_c)
-    mask_flat = mask.contiguous().view(torch.uint8) if mask is not None else None
-    blocks = choose_advantage_blocks(outer, groups, inner, x.element_size(), _programs(x), **_steps(x))
-    launch_normalize_advantages(x_c, mask_flat, out_c, stats, min_std=min_std, unbiased=unbiased, blocks=blocks)
+    out_c = _contiguous_out(x, out)
+    launch_normalize_advantages(x.contiguous(), _flat_mask(mask), out_c, stats, min_std=min_std, unbiased=unbiased,
+                                blocks=_advantage_blocks(x))
     if out_c is not out:
+        out.copy_(out_c)
+
+
+@_define("fastnorm::advantage_moments_triton", ("moments",))
+def advantage_moments_triton(x: Tensor, mask: Optional[Tensor], moments: Tensor) -> None:
+    """fastnorm::advantage_moments on the Triton kernels: the moments normalize_advantages_triton
+    computes its statistics from."""
+    groups = _check_advantage_x(x)[1]
+    _check_float64(x, moments, "moments", (ADVANTAGE_MOMENT_ROWS, groups), f"({ADVANTAGE_MOMENT_ROWS}, {groups})")
+    _check_advantage_mask(x, mask)
+    if x.numel() == 0:  # every group without entries
+        moments[:3].zero_()
+        moments[3].fill_(math.inf)
+        moments[4].fill_(-math.inf)
+        return
+    launch_advantage_moments(x.contiguous(), _flat_mask(mask), moments, blocks=_advantage_blocks(x))
+
+
+@_define("fastnorm::normalize_advantages_from_triton", ("out", "stats"))
+def normalize_advantages_from_triton(x: Tensor, parts: Tensor, out: Tensor, stats: Tensor, min_std: float,
+                                     unbiased: bool) -> None:
+    """fastnorm::normalize_advantages_from on the Triton kernels."""
+    groups = _check_advantage_x(x)[1]
+    _check_advantage_outputs(x, out, stats, min_std)
+    if (parts.dtype != torch.float64 or not parts.is_contiguous() or parts.dim() != 3 or parts.shape[0] < 1
+            or parts.shape[1:] != (ADVANTAGE_MOMENT_ROWS, groups) or parts.device != x.device):
+        raise ValueError(f"fastnorm: parts must be a contiguous float64 tensor of shape (num_parts >= 1, "
+                         f"{ADVANTAGE_MOMENT_ROWS}, {groups}) on {x.device}, got {parts.dtype} of shape "
+                         f"{tuple(parts.shape)} on {parts.device}")
+    if groups == 0:
+        return
+    out_c = _contiguous_out(x, out)
+    launch_normalize_advantages_from(x.contiguous(), parts, out_c, stats, min_std=min_std, unbiased=unbiased,
+                                     blocks=_advantage_blocks(x))
+    if out_c is not out and x.numel() > 0:
         out.copy_(out_c)

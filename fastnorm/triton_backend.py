@@ -27,12 +27,12 @@ else:
 
 
 # The ops this backend has kernels for; not_supported_reasons(x, op) names any other.
-OPS = ("running_norm", "normalize", "batch_moments", "merge_normalize", "normalize_advantages")
+OPS = ("running_norm", "normalize", "batch_moments", "merge_normalize", "normalize_advantages", "advantage_moments",
+       "normalize_advantages_from")
 
 
 class TritonBackend:
-    """fastnorm::running_norm_triton, ::normalize_triton, ::batch_moments_triton,
-    ::merge_normalize_triton and ::normalize_advantages_triton. It holds no state: each call
+    """The ops of fastnorm/_triton_ops.py, one per op in OPS. It holds no state: each call
     allocates its own scratch on the caller's stream."""
 
     name = "triton"
@@ -69,3 +69,9 @@ class TritonBackend:
 
     def normalize_advantages(self, x, mask, out, stats, **hyper) -> None:
         torch.ops.fastnorm.normalize_advantages_triton(x, mask, out, stats, **hyper)
+
+    def advantage_moments(self, x, mask, moments) -> None:
+        torch.ops.fastnorm.advantage_moments_triton(x, mask, moments)
+
+    def normalize_advantages_from(self, x, parts, out, stats, **hyper) -> None:
+        torch.ops.fastnorm.normalize_advantages_from_triton(x, parts, out, stats, **hyper)

@@ -198,6 +198,49 @@ def test_advantages_op_rejects_bad_arguments_naming_them(device, gen):
 
 
 @needs_triton_backend
+@pytest.mark.parametrize("shape,mask_numel,parts", [((33, 4, 3), 33 * 4, 3), ((1, 1, 500), 5, 1),
+                                                    ((0, 2, 3), 0, 2)], ids=str)
+def test_opcheck_advantage_split_ops_triton(device, gen, shape, mask_numel, parts):
+    x = randn(shape, gen, device=device)
+    mask = random_mask((mask_numel,), gen, device) if mask_numel else None
+    moments = torch.empty(5, shape[1], dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.fastnorm.advantage_moments_triton.default, (x, mask, moments))
+    torch.ops.fastnorm.advantage_moments_triton(randn((7,) + shape[1:], gen, device=device), None, moments)
+    args = (x, moments.expand(parts, -1, -1).contiguous(), torch.empty_like(x),
+            torch.empty(4, shape[1], dtype=torch.float64, device=device))
+    torch.library.opcheck(torch.ops.fastnorm.normalize_advantages_from_triton.default, args,
+                          dict(min_std=1e-4, unbiased=True))
+
+
+@needs_triton_backend
+def test_advantage_split_ops_reject_bad_arguments_naming_them(device, gen):
+    x = randn((33, 4, 3), gen, device=device)
+    out = torch.full_like(x, math.nan)
+    stats = torch.full((4, 4), math.nan, dtype=torch.float64, device=device)
+    moments = torch.full((5, 4), math.nan, dtype=torch.float64, device=device)
+    op = torch.ops.fastnorm.advantage_moments_triton
+    with pytest.raises(ValueError, match=r"moments must be a contiguous float64 tensor of shape \(5, 4\)"):
+        op(x, None, torch.empty(6, 4, dtype=torch.float64, device=device))
+    with pytest.raises(ValueError, match=r"moments must be a contiguous float64 tensor of shape \(5, 4\)"):
+        op(x, None, moments.float())
+    with pytest.raises(ValueError, match="mask must have a number of elements that divides x's 396, got 5"):
+        op(x, random_mask((5,), gen, device), moments)
+    op = torch.ops.fastnorm.normalize_advantages_from_triton
+    with pytest.raises(ValueError, match=r"parts must be a contiguous float64 tensor of shape \(num_parts >= 1, "
+                                         r"5, 4\) on \S+, got torch.float64 of shape \(2, 5, 3\)"):
+        op(x, torch.zeros(2, 5, 3, dtype=torch.float64, device=device), out, stats, 1e-4, True)
+    with pytest.raises(ValueError, match=r"parts must be .* of shape \(0, 5, 4\)"):
+        op(x, torch.zeros(0, 5, 4, dtype=torch.float64, device=device), out, stats, 1e-4, True)
+    with pytest.raises(ValueError, match=r"parts must be .* of shape \(5, 4\)"):
+        op(x, moments, out, stats, 1e-4, True)
+    with pytest.raises(ValueError, match="min_std must be finite and > 0, got -1"):
+        op(x, moments[None], out, stats, -1.0, True)
+    with pytest.raises(ValueError, match=r"stats must be a contiguous float64 tensor of shape \(4, 4\)"):
+        op(x, moments[None], out, stats[:3], 1e-4, True)
+    assert out.isnan().all() and stats.isnan().all() and moments.isnan().all()  # nothing written
+
+
+@needs_triton_backend
 def test_out_may_be_x_but_not_overlap_it_partially(device, gen):
     mean, var, count = fresh_stats(gen, (4, 3), device)
     diag = torch.empty(6, 12, dtype=torch.float64, device=device)
@@ -310,10 +353,14 @@ def test_kernels_compile_for_sm90(tmp_path):
         compile_kernel(k._normalize_kernel, "fp64", dict(normalize, mask_ptr=None, diag_ptr=None, HAS_MASK=False,
                                                          WITH_DIAG=False, ACC=tl.float64, BLOCK_C=32, BLOCK_R=64))
         blocks = dict(ACC=tl.float32, BLOCK_O=4, BLOCK_G=8, BLOCK_I=64)
-        ptx = compile_kernel(a._reduce_kernel, "bf16", dict(blocks, HAS_MASK=True, SPLIT=True, MERGE_R=64))
+        stats = dict(blocks, HAS_MASK=True, MOMENTS=False, SPLIT=True, MERGE_R=64, table_ptr=None)
+        ptx = compile_kernel(a._reduce_kernel, "bf16", stats)
         assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx
-        compile_kernel(a._reduce_kernel, "fp64", dict(blocks, ACC=tl.float64, mask_ptr=None, HAS_MASK=False,
-                                                      SPLIT=False, MERGE_R=64, partials_ptr=None, arrivals_ptr=None))
+        compile_kernel(a._reduce_kernel, "fp64", dict(stats, ACC=tl.float64, mask_ptr=None, HAS_MASK=False,
+                                                      SPLIT=False, partials_ptr=None, arrivals_ptr=None))
+        compile_kernel(a._reduce_kernel, "fp32", dict(blocks, HAS_MASK=True, MOMENTS=True, SPLIT=True, MERGE_R=64,
+                                                      stats_ptr=None))
+        compile_kernel(a._merge_parts_kernel, "fp32", dict(BLOCK_G=256))
         compile_kernel(a._normalize_kernel, "fp16", blocks)
         print("ok")
     """)

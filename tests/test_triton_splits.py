@@ -1,7 +1,7 @@
 """The Triton kernels' split paths, forced with tiny blocks so that every reduce cuts its rows (or
 steps) across several programs whose last one merges their tables in several steps: the fused
-running norm, its halves (batch_moments, merge_normalize) and normalize_advantages, against the
-float64 reference. The blocks the ops choose for these small shapes would take one program.
+running norm and normalize_advantages and their halves for synced calls (batch_moments and
+merge_normalize, advantage_moments and normalize_advantages_from), against the float64 reference. The blocks the ops choose for these small shapes would take one program.
 
 make test runs these under TRITON_INTERPRET=1 on cpu; natively they run where the backend runs (cuda).
 See tests/test_triton.py for the interpreter's bfloat16 rounding.
@@ -235,3 +235,68 @@ def test_split_advantages_are_deterministic(device, gen):
     x = randn(ADV_SHAPE, gen, device=device, mean=5.0)
     first, second = (run_advantages(x, None, advantage_blocks(1)) for _ in range(2))
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def advantage_moments(x, mask, blocks):
+    """The advantage-moments table (5, G) of the kernels, poisoned first."""
+    from fastnorm.triton_kernels.advantages import launch_advantage_moments
+
+    table = torch.full((5, x.shape[1]), math.nan, dtype=torch.float64, device=x.device)
+    flat_mask = mask.reshape(-1).contiguous().view(torch.uint8) if mask is not None else None
+    launch_advantage_moments(x, flat_mask, table, blocks=blocks)
+    return table
+
+
+def advantages_from(x, parts, blocks, unbiased=True, min_std=1e-4):
+    """y (poisoned first) and stats (4, G) of normalize_advantages_from's kernels."""
+    from fastnorm.triton_kernels.advantages import launch_normalize_advantages_from
+
+    out = torch.full_like(x, math.nan)
+    stats = torch.full((4, x.shape[1]), math.nan, dtype=torch.float64, device=x.device)
+    launch_normalize_advantages_from(x, parts, out, stats, min_std=min_std, unbiased=unbiased, blocks=blocks)
+    return out, stats
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "full"])
+def test_split_advantage_moments_match_reference(device, gen, dtype, mask_kind):
+    x = randn(ADV_SHAPE, gen, dtype=dtype, device=device, mean=4.0, scale=2.0)
+    x[1, 0, 2], x[3, 2, 6] = math.nan, -math.inf
+    x[:, 1] = x[0, 1, 0]  # a constant group
+    mask = random_mask(ADV_SHAPE, gen, device) if mask_kind == "full" else None
+    table = advantage_moments(x, mask, advantage_blocks(1))
+    want = advantages_reference.moment_table(x, mask, (0, 2))
+    for row in (0, 3, 4):  # counts, and input values: exact
+        assert torch.equal(table[row], want[row]), advantages_reference.MOMENT_ROWS[row]
+    tol = ADVANTAGE_TOL[dtype]
+    torch.testing.assert_close(table[1], want[1], rtol=tol["rtol"], atol=tol["atol"] * 4.0)
+    torch.testing.assert_close(table[2], want[2], rtol=tol["rtol"], atol=tol["atol"] * 16.0 * float(want[0].max()))
+    assert table[2, 1] == 0  # the constant group: exact
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_split_advantage_halves_give_the_fused_bits(device, gen, dtype, unbiased):
+    x = randn(ADV_SHAPE, gen, dtype=dtype, device=device, mean=-1.0, scale=2.0)
+    x[2, 0, 5] = math.nan
+    mask = random_mask(ADV_SHAPE[:2], gen, device)
+    blocks = advantage_blocks(1)
+    y, stats = advantages_from(x, advantage_moments(x, mask, blocks)[None], blocks, unbiased=unbiased)
+    y_fused, stats_fused = run_advantages(x, mask, blocks, unbiased=unbiased)
+    assert torch.equal(y.nan_to_num(-7.0), y_fused.nan_to_num(-7.0)) and torch.equal(stats, stats_fused)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_split_advantage_parts_merge_to_the_concatenated_advantages(device, gen, dtype):
+    # Three "ranks" holding 2, 1 and 2 rows of O; every shard merges the same tables.
+    x = randn(ADV_SHAPE, gen, dtype=dtype, device=device, mean=3.0, scale=0.5)
+    mask = random_mask(ADV_SHAPE, gen, device)
+    mask[2] = False  # the middle shard: fully masked
+    blocks = advantage_blocks(1)
+    shards = list(zip(x.split((2, 1, 2)), mask.split((2, 1, 2))))
+    parts = torch.stack([advantage_moments(xs.contiguous(), ms, blocks) for xs, ms in shards])
+    results = [advantages_from(xs.contiguous(), parts, blocks) for xs, _ in shards]
+    for _, stats in results[1:]:
+        assert torch.equal(stats, results[0][1])
+    ref = advantage_reference(x, mask)
+    assert_advantages_close(torch.cat([y for y, _ in results]), results[0][1], ref, dtype, scale=4.0)

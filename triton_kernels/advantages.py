@@ -1,15 +1,21 @@
-"""Triton kernels of fastnorm::normalize_advantages: x (O, G, I), contiguous, reduced over dims 0
-and 2 (the contract in fastnorm/advantages_reference.py, the arithmetic of csrc/advantages_math.h).
+"""Triton kernels of fastnorm::normalize_advantages and of its halves for synced calls
+(fastnorm::advantage_moments, fastnorm::normalize_advantages_from; csrc/ops.cpp): x (O, G, I),
+contiguous, reduced over dims 0 and 2 (the contract in fastnorm/advantages_reference.py, the
+arithmetic of csrc/advantages_math.h).
 
 A program takes BLOCK_G groups and steps over their entries in blocks of (BLOCK_O, BLOCK_G,
 BLOCK_I) elements: entry (o, g, i) at o G I + g I + i. The steps of a group tile, o-blocks times
-i-blocks, are cut into splits, one program each (grid: group tiles, splits). Two kernels:
+i-blocks, are cut into splits, one program each (grid: group tiles, splits). The kernels:
 
 - `_reduce_kernel`: per-step moments of each group by the corrected two-pass algorithm (exact for
-  a constant step), merged in float64 by Chan's formula, with the min and max. With several splits each program writes its
-  batch-moments table (triton_kernels/moments.py; the non-finite row is left 0: nothing reads it)
-  and takes a ticket from its group tile's arrival counter; the last to arrive merges the tables
-  in split order. The group's statistics (advantage_group) go into stats (4, G).
+  a constant step), merged in float64 by Chan's formula, with the min and max. With several
+  splits each program writes its batch-moments table (triton_kernels/moments.py; the non-finite
+  row is left 0: nothing reads it) and takes a ticket from its group tile's arrival counter
+  (per-call int32 zeros); the last to arrive merges the tables in split order. The group's
+  statistics (advantage_group) go into stats (4, G), or, for advantage_moments, its moments into
+  an advantage-moments table (5, G).
+- `_merge_parts_kernel`, one program per group tile: merges the advantage-moments tables of
+  several processes in part order into stats (the first half of normalize_advantages_from).
 - `_normalize_kernel`, the splits in reverse order (the last entries read are in L2): y = (x - mean)
   * scale for a group with entries, 0 for one without.
 
@@ -26,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastnorm.triton_kernels.moments import TABLE_ROWS, merge_partials, store_table
+from fastnorm.triton_kernels.moments import TABLE_ROWS, chan_merge, merge_partials, store_table
 from fastnorm.triton_kernels.running_norm import acc_type, split_scratch, wrap_triton
 
 _TABLE_ROWS = tl.constexpr(TABLE_ROWS)
@@ -35,6 +41,14 @@ _S_COUNT = tl.constexpr(0)
 _S_MEAN = tl.constexpr(1)
 _S_STD_RAW = tl.constexpr(2)
 _S_NORM_MAX_ABS = tl.constexpr(3)
+# Rows of an advantage-moments table (AdvantageMomentRow in csrc/advantages_math.h).
+ADVANTAGE_MOMENT_ROWS = 5
+_ADVANTAGE_MOMENT_ROWS = tl.constexpr(ADVANTAGE_MOMENT_ROWS)
+_A_COUNT = tl.constexpr(0)
+_A_MEAN = tl.constexpr(1)
+_A_M2 = tl.constexpr(2)
+_A_MIN = tl.constexpr(3)
+_A_MAX = tl.constexpr(4)
 _INF = tl.constexpr(float("inf"))
 
 
@@ -51,10 +65,10 @@ def _entries(step, g, groups, inner, outer, i_blocks, BLOCK_O: tl.constexpr, BLO
 
 @triton.jit
 def _reduce_kernel(
-    x_ptr, mask_ptr, mask_group, stats_ptr, partials_ptr, arrivals_ptr,
+    x_ptr, mask_ptr, mask_group, stats_ptr, table_ptr, partials_ptr, arrivals_ptr,
     outer, groups, inner, i_blocks, steps, steps_per_split,
     min_std: tl.float64, dof_offset: tl.float64,
-    HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr,
+    HAS_MASK: tl.constexpr, MOMENTS: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_I: tl.constexpr, MERGE_R: tl.constexpr,
 ):
     group_tile = tl.program_id(0)
@@ -123,9 +137,46 @@ def _reduce_kernel(
         if ticket == splits - 1:
             n, mean, m2, _, group_lo, group_hi = merge_partials(partials_ptr, g, g_ok, groups, splits, BLOCK_G,
                                                                 MERGE_R)
-            _store_stats(stats_ptr, g, g_ok, groups, n, mean, m2, group_lo, group_hi, floor, offset)
+            _finish(stats_ptr, table_ptr, g, g_ok, groups, n, mean, m2, group_lo, group_hi, floor, offset, MOMENTS)
     else:
-        _store_stats(stats_ptr, g, g_ok, groups, n, mean, m2, group_lo, group_hi, floor, offset)
+        _finish(stats_ptr, table_ptr, g, g_ok, groups, n, mean, m2, group_lo, group_hi, floor, offset, MOMENTS)
+
+
+@triton.jit
+def _finish(stats_ptr, table_ptr, g, g_ok, groups, n, mean, m2, lo, hi, min_std, dof_offset, MOMENTS: tl.constexpr):
+    """What a group tile's moments become: its statistics, or its advantage-moments table."""
+    if MOMENTS:
+        tl.store(table_ptr + _A_COUNT * groups + g, n, mask=g_ok)
+        tl.store(table_ptr + _A_MEAN * groups + g, mean, mask=g_ok)  # 0 without entries: never moved from 0
+        tl.store(table_ptr + _A_M2 * groups + g, m2, mask=g_ok)
+        tl.store(table_ptr + _A_MIN * groups + g, lo, mask=g_ok)
+        tl.store(table_ptr + _A_MAX * groups + g, hi, mask=g_ok)
+    else:
+        _store_stats(stats_ptr, g, g_ok, groups, n, mean, m2, lo, hi, min_std, dof_offset)
+
+
+@triton.jit
+def _merge_parts_kernel(parts_ptr, num_parts, stats_ptr, groups, min_std: tl.float64, dof_offset: tl.float64,
+                        BLOCK_G: tl.constexpr):
+    """Groups of num_parts >= 1 advantage-moments tables merged in part order (merge_group_parts
+    of csrc/advantages_math.h), their statistics into stats."""
+    g = (tl.program_id(0) * BLOCK_G).to(tl.int64) + tl.arange(0, BLOCK_G)
+    g_ok = g < groups
+    n = tl.load(parts_ptr + _A_COUNT * groups + g, mask=g_ok, other=0.0)
+    mean = tl.load(parts_ptr + _A_MEAN * groups + g, mask=g_ok, other=0.0)
+    m2 = tl.load(parts_ptr + _A_M2 * groups + g, mask=g_ok, other=0.0)
+    lo = tl.load(parts_ptr + _A_MIN * groups + g, mask=g_ok, other=_INF)
+    hi = tl.load(parts_ptr + _A_MAX * groups + g, mask=g_ok, other=-_INF)
+    table = parts_ptr + g
+    for _ in range(1, num_parts):
+        table += _ADVANTAGE_MOMENT_ROWS * groups  # a 64-bit pointer: no index overflow however many parts
+        n, mean, m2 = chan_merge(n, mean, m2, tl.load(table + _A_COUNT * groups, mask=g_ok, other=0.0),
+                                 tl.load(table + _A_MEAN * groups, mask=g_ok, other=0.0),
+                                 tl.load(table + _A_M2 * groups, mask=g_ok, other=0.0))
+        lo = tl.minimum(lo, tl.load(table + _A_MIN * groups, mask=g_ok, other=_INF))
+        hi = tl.maximum(hi, tl.load(table + _A_MAX * groups, mask=g_ok, other=-_INF))
+    _store_stats(stats_ptr, g, g_ok, groups, n, mean, m2, lo, hi, tl.full([], min_std, tl.float64),
+                 tl.full([], dof_offset, tl.float64))
 
 
 @triton.jit
@@ -218,8 +269,37 @@ def choose_advantage_blocks(outer: int, groups: int, inner: int, element_size: i
     merge = max(1, MERGE_ELEMS // block_g)
     steps = triton.cdiv(outer, block_o) * triton.cdiv(inner, block_i)
     splits = max(1, min(triton.cdiv(programs, group_tiles), steps, merge * MAX_MERGE_STEPS))
-    return AdvantageBlocks(outer=block_o, groups=block_g, inner=block_i, steps_per_split=triton.cdiv(steps, splits),
-                           merge=merge)
+    return AdvantageBlocks(outer=block_o, groups=block_g, inner=block_i,
+                           steps_per_split=max(1, triton.cdiv(steps, splits)), merge=merge)
+
+
+def _sizes(x: torch.Tensor, blocks: AdvantageBlocks) -> tuple[int, ...]:
+    """The size arguments of the reduce and normalize kernels for x (O, G, I)."""
+    outer, groups, inner = x.shape
+    i_blocks, steps = blocks.steps(outer, inner)
+    return outer, groups, inner, i_blocks, steps, blocks.steps_per_split
+
+
+def _common(x: torch.Tensor, blocks: AdvantageBlocks) -> dict:
+    return dict(ACC=acc_type(x.dtype), BLOCK_O=blocks.outer, BLOCK_G=blocks.groups, BLOCK_I=blocks.inner,
+                num_warps=blocks.num_warps)
+
+
+def _launch_reduce(x, mask, stats, table, *, min_std, unbiased, blocks):
+    """The reduce kernel: the statistics into stats, or (stats None) the moments into table."""
+    grid = blocks.grid(*x.shape)
+    partials, arrivals = split_scratch(grid[1], grid[0], x.shape[1], x.device)
+    wrap_triton(_reduce_kernel)[grid](
+        x, mask, x.numel() // mask.numel() if mask is not None else 1, stats, table, partials, arrivals,
+        *_sizes(x, blocks), float(min_std), 1.0 if unbiased else 0.0,
+        HAS_MASK=mask is not None, MOMENTS=stats is None, SPLIT=grid[1] > 1, MERGE_R=blocks.merge,
+        **_common(x, blocks),
+    )
+
+
+def _launch_normalize(x, out, stats, *, min_std, blocks):
+    wrap_triton(_normalize_kernel)[blocks.grid(*x.shape)](x, out, stats, *_sizes(x, blocks), float(min_std),
+                                                          **_common(x, blocks))
 
 
 def launch_normalize_advantages(x: torch.Tensor, mask: Optional[torch.Tensor], out: torch.Tensor,
@@ -227,16 +307,26 @@ def launch_normalize_advantages(x: torch.Tensor, mask: Optional[torch.Tensor], o
                                 blocks: AdvantageBlocks) -> None:
     """stats (4, G) and y into out for x (O, G, I) with at least one entry, x and out contiguous;
     mask: flat uint8 whose entry k // (numel / mask.numel()) selects flat entry k, or None."""
-    outer, groups, inner = x.shape
-    i_blocks, steps = blocks.steps(outer, inner)
-    grid = blocks.grid(outer, groups, inner)
-    partials, arrivals = split_scratch(grid[1], grid[0], groups, x.device)
-    common = dict(ACC=acc_type(x.dtype), BLOCK_O=blocks.outer, BLOCK_G=blocks.groups, BLOCK_I=blocks.inner,
-                  num_warps=blocks.num_warps)
-    sizes = (outer, groups, inner, i_blocks, steps, blocks.steps_per_split)
-    wrap_triton(_reduce_kernel)[grid](
-        x, mask, x.numel() // mask.numel() if mask is not None else 1, stats, partials, arrivals, *sizes,
-        float(min_std), 1.0 if unbiased else 0.0,
-        HAS_MASK=mask is not None, SPLIT=grid[1] > 1, MERGE_R=blocks.merge, **common,
+    _launch_reduce(x, mask, stats, None, min_std=min_std, unbiased=unbiased, blocks=blocks)
+    _launch_normalize(x, out, stats, min_std=min_std, blocks=blocks)
+
+
+def launch_advantage_moments(x: torch.Tensor, mask: Optional[torch.Tensor], table: torch.Tensor, *,
+                             blocks: AdvantageBlocks) -> None:
+    """The advantage-moments table (5, G) of x (O, G, I) with at least one entry, contiguous (mask
+    as in launch_normalize_advantages): for the same blocks, exactly the moments from which
+    launch_normalize_advantages computes its statistics."""
+    _launch_reduce(x, mask, None, table, min_std=1.0, unbiased=False, blocks=blocks)
+
+
+def launch_normalize_advantages_from(x: torch.Tensor, parts: torch.Tensor, out: torch.Tensor, stats: torch.Tensor,
+                                     *, min_std: float, unbiased: bool, blocks: AdvantageBlocks) -> None:
+    """Merges the advantage-moments tables parts (P, 5, G) in order into stats (4, G), then writes y
+    for x (O, G, I), contiguous, possibly empty, into out."""
+    groups = x.shape[1]
+    wrap_triton(_merge_parts_kernel)[(triton.cdiv(groups, blocks.groups),)](
+        parts, parts.shape[0], stats, groups, float(min_std), 1.0 if unbiased else 0.0, BLOCK_G=blocks.groups,
+        num_warps=blocks.num_warps,
     )
-    wrap_triton(_normalize_kernel)[grid](x, out, stats, *sizes, float(min_std), **common)
+    if x.numel() > 0:
+        _launch_normalize(x, out, stats, min_std=min_std, blocks=blocks)

@@ -5,7 +5,8 @@ csrc/running_norm_math.h: count, mean, M2 (sum of squared deviations from the me
 count, min, max. A column without entries reads 0, 0, 0, nonfinite, +inf, -inf. The split-rows
 reduce kernels write one table per split (their partials), which the last program of a column tile
 merges in split order (`merge_partials`); fastnorm::merge_normalize merges the tables of several
-processes one after another (`merge_column_parts`, the mirror of the header's function).
+processes one after another (`merge_column_parts`, the mirror of the header's function), each
+step a `chan_merge`.
 """
 
 from __future__ import annotations
@@ -78,11 +79,21 @@ def merge_partials(partials_ptr, c, col_ok, cols, splits, BLOCK_C: tl.constexpr,
 
 
 @triton.jit
+def chan_merge(n, mean, m2, n_b, mean_b, m2_b):
+    """Count, mean and M2 of the union of two sets, operation for operation as merge_moments of
+    running_norm_math.h (Chan et al. 1979): mean = mean_a + d w_b, M2 = M2_a + M2_b + d n_a w_b d,
+    w_b = n_b / max(n, 1), d = mean_b - mean_a; merging an empty set changes nothing."""
+    total = n + n_b
+    w_b = n_b / tl.maximum(total, 1.0)
+    d = mean_b - mean
+    return total, mean + d * w_b, m2 + m2_b + d * n * w_b * d
+
+
+@triton.jit
 def merge_column_parts(parts_ptr, c, col_ok, cols, num_parts):
     """Columns c of num_parts >= 1 tables at parts_ptr merged in part order starting from part 0,
-    operation for operation as merge_column_parts of running_norm_math.h (merge_moments:
-    mean = mean_a + d w_b, M2 = M2_a + M2_b + d n_a w_b d, w_b = n_b / max(n, 1), d = mean_b - mean_a),
-    so that every process merging the same tables gets the same bits."""
+    as merge_column_parts of running_norm_math.h, so that every process merging the same tables
+    gets the same bits."""
     n = tl.load(parts_ptr + _COUNT * cols + c, mask=col_ok, other=0.0)
     mean = tl.load(parts_ptr + _MEAN * cols + c, mask=col_ok, other=0.0)
     m2 = tl.load(parts_ptr + _M2 * cols + c, mask=col_ok, other=0.0)
@@ -92,14 +103,9 @@ def merge_column_parts(parts_ptr, c, col_ok, cols, num_parts):
     table = parts_ptr + c
     for _ in range(1, num_parts):
         table += _TABLE_ROWS * cols  # a 64-bit pointer: no index overflow however many parts
-        b_n = tl.load(table + _COUNT * cols, mask=col_ok, other=0.0)
-        b_mean = tl.load(table + _MEAN * cols, mask=col_ok, other=0.0)
-        total = n + b_n
-        w_b = b_n / tl.maximum(total, 1.0)
-        d = b_mean - mean
-        m2 = m2 + tl.load(table + _M2 * cols, mask=col_ok, other=0.0) + d * n * w_b * d
-        mean = mean + d * w_b
-        n = total
+        n, mean, m2 = chan_merge(n, mean, m2, tl.load(table + _COUNT * cols, mask=col_ok, other=0.0),
+                                 tl.load(table + _MEAN * cols, mask=col_ok, other=0.0),
+                                 tl.load(table + _M2 * cols, mask=col_ok, other=0.0))
         nonfinite += tl.load(table + _NONFINITE * cols, mask=col_ok, other=0.0)
         lo = tl.minimum(lo, tl.load(table + _MIN * cols, mask=col_ok, other=_INF))
         hi = tl.maximum(hi, tl.load(table + _MAX * cols, mask=col_ok, other=-_INF))
