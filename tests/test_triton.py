@@ -268,6 +268,17 @@ def test_auto_never_picks_the_interpreter():
         assert any("TRITON_INTERPRET=1" in reason for reason in triton_backend.not_supported_reasons(x))
 
 
+def test_bench_never_times_the_triton_interpreter():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from running_norm import timed_backends
+
+    x = torch.empty(0)
+    for op in ("running_norm", "normalize_advantages"):
+        assert "triton" not in timed_backends(x, op)
+    if INTERPRETED:  # the backend can run x: the benchmark skips it nonetheless
+        assert not BACKENDS["triton"].not_supported_reasons(x)
+
+
 def test_ops_without_triton_kernels_are_named():
     reasons = BACKENDS["triton"].not_supported_reasons(torch.empty(0), "an_op_added_later")
     assert any("no kernel for an_op_added_later" in reason for reason in reasons)
