@@ -319,6 +319,25 @@ def test_cuda_graph_replays_without_host_sync(gen):
         assert torch.equal(norm.count, expected.count)
 
 
+@needs_triton_backend
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="streams need a CUDA device")
+def test_concurrent_streams_each_use_their_own_counters(gen):
+    # Two split-rows calls in flight at once on two streams: each merges only its own programs.
+    xs = [randn((8192, 4, 16), gen, device="cuda", mean=m) for m in (-2.0, 2.0)]
+    norms = [RunningNorm((4, 16), backend="triton", device="cuda") for _ in xs]
+    expected = [reference.running_norm(x, None, n.mean, n.var, n.count, **hyper_of(n)) for x, n in zip(xs, norms)]
+    streams = [torch.cuda.Stream() for _ in xs]
+    torch.cuda.synchronize()
+    ys = []
+    for stream, x, norm in zip(streams, xs, norms):
+        with torch.cuda.stream(stream):
+            ys.append(norm(x))
+    torch.cuda.synchronize()
+    for y, norm, want in zip(ys, norms, expected):
+        torch.testing.assert_close(y, want.y, **Y_TOL[torch.float32])
+        assert_stats_close((norm.mean, norm.var, norm.count), want, torch.float32, scale=2.0)
+
+
 @needs_triton
 @pytest.mark.skipif(INTERPRETED, reason="compiled in the run without TRITON_INTERPRET")
 def test_kernels_compile_for_sm90(tmp_path):

@@ -20,7 +20,7 @@ i-blocks, are cut into splits, one program each (grid: group tiles, splits). The
   * scale for a group with entries, 0 for one without.
 
 Scalars (min_std, the degrees-of-freedom offset, sizes) are runtime arguments; only the blocks,
-the accumulator type and the presence of a mask are compile-time constants. No autotuning.
+the accumulator type and which inputs and outputs exist are compile-time constants. No autotuning.
 """
 
 from __future__ import annotations
