@@ -42,7 +42,8 @@ def flat_mask(kind, shape, gen):
     per 3 entries."""
     numel, outer = math.prod(shape), shape[0]
     size = {"none": 0, "entries": numel, "outer_groups": outer * shape[1], "outer": outer,
-            "outer_pairs": outer // 2 if outer % 2 == 0 else outer, "thirds": numel // 3 if numel % 3 == 0 else numel}[kind]
+            "outer_pairs": outer // 2 if outer % 2 == 0 else outer,
+            "thirds": numel // 3 if numel % 3 == 0 else numel}[kind]
     return random_mask((size,), gen) if size else None
 
 

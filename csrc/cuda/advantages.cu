@@ -459,7 +459,8 @@ void plan_runs(const AdvantageProblem& p, AdvantagePlan& plan) {
 
 RunArgs run_args(const AdvantageProblem& p, const AdvantagePlan& plan, double* partials, const double* coef) {
   const int64_t stride = kWarpSize * plan.vector_width;
-  const Quotient mask_step = p.mask != nullptr ? Quotient{stride / p.mask_group, stride % p.mask_group} : Quotient{0, 0};
+  const Quotient mask_step =
+      p.mask != nullptr ? Quotient{stride / p.mask_group, stride % p.mask_group} : Quotient{0, 0};
   return {p, plan.runs, plan.run_length, plan.pieces_per_run, plan.piece_length, mask_step, partials, coef};
 }
 
