@@ -18,8 +18,12 @@ PYTEST_ARGS ?=
 
 .PHONY: test bench build clean check-cuda
 
+# The second run tests the Triton kernels on the CPU through Triton's interpreter (the tests of
+# the triton backend only: -k triton).
 test: $(BUILD_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 FASTNORM_TEST_DEVICE=cpu FASTNORM_TEST_BACKENDS=triton $(PY) -m pytest -q -k triton \
+	  $(PYTEST_ARGS) tests/test_running_norm.py tests/test_running_norm_api.py tests/test_ops.py tests/test_triton.py
 
 bench: $(BUILD_STAMP) $(BENCH_STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)

@@ -34,6 +34,7 @@ from report import as_markdown, as_text  # noqa: E402
 # run(device, quick) -> report.SectionResult. Adding one is adding its name here.
 SECTIONS = [
     "running_norm",
+    "advantages",
     "rollout",
     "stability",
 ]

@@ -1,4 +1,5 @@
-// Argument checks of fastnorm::normalize_advantages, shared by its CPU and CUDA bindings.
+// Argument checks of fastnorm::normalize_advantages and its split ops (advantage_moments,
+// normalize_advantages_from), shared by their CPU and CUDA bindings.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -20,5 +21,15 @@ struct AdvantageGeometry {
 // Checks the arguments of fastnorm::normalize_advantages (every message names the argument).
 AdvantageGeometry check_normalize_advantages_args(const at::Tensor& x, const std::optional<at::Tensor>& mask,
                                                   const at::Tensor& out, const at::Tensor& stats, double min_std);
+
+// Checks the arguments of fastnorm::advantage_moments; moments is (kNumAdvantageMomentRows, G).
+AdvantageGeometry check_advantage_moments_args(const at::Tensor& x, const std::optional<at::Tensor>& mask,
+                                               const at::Tensor& moments);
+
+// Checks the arguments of fastnorm::normalize_advantages_from: those of normalize_advantages
+// without a mask, and parts of shape (num_parts >= 1, kNumAdvantageMomentRows, G).
+AdvantageGeometry check_normalize_advantages_from_args(const at::Tensor& x, const at::Tensor& parts,
+                                                       const at::Tensor& out, const at::Tensor& stats,
+                                                       double min_std);
 
 }  // namespace fastnorm

@@ -1,5 +1,6 @@
-// Arithmetic of fastnorm::normalize_advantages shared by every kernel (C++ CPU, CUDA): what a
-// group's moments become (std with its floor, the scale, max |y|). Header-only, free of torch.
+// Arithmetic of fastnorm::normalize_advantages and its split ops shared by every kernel (C++ CPU,
+// CUDA): the moments tables ranks exchange and their merge, and what a group's moments become (std
+// with its floor, the scale, max |y|). Header-only, free of torch.
 #pragma once
 
 #include "running_norm_math.h"
@@ -15,6 +16,46 @@ enum AdvantageStatRow : int {
   kAdvNormMaxAbs = 3,  // max |y| over them (0 for an empty group)
   kNumAdvantageStatRows = 4,
 };
+
+// Rows of an advantage-moments table, shape (kNumAdvantageMomentRows, G): what
+// fastnorm::advantage_moments writes for one shard (one rank's x) and
+// fastnorm::normalize_advantages_from reads for each of several parts.
+// fastnorm/advantages_reference.py names them in the same order (MOMENT_ROWS).
+enum AdvantageMomentRow : int {
+  kAdvMomentCount = 0,  // selected, finite entries of the group
+  kAdvMomentMean = 1,   // their mean (0 where there is none)
+  kAdvMomentM2 = 2,     // their sum of squared deviations from the mean (0 where there is none)
+  kAdvMomentMin = 3,    // their min (+inf where there is none)
+  kAdvMomentMax = 4,    // their max (-inf where there is none)
+  kNumAdvantageMomentRows = 5,
+};
+
+// A group's moments and the min and max of its entries (+inf and -inf when it has none).
+struct GroupMoments {
+  Moments moments;
+  double min, max;
+};
+
+// Group g of part p of advantage-moments tables stored one after another (each
+// kNumAdvantageMomentRows x groups).
+FASTNORM_HD GroupMoments group_of_part(const double* parts, int64_t p, int64_t groups, int64_t g) {
+  const double* t = parts + p * kNumAdvantageMomentRows * groups + g;
+  return {{t[kAdvMomentCount * groups], t[kAdvMomentMean * groups], t[kAdvMomentM2 * groups]},
+          t[kAdvMomentMin * groups], t[kAdvMomentMax * groups]};
+}
+
+// Group g of num_parts >= 1 tables merged in part order (Chan merge, merge_moments), starting from
+// part 0. The order is fixed, so every process that merges the same parts gets the same bits.
+FASTNORM_HD GroupMoments merge_group_parts(const double* parts, int64_t num_parts, int64_t groups, int64_t g) {
+  GroupMoments s = group_of_part(parts, 0, groups, g);
+  for (int64_t p = 1; p < num_parts; ++p) {
+    const GroupMoments t = group_of_part(parts, p, groups, g);
+    s.moments = merge_moments(s.moments, t.moments);
+    s.min = t.min < s.min ? t.min : s.min;
+    s.max = max_not_nan(s.max, t.max);
+  }
+  return s;
+}
 
 // What the normalize pass needs of a group: y = live ? (x - mean) * scale : 0.
 struct AdvantageGroup {

@@ -1,6 +1,6 @@
 // The fastnorm operator schemas (one TORCH_LIBRARY block), and the _C module whose import loads
 // this library so that the static registrations run. Device kernels register themselves in
-// cpu/running_norm.cpp and cuda/running_norm_binding.cpp.
+// cpu/running_norm.cpp, cpu/advantages.cpp and cuda/running_norm_binding.cpp.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -47,5 +47,24 @@ TORCH_LIBRARY(fastnorm, m) {
   // AdvantageStatRow) and y = (x - mean) / max(std_raw, min_std) into out (0 for an empty group).
   m.def(
       "normalize_advantages(Tensor x, Tensor? mask, Tensor(a!) out, Tensor(b!) stats, float min_std, "
+      "bool unbiased) -> ()");
+  // normalize_advantages split in two halves, so that the group moments of several processes can
+  // be combined in between (normalize_advantages(sync=True) all-gathers them). Running both halves
+  // on one x with parts = moments[None] gives exactly what normalize_advantages gives.
+  //
+  // advantage_moments: x (O, G, I) and mask as in normalize_advantages; writes moments, float64
+  // contiguous (5, G), rows (AdvantageMomentRow in advantages_math.h): count, mean, M2 (sum of
+  // squared deviations from the mean), min, max of each group's selected finite entries. A group
+  // with no entry reads 0, 0, 0, +inf, -inf; so does every group of an empty x. Merge within a part
+  // in a fixed order: equal inputs, equal bits.
+  m.def("advantage_moments(Tensor x, Tensor? mask, Tensor(a!) moments) -> ()");
+  // normalize_advantages_from: merges parts, float64 contiguous (P >= 1, 5, G), each an
+  // advantage_moments table, per group in part order p = 0..P-1 (Chan merge, merge_group_parts),
+  // so every process given the same parts writes the same stats bits; then, from the merged
+  // moments, min and max, stats (4, G) and y for this process's x (O', G, I') into out, as
+  // normalize_advantages does from its own (norm_max_abs comes from the merged min and max). No
+  // mask: y covers every entry. x may be empty while parts are not.
+  m.def(
+      "normalize_advantages_from(Tensor x, Tensor parts, Tensor(a!) out, Tensor(b!) stats, float min_std, "
       "bool unbiased) -> ()");
 }

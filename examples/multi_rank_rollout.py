@@ -1,6 +1,8 @@
 """Many ranks, one set of statistics: each rank rolls out its own shard of environments and
 normalizes observations with RunningNorm(sync=True); every rank ends with bitwise the same
-statistics. Then a resume: rank 0 alone loads the checkpoint and broadcast_state re-seeds the rest.
+statistics. Its advantages are normalized per agent over all ranks' shards with
+normalize_advantages(sync=True). Then a resume: rank 0 alone loads the checkpoint and
+broadcast_state re-seeds the rest.
 
     torchrun --standalone --nproc_per_node=2 examples/multi_rank_rollout.py [--steps 200]
 
@@ -59,6 +61,15 @@ def main() -> None:
     same = torch.equal(reference, torch.stack([norm.mean, norm.var, norm.count]))
     print(f"rank {rank}/{world}: {envs} envs, count {norm.count[0, 0].item():.0f}, "
           f"std {norm.var.sqrt().mean().item():.3f}, identical to rank 0: {same}")
+
+    # The PPO update's advantages (a stand-in: T steps of this rank's envs, per agent), normalized
+    # per agent with the statistics of every rank's shard.
+    advantages = (torch.randn(32 * envs, AGENTS, generator=gen) * (1.0 + rank)).to(device)
+    _, adv_stats = fastnorm.normalize_advantages(advantages, dim=0, sync=True, out=advantages)
+    reference = adv_stats.std_raw.clone()
+    dist.broadcast(reference, src=0)
+    print(f"rank {rank}/{world}: advantages of {int(adv_stats.count[0])} samples per agent over all ranks, "
+          f"std_raw identical to rank 0: {torch.equal(reference, adv_stats.std_raw)}")
 
     # Checkpoint from rank 0; on resume (any world size) rank 0 loads and re-seeds the others.
     if rank == 0:

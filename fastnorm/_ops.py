@@ -48,3 +48,13 @@ if EXTENSION_ERROR is None:
     def _normalize_advantages_fake(x, mask, out, stats, min_std, unbiased):
         torch._check(out.shape == x.shape, lambda: "out must have x's shape")
         torch._check(stats.shape == (4, x.shape[1]), lambda: "stats must have shape (4, G)")
+
+    @torch.library.register_fake("fastnorm::advantage_moments")
+    def _advantage_moments_fake(x, mask, moments):
+        torch._check(moments.shape == (5, x.shape[1]), lambda: "moments must have shape (5, G)")
+
+    @torch.library.register_fake("fastnorm::normalize_advantages_from")
+    def _normalize_advantages_from_fake(x, parts, out, stats, min_std, unbiased):
+        torch._check(parts.dim() == 3 and parts.shape[1:] == (5, x.shape[1]), lambda: "parts must have shape (P, 5, G)")
+        torch._check(out.shape == x.shape, lambda: "out must have x's shape")
+        torch._check(stats.shape == (4, x.shape[1]), lambda: "stats must have shape (4, G)")

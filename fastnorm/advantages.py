@@ -14,8 +14,8 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from fastnorm import _checks
-from fastnorm.advantages_reference import STAT_ROWS, broadcast_mask
+from fastnorm import _checks, distributed
+from fastnorm.advantages_reference import MOMENT_ROWS, STAT_ROWS, broadcast_mask
 from fastnorm.backends import check_backend_name, select_backend
 
 
@@ -55,6 +55,8 @@ def normalize_advantages(
     unbiased: bool = True,
     backend: str = "auto",
     out: Optional[Tensor] = None,
+    sync: bool = False,
+    process_group: Optional[torch.distributed.ProcessGroup] = None,
 ) -> tuple[Tensor, AdvantageStats]:
     r"""Normalizes advantages per group: ``y = (adv - mean) / max(std, min_std)``.
 
@@ -74,12 +76,22 @@ def normalize_advantages(
         unbiased: Bessel's correction (n - 1) for the std.
         backend: "auto", "cpu", "cuda", "reference", ... (see ``fastnorm.backends()``).
         out: where to write y (adv's shape and dtype; adv itself for in place).
+        sync: take the statistics over the ranks of ``process_group`` (see below).
+        process_group: the torch.distributed group to sync over (None: the default group).
 
     Returns:
         ``(y, stats)``: y in adv's dtype and shape, and an :class:`AdvantageStats` computed in the
         same pass (no host sync); ``stats.as_dict()`` gives floats for logging.
+
+    With ``sync=True`` the call is a collective over ``process_group``: each rank reduces its own
+    adv to per-group moments (count, mean, M2, min, max), one all-gather gives every rank all of
+    them, and every rank merges them in rank order (Chan merge) and normalizes its own adv. So the
+    statistics are those of one process on the concatenated advantages, bitwise the same on every
+    rank, without a host sync. Every rank must call, with the same group shape (adv's shape
+    without the reduced dims); the reduced dims may differ in size, down to an empty adv, and a
+    rank whose mask selects nothing still takes part.
     """
-    _check_call(adv, mask, min_std, unbiased, out)
+    _check_call(adv, mask, min_std, unbiased, out, sync, process_group)
     dims = reduced_dims(dim, adv.dim())
     backend = check_backend_name(backend)
     order, (outer, groups, inner), group_shape = _layout(adv.shape, dims)
@@ -92,8 +104,17 @@ def normalize_advantages(
     y_op = y.view(outer, groups, inner) if direct else torch.empty((outer, groups, inner), dtype=adv.dtype,
                                                                    device=adv.device)
     stats = torch.empty((len(STAT_ROWS), groups), dtype=torch.float64, device=adv.device)
-    select_backend(backend, adv, "normalize_advantages").normalize_advantages(
-        x, mask, y_op, stats, min_std=float(min_std), unbiased=unbiased)
+    if sync:
+        # The fused op split around the all-gather: this rank's moments, every rank's merged.
+        # A backend implements advantage_moments and normalize_advantages_from together.
+        chosen = select_backend(backend, adv, "normalize_advantages_from")
+        moments = torch.empty((len(MOMENT_ROWS), groups), dtype=torch.float64, device=adv.device)
+        chosen.advantage_moments(x, mask, moments)
+        parts = distributed.all_gather_moments(moments, process_group, "normalize_advantages(sync=True)")
+        chosen.normalize_advantages_from(x, parts, y_op, stats, min_std=float(min_std), unbiased=unbiased)
+    else:
+        select_backend(backend, adv, "normalize_advantages").normalize_advantages(
+            x, mask, y_op, stats, min_std=float(min_std), unbiased=unbiased)
     if not direct:
         target = y if order is None else y.permute(order)
         target.copy_(y_op.view(target.shape))
@@ -142,7 +163,7 @@ def _layout(shape: torch.Size, dims: tuple[int, ...]):
     return order, (math.prod(shape[d] for d in dims), math.prod(group_shape), 1), group_shape
 
 
-def _check_call(adv, mask, min_std, unbiased, out) -> None:
+def _check_call(adv, mask, min_std, unbiased, out, sync, process_group) -> None:
     if not isinstance(adv, Tensor):
         raise TypeError(f"adv must be a torch.Tensor, got {type(adv).__name__}")
     if adv.dtype not in _checks.FLOAT_DTYPES:
@@ -159,6 +180,10 @@ def _check_call(adv, mask, min_std, unbiased, out) -> None:
         raise ValueError(f"min_std must be a finite number > 0, got {min_std!r}")
     if not isinstance(unbiased, bool):
         raise TypeError(f"unbiased must be a bool, got {type(unbiased).__name__}")
+    if not isinstance(sync, bool):
+        raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
+    if process_group is not None and not sync:
+        raise ValueError("process_group is only used with sync=True")
     if out is not None:
         if not isinstance(out, Tensor):
             raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")

@@ -16,6 +16,10 @@ and running_norm split in two for RunningNorm(sync=True), which combines the hal
   batch_moments(x, mask, moments)   the batch-moments table (6, *shape) of x alone
   merge_normalize(x, mask, parts, mean, var, count, out, diag, **hyper)
                                     merge the tables parts (P, 6, *shape) in order, update, y
+and normalize_advantages split in two for normalize_advantages(sync=True), likewise:
+  advantage_moments(x, mask, moments)  the moments table (5, G) of x's groups alone
+  normalize_advantages_from(x, parts, out, stats, *, min_std, unbiased)
+                                    merge the tables parts (P, 5, G) in order, stats, y
 A backend may lack an op on some device: not_supported_reasons(x, op) then says so.
 """
 
@@ -27,6 +31,7 @@ import torch
 from torch import Tensor
 
 from fastnorm import _ops, advantages_reference, reference
+from fastnorm.triton_backend import TritonBackend
 
 
 class Backend(Protocol):
@@ -38,6 +43,9 @@ class Backend(Protocol):
     def not_supported_reasons(self, x: Tensor, op: str = "running_norm") -> list[str]:
         """Why this backend cannot run op on x (empty: it can)."""
 
+    def auto_skip_reasons(self, x: Tensor) -> list[str]:
+        """Why "auto" passes over this backend for x although it can take it (empty: auto may pick it)."""
+
     def running_norm(self, x, mask, mean, var, count, out, diag, **hyper) -> None: ...
 
     def normalize(self, x, mean, var, out, **hyper) -> None: ...
@@ -47,6 +55,10 @@ class Backend(Protocol):
     def merge_normalize(self, x, mask, parts, mean, var, count, out, diag, **hyper) -> None: ...
 
     def normalize_advantages(self, x, mask, out, stats, **hyper) -> None: ...
+
+    def advantage_moments(self, x, mask, moments) -> None: ...
+
+    def normalize_advantages_from(self, x, parts, out, stats, **hyper) -> None: ...
 
 
 class ExtensionBackend:
@@ -62,7 +74,8 @@ class ExtensionBackend:
             self._unavailable.append(f"fastnorm._C was built without {dispatch_key} kernels")
         # Ops added later may not have a kernel for every device yet.
         self._missing_ops = [] if self._unavailable else [
-            op for op in ("normalize_advantages", "batch_moments", "merge_normalize")
+            op for op in ("normalize_advantages", "batch_moments", "merge_normalize", "advantage_moments",
+                          "normalize_advantages_from")
             if not _ops.has_kernel(op, dispatch_key)]
         self._dispatch_key = dispatch_key
 
@@ -76,6 +89,9 @@ class ExtensionBackend:
         if x.device.type != self.device_type:
             reasons.append(f"x is on {x.device.type}, this backend runs on {self.device_type}")
         return reasons
+
+    def auto_skip_reasons(self, x: Tensor) -> list[str]:
+        return []
 
     def running_norm(self, x, mask, mean, var, count, out, diag, *, momentum, max_count, eps, min_std, max_std,
                      clip) -> None:
@@ -95,6 +111,12 @@ class ExtensionBackend:
     def normalize_advantages(self, x, mask, out, stats, **hyper) -> None:
         torch.ops.fastnorm.normalize_advantages(x, mask, out, stats, **hyper)
 
+    def advantage_moments(self, x, mask, moments) -> None:
+        torch.ops.fastnorm.advantage_moments(x, mask, moments)
+
+    def normalize_advantages_from(self, x, parts, out, stats, **hyper) -> None:
+        torch.ops.fastnorm.normalize_advantages_from(x, parts, out, stats, **hyper)
+
 
 class ReferenceBackend:
     """fastnorm.reference: pure PyTorch in float64, any device; the slow, always-available one."""
@@ -105,6 +127,9 @@ class ReferenceBackend:
         return []
 
     def not_supported_reasons(self, x: Tensor, op: str = "running_norm") -> list[str]:
+        return []
+
+    def auto_skip_reasons(self, x: Tensor) -> list[str]:
         return []
 
     def running_norm(self, x, mask, mean, var, count, out, diag, **hyper) -> None:
@@ -123,11 +148,26 @@ class ReferenceBackend:
 
 
     def normalize_advantages(self, x, mask, out, stats, **hyper) -> None:
-        if mask is not None:  # the flat mask, entry k reading mask[k // (N // M)], as a full one
-            mask = mask.repeat_interleave(x.numel() // max(mask.numel(), 1)).view(x.shape)
-        result = advantages_reference.normalize_advantages(x, mask, (0, 2), **hyper)
-        out.copy_(result.y)
-        stats.copy_(torch.stack([getattr(result, row) for row in advantages_reference.STAT_ROWS]))
+        result = advantages_reference.normalize_advantages(x, _full_mask(x, mask), (0, 2), **hyper)
+        _store_advantages(result, out, stats)
+
+    def advantage_moments(self, x, mask, moments) -> None:
+        moments.copy_(advantages_reference.moment_table(x, _full_mask(x, mask), (0, 2)))
+
+    def normalize_advantages_from(self, x, parts, out, stats, **hyper) -> None:
+        _store_advantages(advantages_reference.normalize_advantages_from(x, parts, (0, 2), **hyper), out, stats)
+
+
+def _full_mask(x: Tensor, mask: Optional[Tensor]) -> Optional[Tensor]:
+    """The ops' flat mask of x (O, G, I), entry k reading mask[k // (N // M)], as a full one."""
+    if mask is None:
+        return None
+    return mask.repeat_interleave(x.numel() // max(mask.numel(), 1)).view(x.shape)
+
+
+def _store_advantages(result: advantages_reference.AdvantageResult, out, stats) -> None:
+    out.copy_(result.y)
+    stats.copy_(torch.stack([getattr(result, row) for row in advantages_reference.STAT_ROWS]))
 
 
 def _store(result: reference.RunningNormResult, mean, var, count, out, diag) -> None:
@@ -143,8 +183,9 @@ BACKENDS: dict[str, Backend] = {
     "cuda": ExtensionBackend("cuda", "cuda", "CUDA"),
     "cpu": ExtensionBackend("cpu", "cpu", "CPU"),
     "reference": ReferenceBackend(),
+    "triton": TritonBackend(),
 }
-AUTO_ORDER = ("cuda", "cpu", "reference")
+AUTO_ORDER = ("cuda", "triton", "cpu", "reference")
 BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
 
 
@@ -169,7 +210,7 @@ def select_backend(name: str, x: Tensor, op: str = "running_norm") -> Backend:
         return backend
     for candidate in AUTO_ORDER:
         backend = BACKENDS[candidate]
-        if not backend.not_supported_reasons(x, op):
+        if not backend.not_supported_reasons(x, op) and not backend.auto_skip_reasons(x):
             return backend
     raise AssertionError("the reference backend takes every input")
 

@@ -14,6 +14,10 @@ internals rather than on this code. The running statistics themselves are never 
 ranks, so counts cannot inflate; a rank with an empty or fully masked shard sends an empty
 table (count 0) and still takes part. The clipped counts, known only after normalizing, take a
 second, small all-reduce (exact: sums of whole numbers), so the diagnostics agree too.
+
+normalize_advantages(sync=True) does the same with its own tables (count, mean, M2, min, max per
+group; fastnorm::advantage_moments and fastnorm::normalize_advantages_from): one all-gather, the
+same merge on every rank, then every rank normalizes its shard with the group's statistics.
 """
 
 from __future__ import annotations
@@ -39,11 +43,12 @@ def check_group(process_group: Optional[dist.ProcessGroup], what: str) -> int:
     return size
 
 
-def all_gather_moments(moments: Tensor, process_group: Optional[dist.ProcessGroup] = None) -> Tensor:
-    """Every rank's batch-moments table moments (6, *shape), stacked in group-rank order:
-    (group size, 6, *shape), the same bits on every rank. No host sync on NCCL; a group of one
-    needs no collective."""
-    size = check_group(process_group, "RunningNorm(sync=True)")
+def all_gather_moments(moments: Tensor, process_group: Optional[dist.ProcessGroup] = None,
+                       what: str = "RunningNorm(sync=True)") -> Tensor:
+    """Every rank's moments table moments (rows, *shape), stacked in group-rank order: (group size,
+    rows, *shape), the same bits on every rank. Every rank's table must have the same shape. No
+    host sync on NCCL; a group of one needs no collective. what names the caller in errors."""
+    size = check_group(process_group, what)
     if size == 1:
         return moments[None]
     gathered = moments.new_empty((size * moments.shape[0], *moments.shape[1:]))

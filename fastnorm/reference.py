@@ -176,17 +176,23 @@ def batch_moment_table(x: Tensor, mask: Optional[Tensor], shape: torch.Size) -> 
     return torch.stack([n, m, v * n, nonfinite, lo, hi]).reshape(len(MOMENT_ROWS), *shape)
 
 
+def chan_merge(n: Tensor, mean: Tensor, m2: Tensor, n_b: Tensor, mean_b: Tensor,
+               m2_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Count, mean and M2 of the union of two sets (Chan et al. 1979):
+    mean = mean_a + d n_b / n, M2 = M2_a + M2_b + d^2 n_a n_b / n with d = mean_b - mean_a."""
+    total = n + n_b
+    w_b = n_b / total.clamp(min=1)
+    d = mean_b - mean
+    return total, mean + d * w_b, m2 + m2_b + d * d * n * w_b
+
+
 def merge_moment_tables(parts: Tensor) -> Tensor:
     """Tables parts (P >= 1, 6, *shape) merged in part order into the table of their union: counts,
-    non-finite counts added, min and max, and the Chan et al. (1979) merge
-    mean = mean_a + d n_b / n, M2 = M2_a + M2_b + d^2 n_a n_b / n with d = mean_b - mean_a."""
+    non-finite counts added, min and max, and the Chan merge of count, mean and M2."""
     n, mean, m2, nonfinite, lo, hi = parts[0]
     for part in parts[1:]:
         n_b, mean_b, m2_b, nonfinite_b, lo_b, hi_b = part
-        total = n + n_b
-        w_b = n_b / total.clamp(min=1)
-        d = mean_b - mean
-        n, mean, m2 = total, mean + d * w_b, m2 + m2_b + d * d * n * w_b
+        n, mean, m2 = chan_merge(n, mean, m2, n_b, mean_b, m2_b)
         nonfinite, lo, hi = nonfinite + nonfinite_b, torch.minimum(lo, lo_b), torch.maximum(hi, hi_b)
     return torch.stack([n, mean, m2, nonfinite, lo, hi])
 

@@ -1,7 +1,8 @@
 """The processes of test_distributed.py: a gloo group on 127.0.0.1 in which every rank runs
 RunningNorm(sync=True) on its own shard of a drifting batch, then resumes from a checkpoint with
-another world size. Each rank saves what it saw; the test process checks it. The data of each
-step is a function of (seed, step, world size) alone, so the test rebuilds the concatenated batch.
+another world size, and normalize_advantages(sync=True) on its own shard of advantages. Each rank
+saves what it saw; the test process checks it. The data of each step is a function of (seed, step,
+world size) alone, so the test rebuilds the concatenated batch.
 """
 
 from __future__ import annotations
@@ -14,13 +15,23 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from fastnorm import RunningNorm
+from fastnorm import RunningNorm, normalize_advantages
+from fastnorm.backends import BACKENDS
 from fastnorm.distributed import broadcast_state
 
 STATS_SHAPE = (3, 4)
 STEPS = 50
 RESUME_STEPS = 8
 MOMENTA = (0.99, None)
+ADVANTAGE_CALLS = 6  # call c has the shards shard_sizes(c, world): an empty rank 0 and an empty last rank
+# name: (adv's shape after the batch dim, dim, mask dims (0: no mask), dtype)
+ADVANTAGE_CASES = {
+    "global": ((), None, 0, torch.float32),
+    "global, masked rows": ((4, 3), None, 1, torch.float32),
+    "global, bfloat16": ((6,), None, 2, torch.bfloat16),
+    "per agent": ((5,), 0, 2, torch.float32),
+    "per agent, dims (0, 2), float64": ((3, 2), (0, 2), 1, torch.float64),
+}
 
 
 def shard_sizes(step: int, world: int) -> list[int]:
@@ -49,18 +60,71 @@ def step_data(seed: int, step: int, world: int) -> tuple[list[torch.Tensor], lis
     return xs, masks
 
 
+def advantage_data(seed: int, call: int, world: int, case: str) -> tuple[list[torch.Tensor], list]:
+    """Each rank's (adv, mask) for one call of an ADVANTAGE_CASES case: offsets and scales per
+    entry of the group shape; rank 1's mask selects nothing on every fourth call."""
+    shape, _, mask_dims, dtype = ADVANTAGE_CASES[case]
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + call * 101 + world * 7 + len(case))
+    sizes = shard_sizes(call, world)
+    total = sum(sizes)
+    offset = 2.0 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    scale = 0.5 + torch.rand(shape, generator=gen, dtype=torch.float64)
+    adv = (offset + scale * torch.randn((total, *shape), generator=gen, dtype=torch.float64)).to(dtype)
+    advs = list(adv.split(sizes))
+    if mask_dims == 0:
+        return advs, [None] * world
+    masks = list((torch.rand((total, *shape)[:mask_dims], generator=gen) < 0.7).split(sizes))
+    if call % 4 == 2:
+        masks[1] = torch.zeros_like(masks[1])
+    return advs, masks
+
+
+def advantage_calls(rank: int, world: int, seed: int, backends: list[str]) -> dict:
+    """normalize_advantages(sync=True) on this rank's shard: (y, stats) per call, per (backend, case)."""
+    results = {}
+    for backend in backends:
+        for case, (_, dim, _, _) in ADVANTAGE_CASES.items():
+            calls = []
+            for call in range(ADVANTAGE_CALLS):
+                advs, masks = advantage_data(seed, call, world, case)
+                y, stats = normalize_advantages(advs[rank], mask=masks[rank], dim=dim, backend=backend, sync=True)
+                calls.append((y, tuple(stats)))
+            results[(backend, case)] = calls
+    return results
+
+
+def compiled_advantage_calls(rank: int, world: int, seed: int, backend: str) -> list:
+    """normalize_advantages(sync=True) through torch.compile(fullgraph=True) beside eager mode."""
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(adv, mask):
+        y, stats = normalize_advantages(adv, mask=mask, dim=0, backend=backend, sync=True)
+        return y, stats.std_raw, stats.norm_max_abs
+
+    pairs = []
+    for call in (2, 13):  # the same shard sizes (one compilation); rank 1 fully masked in call 2
+        advs, masks = advantage_data(seed, call, world, "per agent")
+        y, stats = normalize_advantages(advs[rank], mask=masks[rank], dim=0, backend=backend, sync=True)
+        pairs.append((step(advs[rank], masks[rank]), (y, stats.std_raw, stats.norm_max_abs)))
+    return pairs
+
+
 def run(rank: int, world: int, port: int, out_dir: str, seed: int, backends: list[str],
         resume_from: Optional[str]) -> None:
-    """One rank: 50 synced steps per (backend, momentum), the checkpoint of rank 0, and resumes."""
+    """One rank: 50 synced steps per (backend, momentum), the checkpoint of rank 0, resumes, and
+    synced advantage normalization on every backend in backends that has the split ops."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:
         result = {"runs": run_steps(rank, world, seed, backends)}
+        advantage_backends = [b for b in backends if not BACKENDS[b].not_supported_reasons(
+            torch.empty(0), "normalize_advantages_from")]
+        result["advantages"] = advantage_calls(rank, world, seed, advantage_backends)
         if world == 2:
             result["compiled"] = compiled_steps(rank, world, seed, backends[0])
             result["alone"] = alone_steps(rank, world, seed, backends[0])
+            result["advantages_compiled"] = compiled_advantage_calls(rank, world, seed, advantage_backends[0])
         if rank == 0:
             torch.save(result["runs"][(backends[0], MOMENTA[0])]["state"], os.path.join(out_dir, "state.pt"))
         dist.barrier()

@@ -29,6 +29,8 @@ BAD_CALLS = [
     (lambda d, g: dict(min_std=math.nan), ValueError, r"min_std must be a finite number > 0"),
     (lambda d, g: dict(min_std=None), ValueError, r"min_std must be a finite number > 0, got None"),
     (lambda d, g: dict(unbiased=1), TypeError, r"unbiased must be a bool, got int"),
+    (lambda d, g: dict(sync=1), TypeError, r"sync must be a bool, got int"),
+    (lambda d, g: dict(process_group=object()), ValueError, r"process_group is only used with sync=True"),
     (lambda d, g: dict(backend="gpu"), ValueError, r"backend must be one of"),
     (lambda d, g: dict(out=torch.full((8, 4), 1.5, device=d)), ValueError, r"out must match adv \(shape \(8, 3\)"),
     (lambda d, g: dict(out=torch.full((8, 3), 1.5, dtype=torch.float64, device=d)), ValueError, r"out must match adv"),
@@ -55,6 +57,15 @@ def test_a_backend_that_cannot_run_says_why(device, gen):
     other = "cpu" if device.type != "cpu" else "cuda"
     with pytest.raises(RuntimeError, match=f"fastnorm backend '{other}' cannot run this input"):
         normalize_advantages(randn((8, 3), gen, device=device), backend=other)
+
+
+def test_sync_needs_an_initialized_process_group(device, gen):
+    adv = randn((16, 3), gen, device=device)
+    out = torch.full_like(adv, math.nan)
+    with pytest.raises(RuntimeError, match=r"normalize_advantages\(sync=True\) needs torch.distributed to be "
+                                           r"initialized"):
+        normalize_advantages(adv, dim=0, sync=True, out=out)
+    assert bool(out.isnan().all())  # nothing written
 
 
 @pytest.mark.parametrize("dim,same_as", [(-1, 2), ((), None), ([1, 0], (0, 1)), ((-3, 2), (0, 2))], ids=str)

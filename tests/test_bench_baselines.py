@@ -1,6 +1,7 @@
 """The benchmarks' baselines compute what they claim: the seed's original normalizer is the exact
 cumulative (Chan) merge with eps 1e-6 and no floor or clamp, and the eager float32 reference is
 fastnorm's contract. Both are checked against fastnorm.reference (float64) over several updates.
+The advantages benchmark's eager peer is the usual formula with the diagnostics fastnorm returns.
 The benchmarks themselves are not run here (they measure; `make bench` runs them)."""
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ import sys
 
 import torch
 
-from fastnorm import reference
+from fastnorm import advantages_reference, reference
+from fastnorm.advantages import reduced_dims
 from helpers import randn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
+from advantages import LAYOUTS, MIN_STD, eager_step  # noqa: E402
 from running_norm import HYPER, _fresh_state, reference_float32_step  # noqa: E402
 from seed_normalizer import RunningPerAgentWelford  # noqa: E402
 
@@ -69,3 +72,18 @@ def test_float32_reference_is_fastnorms_contract(gen):
         torch.testing.assert_close(got.double(), y, **F32_TOL)
     torch.testing.assert_close(state["mean"].double(), mean, **F32_TOL)
     torch.testing.assert_close(state["var"].double(), var, **F32_TOL)
+
+
+def test_eager_advantages_peer_is_the_usual_formula_with_the_diagnostics(gen):
+    for make_shape, dim, masked in LAYOUTS.values():
+        shape = make_shape(16 * 37)
+        adv = randn(shape, gen, mean=0.5, scale=2.0)
+        mask = torch.rand(shape[0], generator=gen) < 0.7 if masked else None
+        y, (mean, std, count, norm_max_abs, below) = eager_step(adv, dim, mask)
+        expected = advantages_reference.normalize_advantages(adv, mask, reduced_dims(dim, adv.dim()), min_std=MIN_STD)
+        torch.testing.assert_close(y.double(), expected.y.double(), **F32_TOL)
+        torch.testing.assert_close(mean.double().reshape(-1), expected.mean.reshape(-1), **F32_TOL)
+        torch.testing.assert_close(std.double().reshape(-1), expected.std_raw.reshape(-1), **F32_TOL)
+        assert count == int(expected.count.reshape(-1)[0])
+        torch.testing.assert_close(norm_max_abs.double().reshape(-1), expected.norm_max_abs.reshape(-1), **F32_TOL)
+        assert torch.equal(below.reshape(-1), expected.std_below_floor.reshape(-1))

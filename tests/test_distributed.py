@@ -2,7 +2,8 @@
 50 steps of drifting data with unequal shards, masks, empty and fully masked shards (the ranks in
 tests/distributed_worker.py). Every rank must hold bitwise the same statistics, equal within fp
 tolerance to one process on the concatenated batch, and checkpoints must resume on another world
-size. Each world is started once (process start-up dominates) and its results checked here."""
+size. normalize_advantages(sync=True) the same, globally and per agent. Each world is started once
+(process start-up dominates) and its results checked here."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ import torch.multiprocessing as mp
 
 import distributed_worker as worker
 from conftest import BACKENDS_UNDER_TEST, SESSION_SEED
-from fastnorm import RunningNorm
+from fastnorm import RunningNorm, advantages_reference
+from fastnorm.advantages import AdvantageStats, reduced_dims
 from fastnorm.distributed import broadcast_state
 from helpers import STAT_TOL, Y_TOL, assert_diag_close
+from test_advantages import assert_matches
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -157,3 +160,34 @@ def test_broadcast_state_errors_name_the_problem():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), RunningNorm((3,)))
     with pytest.raises(RuntimeError, match="broadcast_state needs torch.distributed to be initialized"):
         broadcast_state(model)
+
+
+def test_advantage_statistics_are_the_same_bits_on_every_rank(world):
+    size, ranks = world
+    assert ranks[0]["advantages"], "no backend under test ran normalize_advantages(sync=True)"
+    for key, calls in ranks[0]["advantages"].items():
+        for other in ranks[1:]:
+            for call, ((_, stats), (_, other_stats)) in enumerate(zip(calls, other["advantages"][key])):
+                for name, a, b in zip(AdvantageStats._fields, stats, other_stats):
+                    assert torch.equal(a, b), (key, call, name)
+
+
+def test_advantages_are_those_of_the_concatenated_batch(world):
+    size, ranks = world
+    for (backend, case), calls in ranks[0]["advantages"].items():
+        _, dim, _, dtype = worker.ADVANTAGE_CASES[case]
+        for call in range(worker.ADVANTAGE_CALLS):
+            advs, masks = worker.advantage_data(SESSION_SEED, call, size, case)
+            adv = torch.cat(advs)
+            mask = None if masks[0] is None else torch.cat(masks)
+            expected = advantages_reference.normalize_advantages(adv, mask, reduced_dims(dim, adv.dim()))
+            assert bool((expected.count > 0).all())
+            y = torch.cat([result["advantages"][backend, case][call][0] for result in ranks])
+            stats = AdvantageStats(*calls[call][1])  # the same bits on every rank
+            assert_matches(y, stats, expected, dtype, scale=4.0)
+
+
+def test_torch_compile_fullgraph_syncs_advantages_like_eager(world2):
+    for result in world2[1]:
+        for compiled, eager in result["advantages_compiled"]:
+            assert all(torch.equal(a, b) for a, b in zip(compiled, eager))

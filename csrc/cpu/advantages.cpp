@@ -7,15 +7,15 @@
 //    cut into strips when wide) are reduced per column in tiles, and the columns merged into their
 //    groups.
 // Merges run in a fixed order, so the results do not depend on the thread count. A second pass
-// over the same chunks or tiles writes y.
+// over the same chunks or tiles writes y. The split ops that sync across ranks run the two halves
+// apart: fastnorm::advantage_moments is pass 1 alone (reduce_groups), and
+// fastnorm::normalize_advantages_from merges the parts and runs pass 2 (normalize_groups).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "../advantages_args.h"
@@ -35,27 +35,7 @@ constexpr int64_t kFoldWidth = 256;      // narrower rows are folded into units 
 constexpr int64_t kStripCols = 2048;     // wider rows are cut into strips of this width
 constexpr int64_t kTileElems = 1 << 17;  // entries per tile in the columns layout
 
-adv::Dtype dtype_of(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return adv::Dtype::kFloat16;
-    case at::kBFloat16: return adv::Dtype::kBFloat16;
-    case at::kFloat: return adv::Dtype::kFloat32;
-    default: return adv::Dtype::kFloat64;
-  }
-}
-
-// AVX2 + FMA kernels where the CPU has them; FASTNORM_CPU_ISA=base forces the baseline ones.
-const adv::Kernels& kernels() {
-  static const adv::Kernels& table = [] () -> const adv::Kernels& {
-    const char* forced = std::getenv("FASTNORM_CPU_ISA");
-    if (forced != nullptr && std::strcmp(forced, "base") == 0) return adv::kernels_base();
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return adv::kernels_avx2();
-#endif
-    return adv::kernels_base();
-  }();
-  return table;
-}
+const adv::Kernels& kernels() { return use_avx2_kernels() ? adv::kernels_avx2() : adv::kernels_base(); }
 
 void merge_into(Reduction& into, const Moments& m, double min, double max) {
   into.moments = merge_moments(into.moments, m);
@@ -118,7 +98,7 @@ struct Plan {
 // Pass 1, runs layout: each chunk per slot, then each group over its chunks in order.
 void reduce_runs(const Plan& plan, const adv::Data& data, adv::ReduceRunFn reduce, Reduction* groups) {
   const int64_t slots = plan.pattern.slots();
-  Reduction* part = adv::thread_scratch<Reduction, adv::kPartSlot>(plan.chunk_count * slots);
+  Reduction* part = thread_scratch<Reduction, adv::kPartSlot>(plan.chunk_count * slots);
   at::parallel_for(0, plan.chunk_count, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       reduce(data, plan.chunk_first(i), plan.chunk_size(i), plan.pattern, part + i * slots);
@@ -137,15 +117,15 @@ void reduce_runs(const Plan& plan, const adv::Data& data, adv::ReduceRunFn reduc
 void reduce_columns(const Plan& plan, const adv::Data& data, adv::ReduceTileFn reduce, const AdvantageGeometry& g,
                     Reduction* groups) {
   const int64_t parts = plan.row_chunks * plan.width;
-  Moments* moments = adv::thread_scratch<Moments, adv::kPartSlot>(parts);
-  double* bounds = adv::thread_scratch<double, adv::kPartSlot>(2 * parts);
+  Moments* moments = thread_scratch<Moments, adv::kPartSlot>(parts);
+  double* bounds = thread_scratch<double, adv::kPartSlot>(2 * parts);
   at::parallel_for(0, static_cast<int64_t>(plan.tiles.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t offset = plan.row_chunk_of(i) * plan.width + plan.column_of(i);
       reduce(data, plan.tiles[i], {moments + offset, bounds + offset, bounds + parts + offset});
     }
   });
-  Reduction* column = adv::thread_scratch<Reduction, adv::kPartSlot>(plan.width);
+  Reduction* column = thread_scratch<Reduction, adv::kPartSlot>(plan.width);
   at::parallel_for(0, plan.width, 256, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       Reduction r;
@@ -178,7 +158,7 @@ void normalize_runs(const Plan& plan, const adv::Data& data, adv::NormalizeRunFn
 void normalize_columns(const Plan& plan, const adv::Data& data, adv::NormalizeTileFn normalize, const double* coef,
                        int64_t G, int64_t inner, bool all_live) {
   const int64_t W = plan.width, L = G * inner;
-  double* col = adv::thread_scratch<double, adv::kColumnCoefSlot>(3 * W);
+  double* col = thread_scratch<double, adv::kColumnCoefSlot>(3 * W);
   for (int64_t c = 0; c < W; ++c) {
     for (int row = 0; row < 3; ++row) col[row * W + c] = coef[row * G + (c % L) / inner];
   }
@@ -190,31 +170,47 @@ void normalize_columns(const Plan& plan, const adv::Data& data, adv::NormalizeTi
   });
 }
 
-void normalize_advantages_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask, at::Tensor& out,
-                              at::Tensor& stats, double min_std, bool unbiased) {
-  const AdvantageGeometry g = check_normalize_advantages_args(x, mask, out, stats, min_std);
+// The contiguous tensors the kernels read and write, and the plan of a call on an x with entries.
+// out is the caller's when it is contiguous, else a scratch tensor that finish() copies back.
+struct Pass {
+  at::Tensor x, mask, out;
+  adv::Data data;
+  int dtype;
+  Plan plan;
+
+  Pass(const at::Tensor& x_in, const std::optional<at::Tensor>& mask_in, const at::Tensor* out_in,
+       const AdvantageGeometry& g)
+      : x(x_in.contiguous()),
+        mask(mask_in ? mask_in->contiguous() : at::Tensor()),
+        out(out_in == nullptr ? at::Tensor() : (out_in->is_contiguous() ? *out_in : at::empty_like(x))),
+        data{x.data_ptr(), out.defined() ? out.data_ptr() : nullptr, mask.defined() ? mask.data_ptr<bool>() : nullptr,
+             g.mask_group},
+        dtype(static_cast<int>(scalar_kind(x.scalar_type()))),
+        plan(g, scalar_kind(x.scalar_type())) {}
+
+  void finish(at::Tensor& caller_out) const {
+    if (!out.is_same(caller_out)) caller_out.copy_(out);
+  }
+};
+
+// Pass 1: each group's moments, min and max into groups (G entries).
+void reduce_groups(const Pass& pass, const AdvantageGeometry& g, Reduction* groups) {
+  std::fill(groups, groups + g.groups, Reduction{});
+  const adv::Kernels& table = kernels();
+  if (pass.plan.runs) {
+    reduce_runs(pass.plan, pass.data, table.reduce_run[pass.dtype], groups);
+  } else {
+    reduce_columns(pass.plan, pass.data, table.reduce[pass.dtype], g, groups);
+  }
+}
+
+// The stats of each group from its reduction (rows AdvantageStatRow) and, unless pass is null (x
+// has no entries), pass 2: y.
+void normalize_groups(const Reduction* groups, const AdvantageGeometry& g, const Pass* pass, at::Tensor& stats,
+                      double min_std, bool unbiased) {
   const int64_t G = g.groups;
   double* s = stats.data_ptr<double>();
-  std::fill(s, s + kNumAdvantageStatRows * G, 0.0);
-  if (g.numel == 0) return;
-  const at::Tensor x_c = x.contiguous();
-  const at::Tensor mask_c = mask ? mask->contiguous() : at::Tensor();
-  at::Tensor out_c = out.is_contiguous() ? out : at::empty_like(x_c);
-  const adv::Data data{x_c.data_ptr(), out_c.data_ptr(), mask ? mask_c.data_ptr<bool>() : nullptr, g.mask_group};
-  const adv::Kernels& table = kernels();
-  const int dtype = static_cast<int>(dtype_of(x.scalar_type()));
-  const Plan plan(g, dtype_of(x.scalar_type()));
-
-  Reduction* groups = adv::thread_scratch<Reduction, adv::kGroupSlot>(G);
-  std::fill(groups, groups + G, Reduction{});
-  if (plan.runs) {
-    reduce_runs(plan, data, table.reduce_run[dtype], groups);
-  } else {
-    reduce_columns(plan, data, table.reduce[dtype], g, groups);
-  }
-
-  // The stats, and per group the coefficients of y: mean, scale, live.
-  double* coef = adv::thread_scratch<double, adv::kGroupSlot>(3 * G);
+  double* coef = thread_scratch<double, adv::kGroupSlot>(3 * G);  // per group: mean, scale, live
   bool all_live = true;
   for (int64_t k = 0; k < G; ++k) {
     const AdvantageGroup a = advantage_group(groups[k].moments, groups[k].min, groups[k].max, min_std, unbiased);
@@ -227,17 +223,78 @@ void normalize_advantages_cpu(const at::Tensor& x, const std::optional<at::Tenso
     coef[2 * G + k] = a.live ? 1.0 : 0.0;
     all_live &= a.live;
   }
-  if (plan.runs) {
-    normalize_runs(plan, data, table.normalize_run[dtype], coef, G, all_live);
+  if (pass == nullptr) return;
+  const adv::Kernels& table = kernels();
+  if (pass->plan.runs) {
+    normalize_runs(pass->plan, pass->data, table.normalize_run[pass->dtype], coef, G, all_live);
   } else {
-    normalize_columns(plan, data, table.normalize[dtype], coef, G, g.inner, all_live);
+    normalize_columns(pass->plan, pass->data, table.normalize[pass->dtype], coef, G, g.inner, all_live);
   }
-  if (!out_c.is_same(out)) out.copy_(out_c);
+}
+
+void normalize_advantages_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask, at::Tensor& out,
+                              at::Tensor& stats, double min_std, bool unbiased) {
+  const AdvantageGeometry g = check_normalize_advantages_args(x, mask, out, stats, min_std);
+  if (g.numel == 0) {
+    double* s = stats.data_ptr<double>();
+    std::fill(s, s + kNumAdvantageStatRows * g.groups, 0.0);  // every group empty
+    return;
+  }
+  const Pass pass(x, mask, &out, g);
+  Reduction* groups = thread_scratch<Reduction, adv::kGroupSlot>(g.groups);
+  reduce_groups(pass, g, groups);
+  normalize_groups(groups, g, &pass, stats, min_std, unbiased);
+  pass.finish(out);
+}
+
+void advantage_moments_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask, at::Tensor& moments) {
+  const AdvantageGeometry g = check_advantage_moments_args(x, mask, moments);
+  const int64_t G = g.groups;
+  Reduction* groups = thread_scratch<Reduction, adv::kGroupSlot>(G);
+  if (g.numel == 0) {
+    std::fill(groups, groups + G, Reduction{});
+  } else {
+    reduce_groups(Pass(x, mask, nullptr, g), g, groups);
+  }
+  double* t = moments.data_ptr<double>();
+  for (int64_t k = 0; k < G; ++k) {
+    const bool live = groups[k].moments.count > 0;
+    t[kAdvMomentCount * G + k] = groups[k].moments.count;
+    t[kAdvMomentMean * G + k] = live ? groups[k].moments.mean : 0.0;
+    t[kAdvMomentM2 * G + k] = live ? groups[k].moments.m2 : 0.0;
+    t[kAdvMomentMin * G + k] = groups[k].min;
+    t[kAdvMomentMax * G + k] = groups[k].max;
+  }
+}
+
+void normalize_advantages_from_cpu(const at::Tensor& x, const at::Tensor& parts, at::Tensor& out, at::Tensor& stats,
+                                   double min_std, bool unbiased) {
+  const AdvantageGeometry g = check_normalize_advantages_from_args(x, parts, out, stats, min_std);
+  const int64_t G = g.groups;
+  Reduction* groups = thread_scratch<Reduction, adv::kGroupSlot>(G);
+  const double* p = parts.data_ptr<double>();
+  for (int64_t k = 0; k < G; ++k) {
+    const GroupMoments m = merge_group_parts(p, parts.size(0), G, k);
+    groups[k].moments = m.moments;
+    groups[k].min = m.min;
+    groups[k].max = m.max;
+  }
+  if (g.numel == 0) {
+    normalize_groups(groups, g, nullptr, stats, min_std, unbiased);
+    return;
+  }
+  const Pass pass(x, std::nullopt, &out, g);
+  normalize_groups(groups, g, &pass, stats, min_std, unbiased);
+  pass.finish(out);
 }
 
 }  // namespace
 }  // namespace cpu
 
-TORCH_LIBRARY_IMPL(fastnorm, CPU, m) { m.impl("normalize_advantages", &cpu::normalize_advantages_cpu); }
+TORCH_LIBRARY_IMPL(fastnorm, CPU, m) {
+  m.impl("normalize_advantages", &cpu::normalize_advantages_cpu);
+  m.impl("advantage_moments", &cpu::advantage_moments_cpu);
+  m.impl("normalize_advantages_from", &cpu::normalize_advantages_from_cpu);
+}
 
 }  // namespace fastnorm

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../running_norm_math.h"
+#include "cpu_support.h"
 
 namespace fastnorm {
 namespace cpu {
@@ -22,8 +23,7 @@ namespace adv {
 constexpr int64_t kBlockElems = 1 << 16;
 constexpr int64_t kMaxBlockRows = 128;
 
-// Per-thread scratch reused across calls (allocating it per tile costs page faults); one slot per
-// buffer that can be live at the same time as another on one thread.
+// Scratch slots (cpu_support.h thread_scratch): one per buffer live at the same time as another.
 enum ScratchSlot : int {
   kReduceAccSlot,
   kReduceF64Slot,
@@ -34,14 +34,7 @@ enum ScratchSlot : int {
   kColumnCoefSlot,  // per-column coefficients
 };
 
-template <typename T, int Slot>
-T* thread_scratch(size_t n) {
-  static thread_local std::vector<T> buffer;
-  if (buffer.size() < n) buffer.resize(n);
-  return buffer.data();
-}
-
-enum class Dtype : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3, kCount = 4 };
+using Dtype = ScalarKind;
 
 // The contiguous x (and out) of the call, and its flat mask: the entry at flat index k is selected
 // when mask[k / mask_group] (mask == nullptr: every entry) and it is finite.

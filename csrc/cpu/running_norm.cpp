@@ -11,8 +11,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -30,27 +28,7 @@ constexpr int64_t kTargetTileElems = 1 << 16;
 constexpr int64_t kMinChunkRows = 256;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-ScalarKind scalar_kind(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return ScalarKind::kFloat16;
-    case at::kBFloat16: return ScalarKind::kBFloat16;
-    case at::kFloat: return ScalarKind::kFloat32;
-    default: return ScalarKind::kFloat64;
-  }
-}
-
-// AVX2 + FMA kernels where the CPU has them; FASTNORM_CPU_ISA=base forces the baseline ones.
-const TileKernels& tile_kernels() {
-  static const TileKernels& kernels = [] () -> const TileKernels& {
-    const char* forced = std::getenv("FASTNORM_CPU_ISA");
-    if (forced != nullptr && std::strcmp(forced, "base") == 0) return tile_kernels_base();
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return tile_kernels_avx2();
-#endif
-    return tile_kernels_base();
-  }();
-  return kernels;
-}
+const TileKernels& tile_kernels() { return use_avx2_kernels() ? tile_kernels_avx2() : tile_kernels_base(); }
 
 // Tiles in row-major order: tile i covers row chunk i / col_tiles and column tile i % col_tiles.
 struct TileGrid {

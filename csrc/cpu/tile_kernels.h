@@ -5,7 +5,7 @@
 
 #include <stdint.h>
 
-#include <vector>
+#include "cpu_support.h"
 
 #include "../running_norm_math.h"
 
@@ -31,8 +31,7 @@ inline int64_t block_rows(int64_t width) {
   return rows < 1 ? 1 : (rows > kMaxBlockRows ? kMaxBlockRows : rows);
 }
 
-// Per-thread scratch reused across calls (allocating it per tile costs page faults). Each buffer
-// that can be live at the same time as another on one thread has its own slot.
+// Scratch slots (cpu_support.h thread_scratch): one per buffer live at the same time as another.
 enum ScratchSlot : int {
   kReduceAccSlot,
   kReduceF64Slot,
@@ -43,15 +42,6 @@ enum ScratchSlot : int {
   kPartF64Slot,
   kPartClippedSlot,
 };
-
-template <typename T, ScratchSlot Slot>
-T* thread_scratch(size_t n) {
-  static thread_local std::vector<T> buffer;
-  if (buffer.size() < n) buffer.resize(n);
-  return buffer.data();
-}
-
-enum class ScalarKind : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3, kCount = 4 };
 
 // A tile of x viewed as rows of contiguous columns: rows [row_begin, row_end), columns
 // [col_begin, col_end) with col_end - col_begin <= kTileCols.

@@ -1,4 +1,4 @@
-// The per-tile kernels compiled for AVX2 + FMA, picked at run time on CPUs that have them.
+// The per-tile kernels compiled for AVX2 + FMA + F16C, picked at run time on CPUs that have them.
 // Headers shared with other translation units are included before the target pragma so that
 // their inline functions keep the baseline instruction set (no AVX2 code leaks into them).
 #include <c10/util/BFloat16.h>
@@ -6,6 +6,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -14,8 +15,9 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #define FASTNORM_CPU_ISA avx2
+#define FASTNORM_CPU_F16C
 #include "tile_kernels_impl.h"
 #pragma GCC pop_options
 

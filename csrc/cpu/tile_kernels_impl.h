@@ -13,6 +13,7 @@
 
 #include <stdint.h>
 
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -31,6 +32,47 @@ template <>
 struct Acc<double> {
   using type = double;
 };
+
+// Conversions between the storage type and acc_t in the hot loops. c10's are scalar code; these
+// vectorize (bfloat16: a 16-bit shift each way, rounding to nearest even and NaN to 0x7FC0 as c10
+// does) or use the F16C instructions (float16, in builds that define FASTNORM_CPU_F16C).
+template <typename acc_t, typename scalar_t>
+inline acc_t to_acc(scalar_t v) {
+  return static_cast<acc_t>(v);
+}
+template <typename scalar_t, typename acc_t>
+inline scalar_t from_acc(acc_t v) {
+  return static_cast<scalar_t>(v);
+}
+template <>
+inline float to_acc<float, c10::BFloat16>(c10::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+template <>
+inline c10::BFloat16 from_acc<c10::BFloat16, float>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(f != f ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
+#ifdef FASTNORM_CPU_F16C
+template <>
+inline float to_acc<float, c10::Half>(c10::Half v) {
+  _Float16 h;
+  std::memcpy(&h, &v.x, sizeof h);
+  return static_cast<float>(h);
+}
+template <>
+inline c10::Half from_acc<c10::Half, float>(float f) {
+  const _Float16 h = static_cast<_Float16>(f);
+  uint16_t bits;
+  std::memcpy(&bits, &h, sizeof bits);
+  return c10::Half(bits, c10::Half::from_bits());
+}
+#endif
 
 // min and max for values that are not NaN (one instruction each, unlike fmin/fmax).
 template <typename T>
@@ -96,9 +138,9 @@ inline bool counted(acc_t v, acc_t sel) {
 }
 
 // Per-column sums of one block of units; the corrected two-pass algorithm of running_norm_math.h
-// turns them into moments. Pass 1 sums in float64 (`sum`): for float32 data a block's sum is then
-// exact, so the shift is the float nearest the block mean and a constant block gets exactly its
-// value (variance 0, not rounding noise). min and max run over the whole tile.
+// turns them into moments. Pass 1 accumulates in float64 (`sum`), so the shift is close to the
+// block mean and a constant block gets exactly its value (variance 0, not rounding noise). min and
+// max run over the whole tile.
 template <typename acc_t>
 struct BlockSums {
   acc_t *cnt, *nsel, *shift, *s1, *s2, *min, *max;
@@ -128,10 +170,9 @@ bool block_sums_if_finite(const scalar_t* const* units, int64_t n, int64_t width
     const scalar_t *__restrict__ x2 = units[u + 2], *__restrict__ x3 = units[u + 3];
 #pragma GCC ivdep
     for (int64_t j = 0; j < width; ++j) {
-      const acc_t v0 = static_cast<acc_t>(x0[j]), v1 = static_cast<acc_t>(x1[j]);
-      const acc_t v2 = static_cast<acc_t>(x2[j]), v3 = static_cast<acc_t>(x3[j]);
-      sum[j] += (static_cast<double>(v0) + static_cast<double>(v1)) +
-                (static_cast<double>(v2) + static_cast<double>(v3));
+      const acc_t v0 = to_acc<acc_t>(x0[j]), v1 = to_acc<acc_t>(x1[j]);
+      const acc_t v2 = to_acc<acc_t>(x2[j]), v3 = to_acc<acc_t>(x3[j]);
+      sum[j] += static_cast<double>((v0 + v1) + (v2 + v3));  // exact for equal values (doublings)
       block_min[j] = min_of(block_min[j], min_of(min_of(v0, v1), min_of(v2, v3)));
       block_max[j] = max_of(block_max[j], max_of(max_of(v0, v1), max_of(v2, v3)));
     }
@@ -140,7 +181,7 @@ bool block_sums_if_finite(const scalar_t* const* units, int64_t n, int64_t width
     const scalar_t* __restrict__ x0 = units[u];
 #pragma GCC ivdep
     for (int64_t j = 0; j < width; ++j) {
-      const acc_t v = static_cast<acc_t>(x0[j]);
+      const acc_t v = to_acc<acc_t>(x0[j]);
       sum[j] += static_cast<double>(v);
       block_min[j] = min_of(block_min[j], v);
       block_max[j] = max_of(block_max[j], v);
@@ -163,8 +204,8 @@ bool block_sums_if_finite(const scalar_t* const* units, int64_t n, int64_t width
 #pragma GCC ivdep
     for (int64_t j = 0; j < width; ++j) {
       const acc_t m = shift[j];
-      const acc_t d0 = static_cast<acc_t>(x0[j]) - m, d1 = static_cast<acc_t>(x1[j]) - m;
-      const acc_t d2 = static_cast<acc_t>(x2[j]) - m, d3 = static_cast<acc_t>(x3[j]) - m;
+      const acc_t d0 = to_acc<acc_t>(x0[j]) - m, d1 = to_acc<acc_t>(x1[j]) - m;
+      const acc_t d2 = to_acc<acc_t>(x2[j]) - m, d3 = to_acc<acc_t>(x3[j]) - m;
       s1[j] += (d0 + d1) + (d2 + d3);
       s2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
     }
@@ -173,7 +214,7 @@ bool block_sums_if_finite(const scalar_t* const* units, int64_t n, int64_t width
     const scalar_t* __restrict__ x0 = units[u];
 #pragma GCC ivdep
     for (int64_t j = 0; j < width; ++j) {
-      const acc_t d = static_cast<acc_t>(x0[j]) - shift[j];
+      const acc_t d = to_acc<acc_t>(x0[j]) - shift[j];
       s1[j] += d;
       s2[j] += d * d;
     }
@@ -203,7 +244,7 @@ void block_sums_careful(const Tile& t, const scalar_t* const* units, const int64
     const scalar_t* __restrict__ x = units[u];
 #pragma GCC ivdep
     for (int64_t j = 0; j < width; ++j) {
-      const acc_t v = static_cast<acc_t>(x[j]);
+      const acc_t v = to_acc<acc_t>(x[j]);
       const bool ok = counted<kSelect>(v, kSelect ? sel[j] : acc_t(1));
       sum[j] += ok ? static_cast<double>(v) : 0.0;
       cnt[j] += ok ? acc_t(1) : acc_t(0);
@@ -220,7 +261,7 @@ void block_sums_careful(const Tile& t, const scalar_t* const* units, const int64
     const scalar_t* __restrict__ x = units[u];
 #pragma GCC ivdep
     for (int64_t j = 0; j < width; ++j) {
-      const acc_t v = static_cast<acc_t>(x[j]);
+      const acc_t v = to_acc<acc_t>(x[j]);
       const bool ok = counted<kSelect>(v, kSelect ? sel[j] : acc_t(1));
       const acc_t d = ok ? v - shift[j] : acc_t(0);
       s1[j] += d;
@@ -391,17 +432,17 @@ void normalize_units(const Tile& t, int64_t first, int64_t n_units, int64_t rows
       if (kSelect) selection(t, r, rows, width / rows, sel);
 #pragma GCC ivdep
       for (int64_t j = 0; j < width; ++j) {
-        const acc_t v = static_cast<acc_t>(x[j]);
+        const acc_t v = to_acc<acc_t>(x[j]);
         const acc_t z = ((v - mean_hi[j]) - mean_lo[j]) * scale[j];
-        y[j] = static_cast<scalar_t>(clamp_keep_nan(z, -hi, hi));
+        y[j] = from_acc<scalar_t>(clamp_keep_nan(z, -hi, hi));
         const bool ok = counted<kSelect>(v, kSelect ? sel[j] : acc_t(1));
         n_clipped[j] += ok && (z > hi || z < -hi) ? acc_t(1) : acc_t(0);
       }
     } else {
 #pragma GCC ivdep
       for (int64_t j = 0; j < width; ++j) {
-        const acc_t z = ((static_cast<acc_t>(x[j]) - mean_hi[j]) - mean_lo[j]) * scale[j];
-        y[j] = static_cast<scalar_t>(clamp_keep_nan(z, -hi, hi));
+        const acc_t z = ((to_acc<acc_t>(x[j]) - mean_hi[j]) - mean_lo[j]) * scale[j];
+        y[j] = from_acc<scalar_t>(clamp_keep_nan(z, -hi, hi));
       }
     }
   }
