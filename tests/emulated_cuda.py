@@ -64,15 +64,16 @@ class AdvantageProblem(ctypes.Structure):
     _fields_ = [("dtype", ctypes.c_int), ("outer", ctypes.c_int64), ("groups", ctypes.c_int64),
                 ("inner", ctypes.c_int64), ("x", ctypes.c_void_p), ("out", ctypes.c_void_p),
                 ("mask", ctypes.c_void_p), ("mask_group", ctypes.c_int64), ("stats", ctypes.c_void_p),
-                ("min_std", ctypes.c_double), ("unbiased", ctypes.c_bool)]
+                ("min_std", ctypes.c_double), ("unbiased", ctypes.c_bool), ("moments", ctypes.c_void_p),
+                ("parts", ctypes.c_void_p), ("num_parts", ctypes.c_int64)]
 
 
 class AdvantagePlan(ctypes.Structure):
-    """What emulated_normalize_advantages reports of its plan (tests/cuda_emulator/emulated_ops.cpp)."""
+    """What the emulated advantage ops report of their plan (tests/cuda_emulator/emulated_ops.cpp)."""
 
     _fields_ = [("columns", ctypes.c_int64), ("vector_width", ctypes.c_int64), ("pieces", ctypes.c_int64),
                 ("group_threads", ctypes.c_int64), ("column_mask", ctypes.c_int64),
-                ("reduce_row_splits", ctypes.c_int64)]
+                ("reduce_row_splits", ctypes.c_int64), ("normalize_vector_width", ctypes.c_int64)]
 
 
 # ColumnMask (csrc/cuda/advantages.h).
@@ -211,23 +212,57 @@ def merge_normalize(lib, device, x, mask, parts, stats, hyper, *, with_output=Tr
     return out, diag, plan
 
 
-def normalize_advantages(lib, device, x, mask=None, *, min_std=1e-4, unbiased=True, out=None):
-    """fastnorm::normalize_advantages on x (O, G, I) contiguous with a flat mask: (y, stats (4, G),
-    plan), y (poisoned first unless out is given) and stats poisoned so that an unwritten element
-    shows."""
+def advantage_problem(x, mask=None, *, out=None, stats=None, min_std=1e-4, unbiased=True):
+    """The launchers' problem of x (O, G, I) contiguous with a flat mask, as the binding builds it."""
     assert x.dim() == 3 and x.is_contiguous()
-    outer, groups, inner = x.shape
-    if out is None:
-        out = torch.full_like(x, float("nan"))
-    stats = torch.full((4, groups), -7.0, dtype=torch.float64)
     p = AdvantageProblem()
     p.dtype = DTYPE_KIND[x.dtype]
-    p.outer, p.groups, p.inner = outer, groups, inner
-    p.x, p.out, p.stats = x.data_ptr(), out.data_ptr(), stats.data_ptr()
+    p.outer, p.groups, p.inner = x.shape
+    p.x = x.data_ptr()
+    if out is not None:
+        assert out.is_contiguous() and out.shape == x.shape
+        p.out, p.stats = out.data_ptr(), stats.data_ptr()
     if mask is not None and x.numel() > 0:
         assert mask.dim() == 1 and mask.is_contiguous() and x.numel() % mask.numel() == 0
         p.mask, p.mask_group = mask.data_ptr(), x.numel() // mask.numel()
     p.min_std, p.unbiased = min_std, unbiased
+    return p
+
+
+def normalize_advantages(lib, device, x, mask=None, *, min_std=1e-4, unbiased=True, out=None):
+    """fastnorm::normalize_advantages on x (O, G, I) contiguous with a flat mask: (y, stats (4, G),
+    plan), y (poisoned first unless out is given) and stats poisoned so that an unwritten element
+    shows."""
+    if out is None:
+        out = torch.full_like(x, float("nan"))
+    stats = torch.full((4, x.shape[1]), -7.0, dtype=torch.float64)
+    p = advantage_problem(x, mask, out=out, stats=stats, min_std=min_std, unbiased=unbiased)
     plan = AdvantagePlan()
     lib.emulated_normalize_advantages(device, ctypes.byref(p), ctypes.byref(plan))
+    return out, stats, plan
+
+
+def advantage_moments(lib, device, x, mask=None):
+    """fastnorm::advantage_moments of x (O, G, I) contiguous with a flat mask: the table (5, G)
+    (poisoned first) and the plan."""
+    moments = torch.full((5, x.shape[1]), float("nan"), dtype=torch.float64)
+    p = advantage_problem(x, mask)
+    p.moments = moments.data_ptr()
+    plan = AdvantagePlan()
+    lib.emulated_advantage_moments(device, ctypes.byref(p), ctypes.byref(plan))
+    return moments, plan
+
+
+def normalize_advantages_from(lib, device, x, parts, *, min_std=1e-4, unbiased=True, out=None):
+    """fastnorm::normalize_advantages_from of the tables parts (P, 5, G) with x (O, G, I) contiguous:
+    (y, stats (4, G), plan), y (unless out is given) and stats poisoned first."""
+    if out is None:
+        out = torch.full_like(x, float("nan"))
+    stats = torch.full((4, x.shape[1]), -7.0, dtype=torch.float64)
+    parts = parts.contiguous()
+    assert parts.dim() == 3 and parts.shape[1:] == (5, x.shape[1]) and parts.shape[0] >= 1
+    p = advantage_problem(x, out=out, stats=stats, min_std=min_std, unbiased=unbiased)
+    p.parts, p.num_parts = parts.data_ptr(), parts.shape[0]
+    plan = AdvantagePlan()
+    lib.emulated_normalize_advantages_from(device, ctypes.byref(p), ctypes.byref(plan))
     return out, stats, plan

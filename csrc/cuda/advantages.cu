@@ -12,6 +12,10 @@
 // merge, merge_summaries) and advantage_group (advantages_math.h, as the CPU kernel) gives the
 // stats and the coefficients of y, which a last kernel writes, visiting x in the reverse order of
 // the reduce so that its last reads are still in L2.
+//
+// The split ops run these passes apart: advantage_moments the reduce and merge, storing each
+// group's moments instead; normalize_advantages_from merge_group_parts_kernel (the parts' merge
+// and the stats, a thread per group), then the normalize kernel.
 #include "advantages.h"
 
 #include <cuda_runtime.h>
@@ -220,22 +224,24 @@ struct GroupColumns {
 };
 
 struct MergeArgs {
-  AdvantageProblem p;
+  AdvantageProblem p;  // p.moments: store the groups' moments there (advantage_moments)
   GroupColumns columns;
   int group_threads;  // kWarpSize (a warp per group) or kThreads (a block per group)
   double* coef;
 };
 
-__device__ __forceinline__ void finish_group(const MergeArgs& a, int64_t g, const ColumnSummary& s) {
-  const AdvantageGroup r = advantage_group(s.moments, s.min, s.max, a.p.min_std, a.p.unbiased);
-  const int64_t G = a.p.groups;
-  a.p.stats[kAdvCount * G + g] = r.count;
-  a.p.stats[kAdvMean * G + g] = r.mean;
-  a.p.stats[kAdvStdRaw * G + g] = r.std_raw;
-  a.p.stats[kAdvNormMaxAbs * G + g] = r.norm_max_abs;
-  a.coef[kCoefMean * G + g] = r.mean;
-  a.coef[kCoefScale * G + g] = r.scale;
-  a.coef[kCoefLive * G + g] = r.live ? 1.0 : 0.0;
+// Group g's stats and the coefficients of its y.
+__device__ __forceinline__ void finish_group(const AdvantageProblem& p, double* coef, int64_t g,
+                                             const GroupMoments& m) {
+  const AdvantageGroup r = advantage_group(m.moments, m.min, m.max, p.min_std, p.unbiased);
+  const int64_t G = p.groups;
+  p.stats[kAdvCount * G + g] = r.count;
+  p.stats[kAdvMean * G + g] = r.mean;
+  p.stats[kAdvStdRaw * G + g] = r.std_raw;
+  p.stats[kAdvNormMaxAbs * G + g] = r.norm_max_abs;
+  coef[kCoefMean * G + g] = r.mean;
+  coef[kCoefScale * G + g] = r.scale;
+  coef[kCoefLive * G + g] = r.live ? 1.0 : 0.0;
 }
 
 // Each group's columns: thread t of the group merges columns t, t + group_threads, ... in order,
@@ -260,7 +266,18 @@ __global__ void __launch_bounds__(kThreads) merge_groups_kernel(const MergeArgs 
   } else if (lane != 0) {
     return;
   }
-  finish_group(a, g, s);
+  const GroupMoments m{s.moments, s.min, s.max};
+  if (a.p.moments != nullptr) {
+    store_group_moments(a.p.moments, a.p.groups, g, m);
+  } else {
+    finish_group(a.p, a.coef, g, m);
+  }
+}
+
+// normalize_advantages_from: group g of the parts merged in part order, a thread per group.
+__global__ void __launch_bounds__(kThreads) merge_group_parts_kernel(const AdvantageProblem p, double* coef) {
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (g < p.groups) finish_group(p, coef, g, merge_group_parts(p.parts, p.num_parts, p.groups, g));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -373,7 +390,11 @@ size_t aligned(size_t bytes) { return (bytes + kWorkspaceAlign - 1) / kWorkspace
 
 int64_t row_width(const AdvantageProblem& p) { return p.groups * p.inner; }
 
-// The workspace's parts, as byte offsets.
+bool reduces(const AdvantagePlan& plan) { return plan.passes != AdvantagePasses::kNormalize; }
+bool normalizes(const AdvantagePlan& plan) { return plan.passes != AdvantagePasses::kReduce; }
+
+// The workspace's parts, as byte offsets: the reduce's (batch_moments' scratch, the table of
+// partial moments, an expanded mask), the normalize's (the per-group coefficients).
 struct WorkspaceLayout {
   size_t reduce, table, coef, mask, total;
 };
@@ -383,12 +404,28 @@ WorkspaceLayout workspace_layout(const AdvantageProblem& p, const AdvantagePlan&
   size_t mask_bytes = 0;
   if (plan.column_mask == ColumnMask::kExpandedRows) mask_bytes = p.outer;
   if (plan.column_mask == ColumnMask::kExpandedEntries) mask_bytes = p.outer * row_width(p);
+  const bool reduce = reduces(plan);
   WorkspaceLayout w{};
-  w.table = aligned(plan.columns ? plan.reduce.workspace_bytes : 0);
-  w.coef = w.table + aligned(sizeof(double) * kNumMomentRows * table_cols);
-  w.mask = w.coef + aligned(sizeof(double) * kNumCoefRows * p.groups);
-  w.total = w.mask + mask_bytes;
+  w.table = aligned(reduce && plan.columns ? plan.reduce.workspace_bytes : 0);
+  w.coef = w.table + (reduce ? aligned(sizeof(double) * kNumMomentRows * table_cols) : 0);
+  w.mask = w.coef + (normalizes(plan) ? aligned(sizeof(double) * kNumCoefRows * p.groups) : 0);
+  w.total = w.mask + (reduce ? mask_bytes : 0);
   return w;
+}
+
+// The workspace's parts as pointers.
+struct Scratch {
+  void* reduce;
+  double* table;
+  double* coef;
+  bool* mask;
+};
+
+Scratch scratch_of(const AdvantageProblem& p, const AdvantagePlan& plan, void* workspace) {
+  const WorkspaceLayout w = workspace_layout(p, plan);
+  char* base = static_cast<char*>(workspace);
+  return {base + w.reduce, reinterpret_cast<double*>(base + w.table), reinterpret_cast<double*>(base + w.coef),
+          reinterpret_cast<bool*>(base + w.mask)};
 }
 
 // The columns layout's view of x for batch_moments and normalize (the mask given separately: its
@@ -426,11 +463,14 @@ void plan_columns(const AdvantageProblem& p, AdvantagePlan& plan) {
   plan.normalize = plan_normalize(view);
 }
 
+// The runs' vector width: 16 bytes where every run and the pointers allow it, and the mask (in the
+// reduce) reads one entry per vector or one per entry.
 template <typename scalar_t>
-int run_vector_width(const AdvantageProblem& p, int64_t run_length) {
+int run_vector_width(const AdvantageProblem& p, int64_t run_length, bool for_reduce) {
   constexpr int kVector = kVectorWidth<scalar_t>;
   const bool mask_fits = p.mask == nullptr || p.mask_group == 1 || p.mask_group % kVector == 0;
-  const bool fit = run_length % kVector == 0 && is_vector_aligned(p.x) && is_vector_aligned(p.out) && mask_fits;
+  const bool fit = run_length % kVector == 0 && is_vector_aligned(p.x) &&
+                   (for_reduce ? mask_fits : is_vector_aligned(p.out));
   return fit ? kVector : 1;
 }
 
@@ -438,14 +478,16 @@ RunMask run_mask(const AdvantageProblem& p, int vector_width) {
   return vector_width > 1 && p.mask != nullptr && p.mask_group == 1 ? RunMask::kPerEntry : RunMask::kPerVector;
 }
 
-// Pieces of kWarpSize * V * vectors-per-lane entries, the vectors per lane chosen to fill about
-// one wave of warps, within [kMinVectorsPerLane, kMaxVectorsPerLane].
+// Pieces of kWarpSize * V * vectors-per-lane entries, V the reduce's vector width, the vectors per
+// lane chosen to fill about one wave of warps, within [kMinVectorsPerLane, kMaxVectorsPerLane]. A
+// piece is a multiple of kWarpSize entries, so the normalize may take its own vector width.
 void plan_runs(const AdvantageProblem& p, AdvantagePlan& plan) {
   plan.runs = p.groups == 1 ? 1 : p.outer * p.groups;
   plan.run_length = p.groups == 1 ? p.outer * p.inner : p.inner;
   with_scalar_type(p.dtype, [&](auto element) {
     using scalar_t = decltype(element);
-    plan.vector_width = run_vector_width<scalar_t>(p, plan.run_length);
+    plan.vector_width = run_vector_width<scalar_t>(p, plan.run_length, true);
+    plan.normalize_vector_width = run_vector_width<scalar_t>(p, plan.run_length, false);
     with_vector_width<scalar_t>(plan.vector_width, [&](auto width) {
       constexpr int V = decltype(width)::value;
       const int64_t lanes = resident_blocks<reduce_runs_kernel<scalar_t, V, RunMask::kPerVector>>() * kThreads;
@@ -485,7 +527,7 @@ void launch_normalize_runs(const RunArgs& a, const AdvantagePlan& plan, cudaStre
   const unsigned grid = static_cast<unsigned>(ceil_div(plan.runs * plan.pieces_per_run, kWarpsPerBlock));
   with_scalar_type(a.p.dtype, [&](auto element) {
     using scalar_t = decltype(element);
-    with_vector_width<scalar_t>(plan.vector_width, [&](auto width) {
+    with_vector_width<scalar_t>(plan.normalize_vector_width, [&](auto width) {
       constexpr int V = decltype(width)::value;
       normalize_runs_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(a);
     });
@@ -513,10 +555,44 @@ void launch_normalize_columns(const ColumnArgs& a, const AdvantagePlan& plan, cu
   });
 }
 
+// Pass 1: the reduce, then merge_groups_kernel, which finishes each group (stats and coefficients)
+// or stores its moments (p.moments).
+void reduce_pass(const AdvantageProblem& p, const AdvantagePlan& plan, const Scratch& s, cudaStream_t stream) {
+  MergeArgs merge{p, {}, plan.group_threads, s.coef};
+  if (plan.columns) {
+    const bool* mask = columns_mask(p, plan, s.mask, stream);
+    Problem reduce = columns_problem(p, mask, plan.mask_cols);
+    reduce.moments = s.table;
+    launch_batch_moments(reduce, plan.reduce, s.reduce, stream);
+    merge.columns = {s.table, row_width(p), 1, p.inner, 0, p.inner};
+  } else {
+    const int64_t pieces = plan.runs * plan.pieces_per_run;
+    if (pieces > 0) launch_reduce_runs(run_args(p, plan, s.table, s.coef), plan, stream);
+    const int64_t outer_items = p.groups == 1 ? 1 : p.outer;
+    merge.columns = {s.table, pieces, outer_items, plan.pieces_per_run, p.groups * plan.pieces_per_run,
+                     plan.pieces_per_run};
+  }
+  const int64_t groups_per_block = kThreads / plan.group_threads;
+  merge_groups_kernel<<<static_cast<unsigned>(ceil_div(p.groups, groups_per_block)), kThreads, 0, stream>>>(merge);
+}
+
+// Pass 2: y from the coefficients, where x has entries.
+void normalize_pass(const AdvantageProblem& p, const AdvantagePlan& plan, const double* coef, cudaStream_t stream) {
+  if (p.outer * row_width(p) == 0) return;
+  if (plan.columns) {
+    const LaunchPlan& n = plan.normalize;
+    const TileGrid grid{p.outer, row_width(p), n.column_threads, n.column_tiles, n.row_splits, n.rows_per_split};
+    launch_normalize_columns(ColumnArgs{p, grid, coef}, plan, stream);
+  } else {
+    launch_normalize_runs(run_args(p, plan, nullptr, coef), plan, stream);
+  }
+}
+
 }  // namespace
 
-AdvantagePlan plan_normalize_advantages(const AdvantageProblem& p) {
+AdvantagePlan plan_advantages(const AdvantageProblem& p, AdvantagePasses passes) {
   AdvantagePlan plan{};
+  plan.passes = passes;
   const int64_t numel = p.outer * row_width(p);
   plan.columns = p.groups > 1 && p.inner <= kMaxColumnsInner && numel > 0;
   plan.column_mask = ColumnMask::kNone;
@@ -536,35 +612,23 @@ AdvantagePlan plan_normalize_advantages(const AdvantageProblem& p) {
 void launch_normalize_advantages(const AdvantageProblem& p, const AdvantagePlan& plan, void* workspace,
                                  cudaStream_t stream) {
   if (p.groups == 0) return;
-  const WorkspaceLayout w = workspace_layout(p, plan);
-  char* base = static_cast<char*>(workspace);
-  double* table = reinterpret_cast<double*>(base + w.table);
-  double* coef = reinterpret_cast<double*>(base + w.coef);
-  const int64_t numel = p.outer * row_width(p);
-  MergeArgs merge{p, {}, plan.group_threads, coef};
-  if (plan.columns) {
-    const bool* mask = columns_mask(p, plan, reinterpret_cast<bool*>(base + w.mask), stream);
-    Problem reduce = columns_problem(p, mask, plan.mask_cols);
-    reduce.moments = table;
-    launch_batch_moments(reduce, plan.reduce, base + w.reduce, stream);
-    merge.columns = {table, row_width(p), 1, p.inner, 0, p.inner};
-  } else {
-    const int64_t pieces = plan.runs * plan.pieces_per_run;
-    if (pieces > 0) launch_reduce_runs(run_args(p, plan, table, coef), plan, stream);
-    const int64_t outer_items = p.groups == 1 ? 1 : p.outer;
-    merge.columns = {table, pieces, outer_items, plan.pieces_per_run, p.groups * plan.pieces_per_run,
-                     plan.pieces_per_run};
-  }
-  const int64_t groups_per_block = kThreads / plan.group_threads;
-  merge_groups_kernel<<<static_cast<unsigned>(ceil_div(p.groups, groups_per_block)), kThreads, 0, stream>>>(merge);
-  if (numel == 0) return;
-  if (plan.columns) {
-    const LaunchPlan& n = plan.normalize;
-    const TileGrid grid{p.outer, row_width(p), n.column_threads, n.column_tiles, n.row_splits, n.rows_per_split};
-    launch_normalize_columns(ColumnArgs{p, grid, coef}, plan, stream);
-  } else {
-    launch_normalize_runs(run_args(p, plan, table, coef), plan, stream);
-  }
+  const Scratch s = scratch_of(p, plan, workspace);
+  reduce_pass(p, plan, s, stream);
+  normalize_pass(p, plan, s.coef, stream);
+}
+
+void launch_advantage_moments(const AdvantageProblem& p, const AdvantagePlan& plan, void* workspace,
+                              cudaStream_t stream) {
+  if (p.groups == 0) return;
+  reduce_pass(p, plan, scratch_of(p, plan, workspace), stream);
+}
+
+void launch_normalize_advantages_from(const AdvantageProblem& p, const AdvantagePlan& plan, void* workspace,
+                                      cudaStream_t stream) {
+  if (p.groups == 0) return;
+  const Scratch s = scratch_of(p, plan, workspace);
+  merge_group_parts_kernel<<<static_cast<unsigned>(ceil_div(p.groups, kThreads)), kThreads, 0, stream>>>(p, s.coef);
+  normalize_pass(p, plan, s.coef, stream);
 }
 
 }  // namespace cuda

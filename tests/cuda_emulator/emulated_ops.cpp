@@ -24,11 +24,22 @@ EmulatedPlan chosen(const fastnorm::cuda::LaunchPlan& plan) {
 // Scratch that starts as garbage, as the caching allocator's does.
 std::vector<unsigned char> garbage(size_t bytes) { return std::vector<unsigned char>(bytes, 0xA5); }
 
-// The advantage plan's choices: the layout (1: columns), the runs' vector width and pieces, the
-// group merge's threads, the columns' mask form (ColumnMask) and reduce row splits.
+// The advantage plan's choices: the layout (1: columns), the runs' vector width (reduce) and
+// pieces, the group merge's threads, the columns' mask form (ColumnMask) and reduce row splits, the
+// runs' vector width in the normalize.
 struct EmulatedAdvantagePlan {
-  int64_t columns, vector_width, pieces, group_threads, column_mask, reduce_row_splits;
+  int64_t columns, vector_width, pieces, group_threads, column_mask, reduce_row_splits, normalize_vector_width;
 };
+
+EmulatedAdvantagePlan chosen(const fastnorm::cuda::AdvantagePlan& plan) {
+  return {plan.columns,
+          plan.vector_width,
+          plan.runs * plan.pieces_per_run,
+          plan.group_threads,
+          static_cast<int64_t>(plan.column_mask),
+          plan.reduce.row_splits,
+          plan.normalize_vector_width};
+}
 
 }  // namespace
 
@@ -101,11 +112,30 @@ void emulated_normalize_advantages(int device, const fastnorm::cuda::AdvantagePr
                                    EmulatedAdvantagePlan* plan_out) {
   using namespace fastnorm::cuda;
   emu::device = device;
-  const AdvantagePlan plan = plan_normalize_advantages(*problem);
+  const AdvantagePlan plan = plan_advantages(*problem, AdvantagePasses::kBoth);
   std::vector<unsigned char> workspace = garbage(plan.workspace_bytes);
   launch_normalize_advantages(*problem, plan, workspace.data(), nullptr);
-  *plan_out = {plan.columns, plan.vector_width, plan.runs * plan.pieces_per_run, plan.group_threads,
-               static_cast<int64_t>(plan.column_mask), plan.reduce.row_splits};
+  *plan_out = chosen(plan);
+}
+
+void emulated_advantage_moments(int device, const fastnorm::cuda::AdvantageProblem* problem,
+                                EmulatedAdvantagePlan* plan_out) {
+  using namespace fastnorm::cuda;
+  emu::device = device;
+  const AdvantagePlan plan = plan_advantages(*problem, AdvantagePasses::kReduce);
+  std::vector<unsigned char> workspace = garbage(plan.workspace_bytes);
+  launch_advantage_moments(*problem, plan, workspace.data(), nullptr);
+  *plan_out = chosen(plan);
+}
+
+void emulated_normalize_advantages_from(int device, const fastnorm::cuda::AdvantageProblem* problem,
+                                        EmulatedAdvantagePlan* plan_out) {
+  using namespace fastnorm::cuda;
+  emu::device = device;
+  const AdvantagePlan plan = plan_advantages(*problem, AdvantagePasses::kNormalize);
+  std::vector<unsigned char> workspace = garbage(plan.workspace_bytes);
+  launch_normalize_advantages_from(*problem, plan, workspace.data(), nullptr);
+  *plan_out = chosen(plan);
 }
 
 }  // extern "C"
