@@ -1,9 +1,10 @@
 """The C++/CUDA backend on a GPU: both launch paths against the float64 reference, opcheck,
 torch.compile with CUDA graphs, explicit graph capture and replay, streams, determinism and the
-number of launches, for running_norm, the split pair batch_moments / merge_normalize and
-normalize_advantages. Skipped without a GPU and the CUDA kernels. (On a GPU the default test
-device is cuda, so the whole RunningNorm, split and advantages suites also run on this backend;
-tests/test_cuda_emulated*.py run the same kernels on the CPU.)
+number of launches, for running_norm, the split pair batch_moments / merge_normalize,
+normalize_advantages and its split pair advantage_moments / normalize_advantages_from. Skipped
+without a GPU and the CUDA kernels. (On a GPU the default test device is cuda, so the whole
+RunningNorm, split and advantages suites also run on this backend; tests/test_cuda_emulated*.py
+run the same kernels on the CPU.)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from fastnorm import RunningNorm, _ops, advantages_reference, normalize_advantages, reference
-from fastnorm.advantages import reduced_dims
+from fastnorm.advantages import AdvantageStats, reduced_dims
 from helpers import DTYPES, STAT_TOL, Y_TOL, assert_diag_close, assert_stats_close, expected_step, random_mask, randn
 
 pytestmark = pytest.mark.skipif(
@@ -26,6 +27,11 @@ needs_split_kernels = pytest.mark.skipif(
 )
 needs_advantages_kernel = pytest.mark.skipif(not _ops.has_kernel("normalize_advantages", "CUDA"),
                                              reason="fastnorm._C has no CUDA kernel for normalize_advantages")
+needs_advantage_split_kernels = pytest.mark.skipif(
+    not all(_ops.has_kernel(op, "CUDA") for op in ("normalize_advantages", "advantage_moments",
+                                                   "normalize_advantages_from")),
+    reason="fastnorm._C has no CUDA kernels for advantage_moments and normalize_advantages_from",
+)
 
 CUDA = torch.device("cuda")
 SHAPE = (3, 8)
@@ -491,3 +497,131 @@ def test_advantages_reject_a_mask_on_another_device(gen):
         torch.ops.fastnorm.normalize_advantages(adv.view(33, 4, 1), torch.ones(33, dtype=torch.bool), out, stats,
                                                 1e-4, True)
     assert out.isnan().all()
+
+
+# ---------------------------------------------------------------- advantage_moments and normalize_advantages_from
+
+# ADVANTAGE_CASES as the ops see them, (O, G, I) and the flat mask's entries, and the axis along
+# which the shards of x are cut; normalize_advantages_from launches the parts' merge and the same
+# normalize kernel as the fused op.
+ADVANTAGE_SPLIT_CASES = {
+    "one_run": ((1, 1, 3_000_001), 3_000_001, 2),
+    "runs_per_group": ((1, 40, 8_192), 40, 2),
+    "columns": ((16_384, 16, 1), 256, 0),
+}
+
+
+def advantage_moments_of(x, mask):
+    moments = torch.full((5, x.shape[1]), float("nan"), dtype=torch.float64, device=CUDA)
+    torch.ops.fastnorm.advantage_moments(x, mask, moments)
+    return moments
+
+
+def as_advantage_stats(table, min_std=1e-4):
+    mean, std_raw, count, norm_max_abs = table[1], table[2], table[0], table[3]
+    return AdvantageStats(mean, std_raw, count, norm_max_abs, std_raw < min_std)
+
+
+def advantages_from(x, parts):
+    """normalize_advantages_from into poisoned buffers: (y, AdvantageStats)."""
+    out = torch.full_like(x, float("nan"))
+    stats = torch.full((4, x.shape[1]), float("nan"), dtype=torch.float64, device=CUDA)
+    torch.ops.fastnorm.normalize_advantages_from(x, parts, out, stats, 1e-4, True)
+    return out, as_advantage_stats(stats)
+
+
+def fused_advantages(x, mask):
+    out = torch.full_like(x, float("nan"))
+    stats = torch.full((4, x.shape[1]), float("nan"), dtype=torch.float64, device=CUDA)
+    torch.ops.fastnorm.normalize_advantages(x, mask, out, stats, 1e-4, True)
+    return out, as_advantage_stats(stats)
+
+
+def full_advantage_mask(mask, x):
+    return mask.repeat_interleave(x.numel() // mask.numel()).view(x.shape)
+
+
+@needs_advantage_split_kernels
+@pytest.mark.parametrize("case", list(ADVANTAGE_SPLIT_CASES))
+def test_advantage_split_ops_one_part_is_the_fused_op_bit_for_bit(gen, case):
+    shape, mask_numel, _ = ADVANTAGE_SPLIT_CASES[case]
+    x = randn(shape, gen, device=CUDA, dtype=torch.bfloat16, mean=1.0)
+    mask = random_mask((mask_numel,), gen, CUDA)
+    y, stats = advantages_from(x, advantage_moments_of(x, mask)[None])
+    y_fused, stats_fused = fused_advantages(x, mask)
+    assert torch.equal(y, y_fused)
+    for name, got, want in zip(stats._fields, stats, stats_fused):
+        assert torch.equal(got, want), name
+
+
+@needs_advantage_split_kernels
+@pytest.mark.parametrize("case", list(ADVANTAGE_SPLIT_CASES))
+def test_advantage_split_ops_give_every_shard_the_concatenated_advantages(gen, case):
+    shape, _, axis = ADVANTAGE_SPLIT_CASES[case]
+    x = randn(shape, gen, device=CUDA, mean=-1.0, scale=3.0)
+    mask = random_mask(shape, gen, CUDA)
+    size = shape[axis]
+    sizes = (size // 3, 0, size - size // 3)  # unequal shards, one empty
+    xs = [part.contiguous() for part in x.split(sizes, dim=axis)]
+    masks = [part.reshape(-1) for part in mask.split(sizes, dim=axis)]
+    parts = torch.stack([advantage_moments_of(xp, mp) for xp, mp in zip(xs, masks)])
+    results = [advantages_from(xp, parts) for xp in xs]
+    for _, stats in results[1:]:  # the same parts, the same bits
+        assert all(torch.equal(a, b) for a, b in zip(stats, results[0][1]))
+    y = torch.cat([y for y, _ in results], dim=axis)
+    assert_advantages_close(y, results[0][1], advantages_reference.normalize_advantages(x, mask, (0, 2)), scale=3.0)
+
+
+@needs_advantage_split_kernels
+@pytest.mark.parametrize("case", list(ADVANTAGE_SPLIT_CASES))
+def test_advantage_split_ops_replay_in_a_cuda_graph(gen, case):
+    shape, mask_numel, _ = ADVANTAGE_SPLIT_CASES[case]
+    static_x = randn(shape, gen, device=CUDA)
+    static_mask = random_mask((mask_numel,), gen, CUDA)
+    parts = torch.empty(1, 5, shape[1], dtype=torch.float64, device=CUDA)
+    out = torch.empty_like(static_x)
+    table = torch.empty(4, shape[1], dtype=torch.float64, device=CUDA)
+
+    def step():
+        torch.ops.fastnorm.advantage_moments(static_x, static_mask, parts[0])
+        torch.ops.fastnorm.normalize_advantages_from(static_x, parts, out, table, 1e-4, True)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for replay in range(3):
+        static_x.copy_(randn(shape, gen, device=CUDA, mean=float(replay), scale=1.0 + replay))
+        static_mask.copy_(random_mask((mask_numel,), gen, CUDA))
+        out.fill_(float("nan"))
+        graph.replay()
+        expected = advantages_reference.normalize_advantages(static_x, full_advantage_mask(static_mask, static_x),
+                                                             (0, 2))
+        assert_advantages_close(out, as_advantage_stats(table), expected, scale=1.0 + replay)
+
+
+@needs_advantage_split_kernels
+@pytest.mark.parametrize("case", list(ADVANTAGE_SPLIT_CASES))
+def test_advantage_split_ops_number_of_launches(gen, case):
+    shape, mask_numel, _ = ADVANTAGE_SPLIT_CASES[case]
+    fused_launches = ADVANTAGE_CASES[case][1]
+    x = randn(shape, gen, device=CUDA)
+    mask = random_mask((mask_numel,), gen, CUDA)
+    moments = torch.empty(1, 5, shape[1], dtype=torch.float64, device=CUDA)
+    out, table = torch.empty_like(x), torch.empty(4, shape[1], dtype=torch.float64, device=CUDA)
+    for expected_names, call in [
+        (fused_launches[:-1], lambda: torch.ops.fastnorm.advantage_moments(x, mask, moments[0])),
+        (["merge_group_parts_kernel", fused_launches[-1]],
+         lambda: torch.ops.fastnorm.normalize_advantages_from(x, moments, out, table, 1e-4, True)),
+    ]:
+        call()  # plans and occupancy queries cached
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            call()
+            torch.cuda.synchronize()
+        names = device_activities(prof)
+        assert len(names) == len(expected_names) and all(w in n for w, n in zip(expected_names, names)), names
