@@ -1,4 +1,5 @@
-// CUDA kernels of fastnorm::normalize_advantages (the layouts are described in advantages.h).
+// CUDA kernels of fastnorm::normalize_advantages and its split pair ::advantage_moments and
+// ::normalize_advantages_from (the layouts are described in advantages.h).
 //
 // Runs layout: warp w reduces piece w % pieces_per_run of run w / pieces_per_run, its lanes taking
 // consecutive vectors (coalesced loads). A lane sums at most kMaxVectorsPerLane vectors in float
@@ -413,7 +414,7 @@ WorkspaceLayout workspace_layout(const AdvantageProblem& p, const AdvantagePlan&
   return w;
 }
 
-// The workspace's parts as pointers.
+// The workspace's parts as pointers (null for a pass the plan does not run).
 struct Scratch {
   void* reduce;
   double* table;
@@ -424,8 +425,9 @@ struct Scratch {
 Scratch scratch_of(const AdvantageProblem& p, const AdvantagePlan& plan, void* workspace) {
   const WorkspaceLayout w = workspace_layout(p, plan);
   char* base = static_cast<char*>(workspace);
-  return {base + w.reduce, reinterpret_cast<double*>(base + w.table), reinterpret_cast<double*>(base + w.coef),
-          reinterpret_cast<bool*>(base + w.mask)};
+  if (!reduces(plan)) return {nullptr, nullptr, reinterpret_cast<double*>(base + w.coef), nullptr};
+  double* coef = normalizes(plan) ? reinterpret_cast<double*>(base + w.coef) : nullptr;
+  return {base + w.reduce, reinterpret_cast<double*>(base + w.table), coef, reinterpret_cast<bool*>(base + w.mask)};
 }
 
 // The columns layout's view of x for batch_moments and normalize (the mask given separately: its
