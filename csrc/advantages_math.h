@@ -44,6 +44,17 @@ FASTNORM_HD GroupMoments group_of_part(const double* parts, int64_t p, int64_t g
           t[kAdvMomentMin * groups], t[kAdvMomentMax * groups]};
 }
 
+// Stores a group's moments as column g of an advantage-moments table (group_of_part's inverse);
+// count, mean and M2 read 0 for a group without entries.
+FASTNORM_HD void store_group_moments(double* table, int64_t groups, int64_t g, const GroupMoments& m) {
+  const bool live = m.moments.count > 0;
+  table[kAdvMomentCount * groups + g] = m.moments.count;
+  table[kAdvMomentMean * groups + g] = live ? m.moments.mean : 0.0;
+  table[kAdvMomentM2 * groups + g] = live ? m.moments.m2 : 0.0;
+  table[kAdvMomentMin * groups + g] = m.min;
+  table[kAdvMomentMax * groups + g] = m.max;
+}
+
 // Group g of num_parts >= 1 tables merged in part order (Chan merge, merge_moments), starting from
 // part 0. The order is fixed, so every process that merges the same parts gets the same bits.
 FASTNORM_HD GroupMoments merge_group_parts(const double* parts, int64_t num_parts, int64_t groups, int64_t g) {

@@ -1,6 +1,7 @@
 // The fastnorm operator schemas (one TORCH_LIBRARY block), and the _C module whose import loads
 // this library so that the static registrations run. Device kernels register themselves in
-// cpu/running_norm.cpp, cpu/advantages.cpp and cuda/running_norm_binding.cpp.
+// cpu/running_norm.cpp, cpu/advantages.cpp, cuda/running_norm_binding.cpp and
+// cuda/advantages_binding.cpp.
 #include <Python.h>
 #include <torch/library.h>
 

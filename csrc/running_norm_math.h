@@ -79,6 +79,18 @@ struct ColumnSummary {
   double max;
 };
 
+// A column with no entry: count, mean and M2 0, min +inf, max -inf (what batch_moments writes).
+FASTNORM_HD ColumnSummary empty_column_summary() {
+  return {{0.0, 0.0, 0.0}, 0.0, static_cast<double>(INFINITY), -static_cast<double>(INFINITY)};
+}
+
+// The summary of the union of two disjoint sets of a column's entries, a's taken first: the Chan
+// merge of the moments, the non-finite counts added, the min and max (never NaN) kept.
+FASTNORM_HD ColumnSummary merge_summaries(const ColumnSummary& a, const ColumnSummary& b) {
+  return {merge_moments(a.moments, b.moments), a.nonfinite + b.nonfinite, b.min < a.min ? b.min : a.min,
+          max_not_nan(a.max, b.max)};
+}
+
 // Column c of part p of batch-moments tables stored one after another (each kNumMomentRows x cols).
 FASTNORM_HD ColumnSummary column_of_part(const double* parts, int64_t p, int64_t cols, int64_t c) {
   const double* t = parts + p * kNumMomentRows * cols + c;
@@ -86,18 +98,22 @@ FASTNORM_HD ColumnSummary column_of_part(const double* parts, int64_t p, int64_t
           t[kMomentNonFinite * cols], t[kMomentMin * cols], t[kMomentMax * cols]};
 }
 
+// Writes s as column c of a batch-moments table of `cols` columns (the inverse of column_of_part).
+FASTNORM_HD void store_column_summary(double* table, int64_t cols, int64_t c, const ColumnSummary& s) {
+  table[kMomentCount * cols + c] = s.moments.count;
+  table[kMomentMean * cols + c] = s.moments.mean;
+  table[kMomentM2 * cols + c] = s.moments.m2;
+  table[kMomentNonFinite * cols + c] = s.nonfinite;
+  table[kMomentMin * cols + c] = s.min;
+  table[kMomentMax * cols + c] = s.max;
+}
+
 // Column c of num_parts >= 1 batch-moments tables merged in part order, starting from part 0
 // (returned unchanged when it is the only one). The order is fixed, so every process that merges
 // the same parts gets the same bits.
 FASTNORM_HD ColumnSummary merge_column_parts(const double* parts, int64_t num_parts, int64_t cols, int64_t c) {
   ColumnSummary s = column_of_part(parts, 0, cols, c);
-  for (int64_t p = 1; p < num_parts; ++p) {
-    const ColumnSummary t = column_of_part(parts, p, cols, c);
-    s.moments = merge_moments(s.moments, t.moments);
-    s.nonfinite += t.nonfinite;
-    s.min = t.min < s.min ? t.min : s.min;
-    s.max = max_not_nan(s.max, t.max);
-  }
+  for (int64_t p = 1; p < num_parts; ++p) s = merge_summaries(s, column_of_part(parts, p, cols, c));
   return s;
 }
 

@@ -39,6 +39,16 @@ KERNEL_BACKENDS = [b for b in BACKENDS_UNDER_TEST if b != "reference"]
 ADVANTAGE_BACKENDS = [b for b in BACKENDS_UNDER_TEST
                       if not BACKENDS[b].not_supported_reasons(torch.empty(0, device=DEVICE), "normalize_advantages")]
 ADVANTAGE_KERNEL_BACKENDS = [b for b in ADVANTAGE_BACKENDS if b != "reference"]
+# The backends under test that have the split ops batch_moments and merge_normalize on the device
+# (split_backend).
+SPLIT_BACKENDS = [b for b in BACKENDS_UNDER_TEST
+                  if not any(BACKENDS[b].not_supported_reasons(torch.empty(0, device=DEVICE), op)
+                             for op in ("batch_moments", "merge_normalize"))]
+# The backends under test that have the split advantage ops advantage_moments and
+# normalize_advantages_from on the device (adv_split_backend).
+ADVANTAGE_SPLIT_BACKENDS = [b for b in BACKENDS_UNDER_TEST
+                            if not any(BACKENDS[b].not_supported_reasons(torch.empty(0, device=DEVICE), op)
+                                       for op in ("advantage_moments", "normalize_advantages_from"))]
 
 
 def pytest_report_header(config):
@@ -65,6 +75,12 @@ def pytest_generate_tests(metafunc):
     if "kernel_backend" in metafunc.fixturenames:
         metafunc.parametrize("kernel_backend", KERNEL_BACKENDS or [pytest.param(None, marks=pytest.mark.skip(
             reason=f"no kernel backend runs on {DEVICE}"))])
+    if "split_backend" in metafunc.fixturenames:
+        metafunc.parametrize("split_backend", SPLIT_BACKENDS or [pytest.param(None, marks=pytest.mark.skip(
+            reason=f"no backend under test has batch_moments and merge_normalize on {DEVICE}"))])
+    if "adv_split_backend" in metafunc.fixturenames:
+        metafunc.parametrize("adv_split_backend", ADVANTAGE_SPLIT_BACKENDS or [pytest.param(None, marks=pytest.mark.skip(
+            reason=f"no backend under test has advantage_moments and normalize_advantages_from on {DEVICE}"))])
     if "adv_backend" in metafunc.fixturenames:
         metafunc.parametrize("adv_backend", ADVANTAGE_BACKENDS)
     if "adv_kernel_backend" in metafunc.fixturenames:

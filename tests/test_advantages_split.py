@@ -1,7 +1,7 @@
 """normalize_advantages split in two (advantage_moments, normalize_advantages_from), the ops behind
-normalize_advantages(sync=True), on every backend under test that has them, in one process: one
-part is the fused op exactly, several parts are the concatenated advantages. The multi-process
-runs are in test_distributed.py."""
+normalize_advantages(sync=True), on every backend under test that has them on the device
+(adv_split_backend), in one process: one part is the fused op exactly, several parts are the
+concatenated advantages. The multi-process runs are in test_distributed.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 
-from conftest import BACKENDS_UNDER_TEST, DEVICE
 from fastnorm import _ops, advantages_reference
 from fastnorm.advantages import AdvantageStats
 from fastnorm.backends import BACKENDS
@@ -18,11 +17,6 @@ from helpers import DTYPES, Y_TOL, random_mask, randn
 from test_advantages import STATS_TOL, assert_matches
 
 SPLIT_OPS = ("advantage_moments", "normalize_advantages_from")
-_PROBE = torch.empty(0, device=DEVICE)
-SPLIT_BACKENDS = [b for b in BACKENDS_UNDER_TEST
-                  if not any(BACKENDS[b].not_supported_reasons(_PROBE, op) for op in SPLIT_OPS)]
-split_backends = pytest.mark.parametrize("split_backend", SPLIT_BACKENDS or [pytest.param(None, marks=pytest.mark.skip(
-    reason=f"no backend under test has {' and '.join(SPLIT_OPS)} on {DEVICE}"))])
 STAT_ROWS = advantages_reference.STAT_ROWS
 MOMENT_ROWS = advantages_reference.MOMENT_ROWS
 EMPTY_GROUP = (0.0, 0.0, 0.0, math.inf, -math.inf)  # a moments-table column with no entry
@@ -69,17 +63,16 @@ def full_mask(mask, x):
     return None if mask is None else mask.repeat_interleave(x.numel() // mask.numel()).view(x.shape)
 
 
-@split_backends
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("ogi", OGI, ids=str)
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
-def test_one_part_is_the_fused_op(split_backend, device, gen, dtype, ogi, mask_kind):
+def test_one_part_is_the_fused_op(adv_split_backend, device, gen, dtype, ogi, mask_kind):
     x = randn(ogi, gen, dtype=dtype, device=device, mean=1.0, scale=2.0)
     x.view(-1)[5] = math.nan
     mask = flat_mask(mask_kind, ogi, gen, device)
     unbiased = bool(torch.rand((), generator=gen) < 0.5)
-    y, stats = from_parts(split_backend, x, moments_of(split_backend, x, mask)[None], unbiased)
-    y_fused, stats_fused = fused(split_backend, x, mask, unbiased)
+    y, stats = from_parts(adv_split_backend, x, moments_of(adv_split_backend, x, mask)[None], unbiased)
+    y_fused, stats_fused = fused(adv_split_backend, x, mask, unbiased)
     # The same code on the same moments: the same bits (the reference's max |y| from the merged min
     # and max is exact too: y is monotonic in x and rounding is monotonic).
     assert torch.equal(y.nan_to_num(-7.0), y_fused.nan_to_num(-7.0))
@@ -87,16 +80,15 @@ def test_one_part_is_the_fused_op(split_backend, device, gen, dtype, ogi, mask_k
         assert torch.equal(got, want), name
 
 
-@split_backends
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("ogi", [(97, 3, 5), (2, 2, 3001), (101, 8, 1)], ids=str)
-def test_moments_match_reference(split_backend, device, gen, dtype, ogi):
+def test_moments_match_reference(adv_split_backend, device, gen, dtype, ogi):
     x = randn(ogi, gen, dtype=dtype, device=device, mean=-4.0, scale=2.0)
     x[1, 0, 0] = math.nan
     x[-1, -1, -1] = math.inf
     x[:, 1, :] = -math.inf  # a group with no finite entry
     mask = flat_mask("entries", ogi, gen, device)
-    got = moments_of(split_backend, x, mask)
+    got = moments_of(adv_split_backend, x, mask)
     want = advantages_reference.moment_table(x, full_mask(mask, x), (0, 2))
     count, mean, m2, lo, hi = range(len(MOMENT_ROWS))
     for row in (count, lo, hi):  # exact: counts, and input values
@@ -107,9 +99,8 @@ def test_moments_match_reference(split_backend, device, gen, dtype, ogi):
     assert got[:, 1].tolist() == list(EMPTY_GROUP)
 
 
-@split_backends
-def test_empty_and_fully_masked_x_give_empty_tables(split_backend, device, gen):
-    backend = split_backend
+def test_empty_and_fully_masked_x_give_empty_tables(adv_split_backend, device, gen):
+    backend = adv_split_backend
     x = randn((9, 2, 3), gen, device=device)
     x[0, 0, 0] = math.nan
     cases = [(randn((0, 2, 3), gen, device=device), None), (randn((4, 2, 0), gen, device=device), None),
@@ -119,10 +110,9 @@ def test_empty_and_fully_masked_x_give_empty_tables(split_backend, device, gen):
         assert torch.equal(moments_of(backend, x, mask), expected)
 
 
-@split_backends
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("gi,axis", [((1, 1), 0), ((8, 1), 0), ((5, 3), 0), ((3, 40), 2)], ids=str)
-def test_parts_merge_to_the_concatenated_advantages(split_backend, device, gen, dtype, gi, axis):
+def test_parts_merge_to_the_concatenated_advantages(adv_split_backend, device, gen, dtype, gi, axis):
     # Four "ranks": unequal shards of x (O, G, I) along O or I, one empty, one fully masked; every
     # shard merges the same tables.
     g, i = gi
@@ -132,8 +122,8 @@ def test_parts_merge_to_the_concatenated_advantages(split_backend, device, gen, 
     mask = random_mask(shape, gen, device)
     mask.narrow(axis, sizes[0], sizes[1] + sizes[2]).fill_(False)  # shards 1 (empty) and 2
     xs, masks = x.split(sizes, dim=axis), mask.split(sizes, dim=axis)
-    parts = torch.stack([moments_of(split_backend, xp, mp.reshape(-1)) for xp, mp in zip(xs, masks)])
-    results = [from_parts(split_backend, xp, parts) for xp in xs]
+    parts = torch.stack([moments_of(adv_split_backend, xp, mp.reshape(-1)) for xp, mp in zip(xs, masks)])
+    results = [from_parts(adv_split_backend, xp, parts) for xp in xs]
     for y, stats in results[1:]:  # the same parts, the same bits
         assert all(torch.equal(a, b) for a, b in zip(stats, results[0][1]))
     expected = advantages_reference.normalize_advantages(x, mask, (0, 2))
@@ -141,9 +131,8 @@ def test_parts_merge_to_the_concatenated_advantages(split_backend, device, gen, 
     assert_matches(y, results[0][1], expected, dtype, scale=4.0)
 
 
-@split_backends
-def test_empty_x_takes_the_statistics_of_the_parts(split_backend, device, gen):
-    backend = split_backend
+def test_empty_x_takes_the_statistics_of_the_parts(adv_split_backend, device, gen):
+    backend = adv_split_backend
     others = randn((40, 3, 2), gen, device=device, mean=3.0)
     empty = others[:0]
     parts = torch.stack([moments_of(backend, empty, None), moments_of(backend, others, None)])

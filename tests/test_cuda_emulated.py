@@ -9,130 +9,14 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
-import re
-import shutil
-import subprocess
 
 import pytest
 import torch
 
+from emulated_cuda import DTYPE_KIND, H100_SMS, ONE_SM, Plan, emulator, make_problem, no_misaligned_access  # noqa: F401
+from emulated_cuda import running_norm as emulated_step
 from fastnorm import reference
 from helpers import STAT_TOL, Y_TOL, assert_diag_close, random_mask, randn
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMULATOR_DIR = os.path.join(ROOT, "tests", "cuda_emulator")
-KERNEL_SOURCE = os.path.join(ROOT, "csrc", "cuda", "running_norm.cu")
-DTYPE_KIND = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
-# Emulated devices (cuda_emulator.h: emu::multiprocessors): 1 multiprocessor keeps the row splits
-# few, 132 (an H100) splits any batch of a few thousand rows.
-ONE_SM, H100_SMS = 0, 2
-
-
-def cuda_include_dir():
-    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if root and os.path.exists(os.path.join(root, "include", "cuda_fp16.h")):
-            return os.path.join(root, "include")
-    return None
-
-
-class UpdateParams(ctypes.Structure):
-    _fields_ = [("min_weight", ctypes.c_double), ("max_count", ctypes.c_double)]
-
-
-class Problem(ctypes.Structure):
-    """Mirror of fastnorm::cuda::Problem (csrc/cuda/running_norm.h); its size is checked."""
-
-    _fields_ = [("dtype", ctypes.c_int), ("rows", ctypes.c_int64), ("cols", ctypes.c_int64),
-                ("x", ctypes.c_void_p), ("x_row_stride", ctypes.c_int64), ("with_output", ctypes.c_bool),
-                ("out", ctypes.c_void_p), ("out_row_stride", ctypes.c_int64),
-                ("mask", ctypes.c_void_p), ("mask_cols", ctypes.c_int64),
-                ("mean", ctypes.c_void_p), ("var", ctypes.c_void_p), ("count", ctypes.c_void_p),
-                ("diag", ctypes.c_void_p), ("update", UpdateParams),
-                ("eps", ctypes.c_double), ("min_std", ctypes.c_double), ("max_std", ctypes.c_double),
-                ("clip", ctypes.c_double)]
-
-
-class Plan(ctypes.Structure):
-    _fields_ = [("vector_width", ctypes.c_int64), ("column_threads", ctypes.c_int64),
-                ("column_tiles", ctypes.c_int64), ("row_splits", ctypes.c_int64)]
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    include = cuda_include_dir()
-    compiler = shutil.which("g++")
-    if include is None or compiler is None:
-        pytest.skip("the CUDA emulation needs g++ and the CUDA headers (cuda_fp16.h under $CUDA_HOME/include)")
-    build = tmp_path_factory.mktemp("cuda_emulator")
-    # kernel<<<grid, block, shared, stream>>>(args) -> emu::launch(grid, block, shared, stream, [&] { kernel(args); })
-    launch = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)<<<([^;]*?)>>>\(([^;]*)\);")
-    with open(KERNEL_SOURCE) as f:
-        source, launches = launch.subn(lambda m: f"::emu::launch({m[2]}, [&] {{ {m[1]}({m[3]}); }});", f.read())
-    assert launches >= 3, "found no kernel launch to rewrite in running_norm.cu"
-    rewritten = build / "running_norm_emulated.cpp"
-    rewritten.write_text(source)
-    library = build / "libfastnorm_cuda_emulated.so"
-    # UBSan's alignment check stands in for the GPU's fault on a misaligned vector access (x86 allows
-    # them): it reports on stderr, which no_misaligned_access turns into a failure.
-    command = [compiler, "-std=c++17", "-O1", "-U_FORTIFY_SOURCE", "-fsanitize=alignment", "-fPIC", "-shared",
-               "-Wall", "-Wno-unknown-pragmas", "-include",
-               os.path.join(EMULATOR_DIR, "cuda_emulator.h"), "-I", os.path.join(ROOT, "csrc", "cuda"), "-I", include,
-               str(rewritten), os.path.join(EMULATOR_DIR, "emulated_ops.cpp"), "-Wl,--no-undefined", "-o", str(library)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    lib = ctypes.CDLL(str(library))
-    lib.emulated_problem_bytes.restype = ctypes.c_size_t
-    assert lib.emulated_problem_bytes() == ctypes.sizeof(Problem), "Problem's mirror is out of date"
-    return lib
-
-
-@pytest.fixture(autouse=True)
-def no_misaligned_access(capfd):
-    """Fails a test after which UBSan reported a misaligned access (a fault on a GPU)."""
-    yield
-    err = capfd.readouterr().err
-    assert "runtime error" not in err, err
-
-
-def make_problem(x_rows, mean, var, hyper, *, out_rows=None, mask_rows=None, count=None, diag=None):
-    p = Problem()
-    p.dtype = DTYPE_KIND[x_rows.dtype]
-    p.rows, p.cols = x_rows.shape
-    p.x, p.x_row_stride = x_rows.data_ptr(), x_rows.stride(0)
-    if out_rows is not None:
-        p.with_output, p.out, p.out_row_stride = True, out_rows.data_ptr(), out_rows.stride(0)
-    if mask_rows is not None:
-        p.mask, p.mask_cols = mask_rows.data_ptr(), mask_rows.shape[1]
-    p.mean, p.var = mean.data_ptr(), var.data_ptr()
-    if count is not None:
-        p.count, p.diag = count.data_ptr(), diag.data_ptr()
-    momentum, max_count = hyper.get("momentum"), hyper.get("max_count")
-    p.update = UpdateParams(0.0 if momentum is None else 1.0 - momentum, math.inf if max_count is None else max_count)
-    p.eps = hyper["eps"]
-    p.min_std = hyper["min_std"] or 0.0
-    p.max_std = math.inf if hyper["max_std"] is None else hyper["max_std"]
-    p.clip = math.inf if hyper["clip"] is None else hyper["clip"]
-    return p
-
-
-def emulated_step(lib, device, x, mask, stats, hyper, *, out=None, with_output=True):
-    """One fastnorm::running_norm on x (rows, *stats_shape), mutating stats; returns (y, diag, plan)."""
-    mean, var, count = stats
-    cols = mean.numel()
-    rows = x.shape[0]
-    x_rows = x.reshape(rows, cols)
-    assert x_rows.data_ptr() == x.data_ptr() and (cols <= 1 or x_rows.stride(1) == 1)
-    if with_output and out is None:
-        out = torch.full_like(x, float("nan"))  # poisoned: an unwritten element shows
-    out_rows = out.reshape(rows, cols) if out is not None else None
-    mask_rows = mask.reshape(rows, mask.numel() // rows if rows else 1).contiguous() if mask is not None else None
-    diag = torch.full((6, cols), -7.0, dtype=torch.float64)
-    problem = make_problem(x_rows, mean, var, hyper, out_rows=out_rows, mask_rows=mask_rows, count=count, diag=diag)
-    plan = Plan()
-    lib.emulated_running_norm(device, ctypes.byref(problem), ctypes.byref(plan))
-    return out, diag, plan
-
 
 HYPER = dict(momentum=0.99, max_count=None, eps=1e-4, min_std=1e-2, max_std=None, clip=2.5)
 

@@ -1,6 +1,7 @@
 """running_norm split in two (batch_moments, merge_normalize), the ops behind RunningNorm(sync=True),
-on every backend under test in one process: one part is the fused op exactly, several parts are
-the concatenated batch. The multi-process runs are in test_distributed.py."""
+on every backend under test that has them on the device (split_backend), in one process: one part
+is the fused op exactly, several parts are the concatenated batch. The multi-process runs are in
+test_distributed.py."""
 
 from __future__ import annotations
 
@@ -44,18 +45,18 @@ def split_step(backend, x, mask, parts, state, diag, norm, with_output=True):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch,stats", SHAPES, ids=str)
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
-def test_one_part_is_the_fused_op(backend, device, gen, dtype, batch, stats, mask_kind):
-    norm = RunningNorm(stats, momentum=0.9, backend=backend, device=device)
+def test_one_part_is_the_fused_op(split_backend, device, gen, dtype, batch, stats, mask_kind):
+    norm = RunningNorm(stats, momentum=0.9, backend=split_backend, device=device)
     state = fresh_state(stats, device)
     diag = torch.full_like(norm._diag, math.nan)
     for step in range(3):
         with_output = step != 1  # the middle step updates without an output
         x = randn(batch + stats, gen, dtype=dtype, device=device, mean=2.0, scale=3.0)
         mask = make_mask(mask_kind, batch, stats, gen, device)
-        parts = moments_of(backend, x, mask, stats)[None]
-        y = split_step(backend, x, mask, parts, state, diag, norm, with_output)
+        parts = moments_of(split_backend, x, mask, stats)[None]
+        y = split_step(split_backend, x, mask, parts, state, diag, norm, with_output)
         y_fused = norm(x, mask=mask) if with_output else norm.update(x, mask=mask)
-        if backend == "reference":  # v_b goes through M2 = v_b n and back: rounding only
+        if split_backend == "reference":  # v_b goes through M2 = v_b n and back: rounding only
             tol = dict(rtol=1e-12, atol=1e-12)
             for got, want in zip(state, (norm.mean, norm.var, norm.count)):
                 torch.testing.assert_close(got, want, **tol)
@@ -73,14 +74,14 @@ def test_one_part_is_the_fused_op(backend, device, gen, dtype, batch, stats, mas
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
-def test_batch_moments_match_reference(backend, device, gen, dtype, mask_kind):
+def test_batch_moments_match_reference(split_backend, device, gen, dtype, mask_kind):
     batch, stats = (97, 2), (3, 5)
     x = randn(batch + stats, gen, dtype=dtype, device=device, mean=-4.0, scale=2.0)
     x[3, 0, 1, 2] = math.nan
     x[5, 1, 0, 0] = math.inf
     x[:, :, 2, 4] = -math.inf  # a column with no finite entry
     mask = make_mask(mask_kind, batch, stats, gen, device)
-    got = moments_of(backend, x, mask, stats)
+    got = moments_of(split_backend, x, mask, stats)
     want = reference.batch_moment_table(x, mask, torch.Size(stats))
     count, mean, m2, nonfinite, lo, hi = range(NUM_MOMENT_ROWS)
     for row in (count, nonfinite, lo, hi):  # exact: counts, and input values
@@ -92,7 +93,7 @@ def test_batch_moments_match_reference(backend, device, gen, dtype, mask_kind):
     assert got[lo, 2, 4] == math.inf and got[hi, 2, 4] == -math.inf
 
 
-def test_empty_and_fully_masked_batches_give_empty_tables(backend, device, gen):
+def test_empty_and_fully_masked_batches_give_empty_tables(split_backend, device, gen):
     stats = (2, 3)
     empty_row = torch.tensor([0.0, 0.0, 0.0, 0.0, math.inf, -math.inf], dtype=torch.float64, device=device)
     x = randn((9,) + stats, gen, device=device)
@@ -101,13 +102,13 @@ def test_empty_and_fully_masked_batches_give_empty_tables(backend, device, gen):
              (randn((4, 0) + stats, gen, device=device), torch.ones(4, 0, dtype=torch.bool, device=device)),
              (x, torch.zeros(9, dtype=torch.bool, device=device))]
     for x, mask in cases:
-        table = moments_of(backend, x, mask, stats)
+        table = moments_of(split_backend, x, mask, stats)
         assert torch.equal(table, empty_row[:, None, None].expand_as(table))
 
 
 @pytest.mark.parametrize("momentum", [0.99, None])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_parts_merge_to_the_concatenated_batch(backend, device, gen, momentum, dtype):
+def test_parts_merge_to_the_concatenated_batch(split_backend, device, gen, momentum, dtype):
     # Four "ranks": unequal shards, one empty, one fully masked; every part merges the same tables.
     stats, sizes = (4, 3), (29, 0, 7, 64)
     norm = RunningNorm(stats, momentum=momentum, backend="reference", device=device)  # the oracle
@@ -118,8 +119,9 @@ def test_parts_merge_to_the_concatenated_batch(backend, device, gen, momentum, d
         mask = random_mask((sum(sizes), stats[0]), gen, device)
         mask[sizes[0]:sizes[0] + sizes[1] + sizes[2]] = False  # shards 1 (empty) and 2
         xs, masks = x.split(sizes), mask.split(sizes)
-        parts = torch.stack([moments_of(backend, xp, mp, stats) for xp, mp in zip(xs, masks)])
-        ys = [split_step(backend, xp, mp, parts, st, dg, norm) for xp, mp, st, dg in zip(xs, masks, states, diags)]
+        parts = torch.stack([moments_of(split_backend, xp, mp, stats) for xp, mp in zip(xs, masks)])
+        ys = [split_step(split_backend, xp, mp, parts, st, dg, norm)
+              for xp, mp, st, dg in zip(xs, masks, states, diags)]
         expected = reference.running_norm(x, mask, norm.mean, norm.var, norm.count, **hyper(norm))
         norm(x, mask=mask)
         for p in range(1, len(sizes)):  # the same parts, the same bits
@@ -135,14 +137,14 @@ def test_parts_merge_to_the_concatenated_batch(backend, device, gen, momentum, d
         assert_diag_close(merged_diag, expected.diag, dtype, scale=8.0)
 
 
-def test_empty_x_still_takes_the_group_update(backend, device, gen):
+def test_empty_x_still_takes_the_group_update(split_backend, device, gen):
     stats = (5,)
-    norm = RunningNorm(stats, backend=backend, device=device)
+    norm = RunningNorm(stats, backend=split_backend, device=device)
     others = randn((40,) + stats, gen, device=device, mean=3.0)
-    parts = torch.stack([moments_of(backend, randn((0,) + stats, gen, device=device), None, stats),
-                         moments_of(backend, others, None, stats)])
+    parts = torch.stack([moments_of(split_backend, randn((0,) + stats, gen, device=device), None, stats),
+                         moments_of(split_backend, others, None, stats)])
     state, diag = fresh_state(stats, device), torch.full_like(norm._diag, math.nan)
-    y = split_step(backend, others[:0], None, parts, state, diag, norm)
+    y = split_step(split_backend, others[:0], None, parts, state, diag, norm)
     norm(others)
     assert y.shape == (0, 5)
     torch.testing.assert_close(state[0], norm.mean, rtol=1e-12, atol=1e-12)
@@ -151,8 +153,8 @@ def test_empty_x_still_takes_the_group_update(backend, device, gen):
     torch.testing.assert_close(diag[5], norm._diag[5], rtol=1e-6, atol=1e-6)  # the group's max |z|
 
 
-def test_sync_needs_an_initialized_process_group(backend, device, gen):
-    norm = RunningNorm((3,), sync=True, backend=backend, device=device)
+def test_sync_needs_an_initialized_process_group(split_backend, device, gen):
+    norm = RunningNorm((3,), sync=True, backend=split_backend, device=device)
     before = [t.clone() for t in (norm.mean, norm.var, norm.count, norm.steps)]
     with pytest.raises(RuntimeError, match=r"RunningNorm\(sync=True\) needs torch.distributed to be initialized"):
         norm(randn((8, 3), gen, device=device))

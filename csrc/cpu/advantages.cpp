@@ -256,15 +256,8 @@ void advantage_moments_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   } else {
     reduce_groups(Pass(x, mask, nullptr, g), g, groups);
   }
-  double* t = moments.data_ptr<double>();
-  for (int64_t k = 0; k < G; ++k) {
-    const bool live = groups[k].moments.count > 0;
-    t[kAdvMomentCount * G + k] = groups[k].moments.count;
-    t[kAdvMomentMean * G + k] = live ? groups[k].moments.mean : 0.0;
-    t[kAdvMomentM2 * G + k] = live ? groups[k].moments.m2 : 0.0;
-    t[kAdvMomentMin * G + k] = groups[k].min;
-    t[kAdvMomentMax * G + k] = groups[k].max;
-  }
+  double* table = moments.data_ptr<double>();
+  for (int64_t k = 0; k < G; ++k) store_group_moments(table, G, k, {groups[k].moments, groups[k].min, groups[k].max});
 }
 
 void normalize_advantages_from_cpu(const at::Tensor& x, const at::Tensor& parts, at::Tensor& out, at::Tensor& stats,

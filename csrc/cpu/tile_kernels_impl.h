@@ -30,7 +30,8 @@ struct Units {
 
   explicit Units(const Tile& t) {
     cols = t.col_end - t.col_begin;
-    const bool whole_rows = t.col_begin == 0 && t.x_row_stride == cols && (t.out == nullptr || t.out_row_stride == cols);
+    const bool whole_rows =
+        t.col_begin == 0 && t.x_row_stride == cols && (t.out == nullptr || t.out_row_stride == cols);
     fold = whole_rows && 2 * cols <= kFoldWidth ? kFoldWidth / cols : 1;
     width = fold * cols;
     count = (t.row_end - t.row_begin) / fold;

@@ -1,9 +1,7 @@
-// What a set of rows knows about one column, and how a block merges its threads' knowledge:
+// How a block merges its threads' knowledge of a column (a ColumnSummary, running_norm_math.h):
 // warp shuffles within a warp, then shared memory across warps, in a fixed order so that results
-// never depend on timing.
+// never depend on timing. The merge itself is the shared one (merge_summaries), as on the CPU.
 #pragma once
-
-#include <math.h>
 
 #include "../running_norm_math.h"
 
@@ -13,28 +11,20 @@ namespace cuda {
 constexpr unsigned kAllLanes = 0xffffffffu;
 constexpr int kWarpSize = 32;
 
-// The moments of a column's selected finite entries, how many selected entries were NaN or inf,
-// and the smallest and largest selected finite entry (+-inf when there is none).
-struct ColumnState {
-  Moments moments;
-  double nonfinite;
-  double min, max;
-};
-
-__device__ __forceinline__ ColumnState empty_column_state() {
-  return {{0.0, 0.0, 0.0}, 0.0, static_cast<double>(INFINITY), -static_cast<double>(INFINITY)};
-}
-
-__device__ __forceinline__ ColumnState merge(const ColumnState& a, const ColumnState& b) {
-  return {merge_moments(a.moments, b.moments), a.nonfinite + b.nonfinite, fmin(a.min, b.min), fmax(a.max, b.max)};
-}
-
-__device__ __forceinline__ ColumnState shuffle_down(const ColumnState& s, int offset) {
+__device__ __forceinline__ ColumnSummary shuffle_down(const ColumnSummary& s, int offset) {
   return {{__shfl_down_sync(kAllLanes, s.moments.count, offset), __shfl_down_sync(kAllLanes, s.moments.mean, offset),
            __shfl_down_sync(kAllLanes, s.moments.m2, offset)},
           __shfl_down_sync(kAllLanes, s.nonfinite, offset),
           __shfl_down_sync(kAllLanes, s.min, offset),
           __shfl_down_sync(kAllLanes, s.max, offset)};
+}
+
+// The warp's lanes that share a column lane (lane % column_threads, column_threads a power of two)
+// merged by a shuffle tree, lower lanes first: the lanes below column_threads hold the result.
+// Every lane of the warp must call it.
+__device__ __forceinline__ ColumnSummary merge_warp_lanes(ColumnSummary s, int column_threads) {
+  for (int offset = column_threads; offset < kWarpSize; offset *= 2) s = merge_summaries(s, shuffle_down(s, offset));
+  return s;
 }
 
 // A block's threads are laid out as threadIdx.x = row_lane * column_threads + column_lane, with
@@ -55,8 +45,8 @@ __device__ __forceinline__ bool holds_group_result(int column_threads) {
 // block_threads / merge_group_threads(column_threads) * column_threads * V states. Every thread
 // of the block calls it for each j; then __syncthreads; then merged_row_lanes.
 template <int V>
-__device__ __forceinline__ void publish_row_lanes(ColumnState s, int j, int column_threads, ColumnState* shared) {
-  for (int offset = column_threads; offset < kWarpSize; offset *= 2) s = merge(s, shuffle_down(s, offset));
+__device__ __forceinline__ void publish_row_lanes(ColumnSummary s, int j, int column_threads, ColumnSummary* shared) {
+  s = merge_warp_lanes(s, column_threads);
   if (!holds_group_result(column_threads)) return;
   const int group = static_cast<int>(threadIdx.x) / merge_group_threads(column_threads);
   const int column_lane = static_cast<int>(threadIdx.x) % column_threads;
@@ -66,12 +56,12 @@ __device__ __forceinline__ void publish_row_lanes(ColumnState s, int j, int colu
 // The second half, for the threads of row lane 0 (threadIdx.x < column_threads): the merge over
 // the whole block of column j, the groups taken in order.
 template <int V>
-__device__ __forceinline__ ColumnState merged_row_lanes(const ColumnState* shared, int j, int column_threads,
-                                                        int block_threads) {
+__device__ __forceinline__ ColumnSummary merged_row_lanes(const ColumnSummary* shared, int j, int column_threads,
+                                                          int block_threads) {
   const int groups = block_threads / merge_group_threads(column_threads);
   const int column_lane = static_cast<int>(threadIdx.x);
-  ColumnState s = shared[column_lane * V + j];
-  for (int g = 1; g < groups; ++g) s = merge(s, shared[(g * column_threads + column_lane) * V + j]);
+  ColumnSummary s = shared[column_lane * V + j];
+  for (int g = 1; g < groups; ++g) s = merge_summaries(s, shared[(g * column_threads + column_lane) * V + j]);
   return s;
 }
 

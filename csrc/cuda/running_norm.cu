@@ -1,4 +1,5 @@
-// CUDA kernels of fastnorm::running_norm and fastnorm::normalize.
+// CUDA kernels of fastnorm::running_norm and fastnorm::normalize, and of the split pair
+// fastnorm::batch_moments (the reduce alone) and fastnorm::merge_normalize.
 //
 // x is viewed as rows of contiguous columns. A block covers a tile of columns, one 128-byte row
 // segment wide (column_threads threads of vector_width columns each, so that a warp's loads are
@@ -11,25 +12,24 @@
 // statistics and normalizes its rows in the same launch. With several, each block stores its
 // partial moments and the last block of a tile to arrive (threadfence + atomic counter) merges
 // them and updates the statistics; a second launch normalizes, visiting x in the reverse order
-// so that what the first launch read last is still in L2.
+// so that what the first launch read last is still in L2. batch_moments runs the same reduce and
+// writes the merged moments instead of updating; merge_normalize merges given tables per column,
+// updates, and runs the normalize launch.
 #include "running_norm.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <math.h>
 
 #include <algorithm>
-#include <atomic>
-#include <type_traits>
 
 #include "column_state.cuh"
+#include "elements.cuh"
+#include "tile_grid.cuh"
 
 namespace fastnorm {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int kSegmentBytes = 128;  // the width of a tile's row segment: one L2 line
 // Rows a thread sums in float: as in the C++ CPU kernel's blocks, float sums of at most 128
 // deviations from a nearby shift stay accurate to ~1e-6. The plan splits rows to respect it.
@@ -37,96 +37,22 @@ constexpr int64_t kMaxRowsPerThread = 128;
 constexpr int64_t kMinRowsPerThread = 4;
 constexpr int kUnroll = 4;  // rows whose loads a thread issues before using any (memory parallelism)
 // With several splits, each reads at least this many bytes of every column, so that its partial
-// moments (kPartialFields float64) cost under 10% of the traffic. (A larger floor leaves mid-sized
-// batches with too few blocks to fill the device, which costs more.)
+// moments (a batch-moments table column: kNumMomentRows float64) cost under 10% of the traffic. (A
+// larger floor leaves mid-sized batches with too few blocks to fill the device, which costs more.)
 constexpr int64_t kMinSplitBytesPerColumn = 512;
-constexpr int kPartialFields = 6;
 // States the block merges through shared memory (publish_row_lanes): one per group (a warp, or a
 // wider row lane: then fewer groups) and tile column; a tile is at most 64 columns (2-byte types).
 constexpr int kMergeCapacity = kThreads / kWarpSize * (kSegmentBytes / 2);
 
 // ---------------------------------------------------------------------------------------------
-// Element types: half precision and float32 accumulate in float, float64 in double.
+// Where a thread works (tile_grid.cuh).
 
-template <typename scalar_t>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-
-__device__ __forceinline__ void from_acc(float v, __half& out) { out = __float2half_rn(v); }
-__device__ __forceinline__ void from_acc(float v, __nv_bfloat16& out) { out = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void from_acc(float v, float& out) { out = v; }
-__device__ __forceinline__ void from_acc(double v, double& out) { out = v; }
-
-// V consecutive elements, loaded and stored as one access (16 bytes at the widest).
-template <typename scalar_t, int V>
-struct alignas(sizeof(scalar_t) * V) Vec {
-  scalar_t v[V];
-};
-
-template <typename scalar_t, int V>
-__device__ __forceinline__ Vec<scalar_t, V> load(const scalar_t* p) {
-  return *reinterpret_cast<const Vec<scalar_t, V>*>(p);
-}
-
-template <typename scalar_t, int V>
-__device__ __forceinline__ void store(scalar_t* p, const Vec<scalar_t, V>& v) {
-  *reinterpret_cast<Vec<scalar_t, V>*>(p) = v;
-}
-
-__device__ __forceinline__ int64_t lesser(int64_t a, int64_t b) { return a < b ? a : b; }
-
-// ---------------------------------------------------------------------------------------------
-// Where a thread works.
-
-// The grid is 1-D: block b covers column tile b % column_tiles of row split b / column_tiles.
 struct KernelArgs {
   Problem p;
-  int column_threads;
-  int64_t column_tiles, row_splits, rows_per_split;
-  double* partials;  // (kPartialFields, row_splits, cols): each split's ColumnState
+  TileGrid grid;
+  double* partials;  // row_splits batch-moments tables (kNumMomentRows, cols), one per split
   int* arrivals;     // (column_tiles): blocks of the tile done storing their partials
 };
-
-struct Layout {
-  int column_threads, row_threads, column_lane, row_lane;
-  int64_t col;       // the first of this thread's vector_width columns
-  bool has_columns;  // false for lanes past the last column
-};
-
-template <int V>
-__device__ __forceinline__ Layout layout_of(const KernelArgs& a, int64_t tile) {
-  Layout l;
-  l.column_threads = a.column_threads;
-  l.row_threads = kThreads / a.column_threads;
-  l.column_lane = static_cast<int>(threadIdx.x) % a.column_threads;
-  l.row_lane = static_cast<int>(threadIdx.x) / a.column_threads;
-  l.col = (tile * a.column_threads + l.column_lane) * V;
-  l.has_columns = l.col < a.p.cols;
-  return l;
-}
-
-// The rows a thread visits in its block's split: first + k * step for k in [0, n).
-struct ThreadRows {
-  int64_t first, step, n;
-  __device__ __forceinline__ int64_t row(int64_t k) const { return first + k * step; }
-};
-
-__device__ __forceinline__ ThreadRows thread_rows(const KernelArgs& a, const Layout& l, int64_t split) {
-  const int64_t first = split * a.rows_per_split + l.row_lane;
-  const int64_t end = lesser(a.p.rows, (split + 1) * a.rows_per_split);
-  const int64_t n = l.has_columns && first < end ? (end - first + l.row_threads - 1) / l.row_threads : 0;
-  return {first, l.row_threads, n};
-}
 
 // The mask column that column `col` reads (0 for a per-row mask).
 __device__ __forceinline__ int64_t mask_column(const Problem& p, int64_t col) {
@@ -152,8 +78,8 @@ struct ColumnReader {
 // The exact two-pass moments in float64 of one column over a thread's rows: the path for the rows
 // that hold NaN or inf (the fast path does not test values) or whose float sums overflowed.
 template <typename scalar_t>
-__device__ __noinline__ ColumnState recompute_column(ColumnReader<scalar_t> c, ThreadRows rows) {
-  ColumnState s = empty_column_state();
+__device__ __noinline__ ColumnSummary recompute_column(ColumnReader<scalar_t> c, ThreadRows rows) {
+  ColumnSummary s = empty_column_summary();
   double sum = 0.0;
   for (int64_t k = 0; k < rows.n; ++k) {
     const int64_t r = rows.row(k);
@@ -270,9 +196,9 @@ __device__ __forceinline__ void sum_thread_rows(const Problem& p, const Layout& 
   }
 }
 
-// The state of column j of the thread's sums.
+// The summary of column j of the thread's sums.
 template <typename scalar_t, int V, bool kElementMask>
-__device__ __forceinline__ ColumnState column_state(const Problem& p, const Layout& l, const ThreadRows& rows,
+__device__ __forceinline__ ColumnSummary column_summary(const Problem& p, const Layout& l, const ThreadRows& rows,
                                                     const ThreadSums<typename Acc<scalar_t>::type, V, kElementMask>& t,
                                                     int j) {
   const int i = kElementMask ? j : 0;
@@ -287,29 +213,22 @@ __device__ __forceinline__ ColumnState column_state(const Problem& p, const Layo
 // ---------------------------------------------------------------------------------------------
 // Merge across splits, the running update, normalize.
 
-__device__ __forceinline__ void store_partial(const KernelArgs& a, int64_t split, int64_t col, const ColumnState& s) {
-  const int64_t field = a.row_splits * a.p.cols;
-  double* out = a.partials + split * a.p.cols + col;
-  out[0] = s.moments.count;
-  out[field] = s.moments.mean;
-  out[2 * field] = s.moments.m2;
-  out[3 * field] = s.nonfinite;
-  out[4 * field] = s.min;
-  out[5 * field] = s.max;
+// Column col of split `split`'s partial table, read from L2 (__ldcg): the other blocks wrote it,
+// and an L1 line could be stale.
+__device__ __forceinline__ ColumnSummary load_partial(const KernelArgs& a, int64_t split, int64_t col) {
+  const int64_t cols = a.p.cols;
+  const double* t = a.partials + split * kNumMomentRows * cols + col;
+  return {{__ldcg(t + kMomentCount * cols), __ldcg(t + kMomentMean * cols), __ldcg(t + kMomentM2 * cols)},
+          __ldcg(t + kMomentNonFinite * cols), __ldcg(t + kMomentMin * cols), __ldcg(t + kMomentMax * cols)};
 }
 
 // This thread's share of the merge of every split's partials of column `col`: splits row_lane,
 // row_lane + row_threads, ... in order (the block's row lanes then merge the shares).
-__device__ __forceinline__ ColumnState merge_partials(const KernelArgs& a, const Layout& l, int64_t col) {
-  const int64_t field = a.row_splits * a.p.cols;
-  ColumnState s = empty_column_state();
+__device__ __forceinline__ ColumnSummary merge_partials(const KernelArgs& a, const Layout& l, int64_t col) {
+  ColumnSummary s = empty_column_summary();
   if (!l.has_columns) return s;
-  for (int64_t split = l.row_lane; split < a.row_splits; split += l.row_threads) {
-    const double* in = a.partials + split * a.p.cols + col;
-    // __ldcg reads L2, where the other blocks' partials are: never a stale L1 line.
-    const ColumnState part{{__ldcg(in), __ldcg(in + field), __ldcg(in + 2 * field)},
-                           __ldcg(in + 3 * field), __ldcg(in + 4 * field), __ldcg(in + 5 * field)};
-    s = merge(s, part);
+  for (int64_t split = l.row_lane; split < a.grid.row_splits; split += l.row_threads) {
+    s = merge_summaries(s, load_partial(a, split, col));
   }
   return s;
 }
@@ -317,7 +236,7 @@ __device__ __forceinline__ ColumnState merge_partials(const KernelArgs& a, const
 // With the batch's state of column c: the diagnostics, the running update and the bound on |z|
 // (from the extreme values, z being monotonic in x) that later decides whether clipped entries are
 // counted, as the C++ CPU kernel does.
-__device__ __forceinline__ void finish_column(const Problem& p, int64_t c, const ColumnState& s) {
+__device__ __forceinline__ void finish_column(const Problem& p, int64_t c, const ColumnSummary& s) {
   const Moments& m = s.moments;
   double* diag = p.diag + c;  // diagnostic row i at diag[i * p.cols]
   diag[kBatchCount * p.cols] = m.count;
@@ -339,13 +258,11 @@ __device__ __forceinline__ void finish_column(const Problem& p, int64_t c, const
 }
 
 // y for the thread's rows, last to first (the reverse of the reduce: recent reads are the cached
-// ones). mean = mean_hi + mean_lo: (x - mean_hi) is exact for x near the mean, so z keeps acc_t
-// precision even where |mean| >> std. With kCountClipped, also counts per column the selected
-// finite entries with |z| > clip into diag.
+// ones), z from the split mean (elements.cuh: acc_t precision even where |mean| >> std). With
+// kCountClipped, also counts per column the selected finite entries with |z| > clip into diag.
 template <typename scalar_t, int V, bool kCountClipped>
 __device__ __forceinline__ void normalize_rows(const Problem& p, const Layout& l, const ThreadRows& rows,
-                                               const typename Acc<scalar_t>::type (&mean_hi)[V],
-                                               const typename Acc<scalar_t>::type (&mean_lo)[V],
+                                               const SplitMean<typename Acc<scalar_t>::type> (&mean)[V],
                                                const typename Acc<scalar_t>::type (&scale)[V]) {
   using acc_t = typename Acc<scalar_t>::type;
   const scalar_t* x = static_cast<const scalar_t*>(p.x) + l.col;
@@ -373,7 +290,7 @@ __device__ __forceinline__ void normalize_rows(const Problem& p, const Layout& l
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const acc_t a = to_acc(v[u].v[j]);
-        const acc_t z = ((a - mean_hi[j]) - mean_lo[j]) * scale[j];
+        const acc_t z = ((a - mean[j].hi) - mean[j].lo) * scale[j];
         from_acc(clamp_keep_nan(z, -clip, clip), out.v[j]);
         if constexpr (kCountClipped) {
           const bool ok = is_selected(p.mask, p.mask_cols, r, mask_col[j]) && is_finite(a);
@@ -399,57 +316,59 @@ __device__ __forceinline__ void normalize_rows(const Problem& p, const Layout& l
 template <typename scalar_t, int V>
 __device__ __forceinline__ void normalize_thread_rows(const Problem& p, const Layout& l, const ThreadRows& rows) {
   using acc_t = typename Acc<scalar_t>::type;
-  acc_t mean_hi[V], mean_lo[V], scale[V];
+  SplitMean<acc_t> mean[V];
+  acc_t scale[V];
   bool can_clip = false;
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     const int64_t c = l.has_columns ? l.col + j : 0;
-    const double mean = p.mean[c];
-    mean_hi[j] = static_cast<acc_t>(mean);
-    mean_lo[j] = static_cast<acc_t>(mean - static_cast<double>(mean_hi[j]));
+    mean[j] = split_mean<acc_t>(p.mean[c]);
     scale[j] = static_cast<acc_t>(1.0 / bounded_std(p.var[c], p.eps, p.min_std, p.max_std));
     can_clip |= l.has_columns && p.diag != nullptr && p.diag[kMaxAbsZ * p.cols + c] > p.clip;
   }
   if (__any_sync(kAllLanes, can_clip)) {
-    normalize_rows<scalar_t, V, true>(p, l, rows, mean_hi, mean_lo, scale);
+    normalize_rows<scalar_t, V, true>(p, l, rows, mean, scale);
   } else {
-    normalize_rows<scalar_t, V, false>(p, l, rows, mean_hi, mean_lo, scale);
+    normalize_rows<scalar_t, V, false>(p, l, rows, mean, scale);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Kernels.
 
-// Reduce, merge and the running update; with one row split, y too. At most 128 registers, so that
-// two blocks share a multiprocessor (16 warps keep enough loads in flight).
+// Reduce and merge, then either the running update (with one row split, y too) or, for
+// batch_moments (p.moments set), the batch's table. At most 128 registers, so that two blocks
+// share a multiprocessor (16 warps keep enough loads in flight).
 template <typename scalar_t, int V, bool kElementMask>
 __global__ void __launch_bounds__(kThreads, 2) running_norm_kernel(const KernelArgs a) {
-  __shared__ ColumnState shared[kMergeCapacity];
+  __shared__ ColumnSummary shared[kMergeCapacity];
   __shared__ bool last_to_arrive;
-  const int64_t tile = blockIdx.x % a.column_tiles, split = blockIdx.x / a.column_tiles;
-  const Layout l = layout_of<V>(a, tile);
-  const ThreadRows rows = thread_rows(a, l, split);
+  const TileGrid& g = a.grid;
+  const int64_t tile = blockIdx.x % g.column_tiles, split = blockIdx.x / g.column_tiles;
+  const Layout l = layout_of<V>(g, tile);
+  const ThreadRows rows = thread_rows(g, l, split);
   {
     ThreadSums<typename Acc<scalar_t>::type, V, kElementMask> sums;
     sum_thread_rows<scalar_t, V, kElementMask>(a.p, l, rows, sums);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      publish_row_lanes<V>(column_state<scalar_t, V, kElementMask>(a.p, l, rows, sums, j), j, l.column_threads,
+      publish_row_lanes<V>(column_summary<scalar_t, V, kElementMask>(a.p, l, rows, sums, j), j, l.column_threads,
                            shared);
     }
   }
   __syncthreads();
   const bool merges = l.row_lane == 0 && l.has_columns;  // the threads that hold the block's merge
-  if (a.row_splits > 1) {
+  if (g.row_splits > 1) {
     if (merges) {
+      double* table = a.partials + split * kNumMomentRows * a.p.cols;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        store_partial(a, split, l.col + j, merged_row_lanes<V>(shared, j, l.column_threads, kThreads));
+        store_column_summary(table, a.p.cols, l.col + j, merged_row_lanes<V>(shared, j, l.column_threads, kThreads));
       }
     }
     __threadfence();  // the partials are visible device-wide before the counter says they are there
     __syncthreads();
-    if (threadIdx.x == 0) last_to_arrive = atomicAdd(a.arrivals + tile, 1) == a.row_splits - 1;
+    if (threadIdx.x == 0) last_to_arrive = atomicAdd(a.arrivals + tile, 1) == g.row_splits - 1;
     __syncthreads();
     if (!last_to_arrive) return;
     __threadfence();
@@ -459,9 +378,16 @@ __global__ void __launch_bounds__(kThreads, 2) running_norm_kernel(const KernelA
   }
   if (merges) {
 #pragma unroll
-    for (int j = 0; j < V; ++j) finish_column(a.p, l.col + j, merged_row_lanes<V>(shared, j, l.column_threads, kThreads));
+    for (int j = 0; j < V; ++j) {
+      const ColumnSummary s = merged_row_lanes<V>(shared, j, l.column_threads, kThreads);
+      if (a.p.moments != nullptr) {
+        store_column_summary(a.p.moments, a.p.cols, l.col + j, s);
+      } else {
+        finish_column(a.p, l.col + j, s);
+      }
+    }
   }
-  if (a.row_splits > 1 || !a.p.with_output) return;
+  if (g.row_splits > 1 || !a.p.with_output) return;
   __syncthreads();  // row lane 0's updated statistics are visible to the block
   normalize_thread_rows<scalar_t, V>(a.p, l, rows);
 }
@@ -471,67 +397,33 @@ __global__ void __launch_bounds__(kThreads, 2) running_norm_kernel(const KernelA
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads) normalize_kernel(const KernelArgs a) {
   const int64_t block = gridDim.x - 1 - blockIdx.x;
-  const Layout l = layout_of<V>(a, block % a.column_tiles);
-  const ThreadRows rows = thread_rows(a, l, block / a.column_tiles);
+  const Layout l = layout_of<V>(a.grid, block % a.grid.column_tiles);
+  const ThreadRows rows = thread_rows(a.grid, l, block / a.grid.column_tiles);
   normalize_thread_rows<scalar_t, V>(a.p, l, rows);
+}
+
+// merge_normalize's first half, a thread per column: the parts merged in order, the running
+// update and the diagnostics of the merged batch (finish_column, as running_norm).
+__global__ void __launch_bounds__(kThreads) merge_parts_kernel(const Problem p) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (c < p.cols) finish_column(p, c, merge_column_parts(p.parts, p.num_parts, p.cols, c));
 }
 
 // ---------------------------------------------------------------------------------------------
 // Host: plans and launches.
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 bool has_element_mask(const Problem& p) { return p.mask != nullptr && p.mask_cols > 1; }
-
-// Calls fn with a value of p's element type.
-template <typename Fn>
-auto with_scalar_type(ScalarKind kind, Fn&& fn) {
-  switch (kind) {
-    case ScalarKind::kFloat16: return fn(__half());
-    case ScalarKind::kBFloat16: return fn(__nv_bfloat16());
-    case ScalarKind::kFloat32: return fn(0.0f);
-    default: return fn(0.0);
-  }
-}
-
-// Calls fn with std::integral_constant<int, V> for the vector width V (16 bytes, or 1).
-template <typename scalar_t, typename Fn>
-auto with_vector_width(int width, Fn&& fn) {
-  constexpr int kVector = 16 / sizeof(scalar_t);
-  if (width == kVector) return fn(std::integral_constant<int, kVector>());
-  return fn(std::integral_constant<int, 1>());
-}
 
 // The widest vector the layout allows: 16-byte aligned rows (or a single row) whose width is a
 // multiple of it, in x and in out.
 template <typename scalar_t>
 int vector_width(const Problem& p) {
-  constexpr int kVector = 16 / sizeof(scalar_t);
+  constexpr int kVector = kVectorWidth<scalar_t>;
   const auto fits = [&](const void* ptr, int64_t row_stride) {
-    return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (p.rows <= 1 || row_stride % kVector == 0);
+    return is_vector_aligned(ptr) && (p.rows <= 1 || row_stride % kVector == 0);
   };
   const bool fit = p.cols % kVector == 0 && fits(p.x, p.x_row_stride) && (!p.with_output || fits(p.out, p.out_row_stride));
   return fit ? kVector : 1;
-}
-
-// Blocks of kKernel the current device holds at once, cached per device.
-template <auto kKernel>
-int64_t resident_blocks() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int64_t> cache[kMaxDevices];
-  int device = 0;
-  int multiprocessors = 0, per_multiprocessor = 0;
-  if (cudaGetDevice(&device) == cudaSuccess && device < kMaxDevices && cache[device].load() > 0) {
-    return cache[device].load();
-  }
-  if (cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kKernel, kThreads, 0) != cudaSuccess) {
-    (void)cudaGetLastError();  // a query that failed only costs the plan its precision
-    return 1024;
-  }
-  const int64_t blocks = std::max<int64_t>(1, int64_t{multiprocessors} * per_multiprocessor);
-  if (device < kMaxDevices) cache[device].store(blocks);
-  return blocks;
 }
 
 // Tiles one 128-byte segment wide (narrower for narrow x). Row splits: enough to fill (not exceed)
@@ -555,18 +447,39 @@ LaunchPlan tile_plan(const Problem& p, int element_bytes, int vector_width, int6
   plan.rows_per_split = std::max<int64_t>(1, ceil_div(p.rows, splits));
   plan.row_splits = std::max<int64_t>(1, ceil_div(p.rows, plan.rows_per_split));
   if (with_partials && plan.row_splits > 1) {
-    plan.workspace_bytes = sizeof(double) * kPartialFields * plan.row_splits * p.cols + sizeof(int) * plan.column_tiles;
+    plan.workspace_bytes = sizeof(double) * kNumMomentRows * plan.row_splits * p.cols + sizeof(int) * plan.column_tiles;
   }
   return plan;
 }
 
 KernelArgs kernel_args(const Problem& p, const LaunchPlan& plan, void* workspace) {
-  KernelArgs a{p, plan.column_threads, plan.column_tiles, plan.row_splits, plan.rows_per_split, nullptr, nullptr};
+  const TileGrid grid{p.rows, p.cols, plan.column_threads, plan.column_tiles, plan.row_splits, plan.rows_per_split};
+  KernelArgs a{p, grid, nullptr, nullptr};
   if (plan.workspace_bytes > 0) {
     a.partials = static_cast<double*>(workspace);
-    a.arrivals = reinterpret_cast<int*>(a.partials + kPartialFields * plan.row_splits * p.cols);
+    a.arrivals = reinterpret_cast<int*>(a.partials + kNumMomentRows * plan.row_splits * p.cols);
   }
   return a;
+}
+
+// running_norm_kernel (after a reset of the arrival counters when the rows are split), then, with
+// several splits and an output, normalize_kernel.
+void launch_reduce(const Problem& p, const LaunchPlan& plan, void* workspace, cudaStream_t stream) {
+  const KernelArgs a = kernel_args(p, plan, workspace);
+  if (plan.row_splits > 1) cudaMemsetAsync(a.arrivals, 0, sizeof(int) * plan.column_tiles, stream);
+  const unsigned grid = static_cast<unsigned>(plan.column_tiles * plan.row_splits);
+  with_scalar_type(p.dtype, [&](auto element) {
+    using scalar_t = decltype(element);
+    with_vector_width<scalar_t>(plan.vector_width, [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      if (has_element_mask(p)) {
+        running_norm_kernel<scalar_t, V, true><<<grid, kThreads, 0, stream>>>(a);
+      } else {
+        running_norm_kernel<scalar_t, V, false><<<grid, kThreads, 0, stream>>>(a);
+      }
+      if (plan.row_splits > 1 && p.with_output) normalize_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(a);
+    });
+  });
 }
 
 }  // namespace
@@ -584,21 +497,15 @@ LaunchPlan plan_running_norm(const Problem& p) {
 }
 
 void launch_running_norm(const Problem& p, const LaunchPlan& plan, void* workspace, cudaStream_t stream) {
-  const KernelArgs a = kernel_args(p, plan, workspace);
-  if (plan.row_splits > 1) cudaMemsetAsync(a.arrivals, 0, sizeof(int) * plan.column_tiles, stream);
-  const unsigned grid = static_cast<unsigned>(plan.column_tiles * plan.row_splits);
-  with_scalar_type(p.dtype, [&](auto element) {
-    using scalar_t = decltype(element);
-    with_vector_width<scalar_t>(plan.vector_width, [&](auto width) {
-      constexpr int V = decltype(width)::value;
-      if (has_element_mask(p)) {
-        running_norm_kernel<scalar_t, V, true><<<grid, kThreads, 0, stream>>>(a);
-      } else {
-        running_norm_kernel<scalar_t, V, false><<<grid, kThreads, 0, stream>>>(a);
-      }
-      if (plan.row_splits > 1 && p.with_output) normalize_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(a);
-    });
-  });
+  Problem update = p;
+  update.moments = nullptr;
+  launch_reduce(update, plan, workspace, stream);
+}
+
+void launch_batch_moments(const Problem& p, const LaunchPlan& plan, void* workspace, cudaStream_t stream) {
+  Problem reduce = p;
+  reduce.with_output = false;
+  launch_reduce(reduce, plan, workspace, stream);
 }
 
 LaunchPlan plan_normalize(const Problem& p) {
@@ -621,6 +528,11 @@ void launch_normalize(const Problem& p, const LaunchPlan& plan, cudaStream_t str
       normalize_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(a);
     });
   });
+}
+
+void launch_merge_normalize(const Problem& p, const LaunchPlan& plan, cudaStream_t stream) {
+  merge_parts_kernel<<<static_cast<unsigned>(ceil_div(p.cols, kThreads)), kThreads, 0, stream>>>(p);
+  if (p.with_output && p.rows > 0) launch_normalize(p, plan, stream);
 }
 
 }  // namespace cuda

@@ -1,6 +1,7 @@
-// The CUDA kernels of fastnorm::running_norm and fastnorm::normalize as launchers on raw pointers,
-// free of torch headers: running_norm_binding.cpp adapts tensors to them, and plain nvcc (or the
-// CPU emulation in tests/cuda_emulator) compiles running_norm.cu on its own.
+// The CUDA kernels of fastnorm::running_norm, ::normalize and the split pair ::batch_moments and
+// ::merge_normalize as launchers on raw pointers, free of torch headers: running_norm_binding.cpp
+// adapts tensors to them, and plain nvcc (or the CPU emulation in tests/cuda_emulator) compiles
+// running_norm.cu on its own.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -33,6 +34,9 @@ struct Problem {
   double* diag;  // (kNumDiagRows, cols), running_norm only
   UpdateParams update;
   double eps, min_std, max_std, clip;  // min_std 0, max_std and clip +inf where unbounded
+  double* moments;                     // batch_moments: the batch's table (kNumMomentRows, cols)
+  const double* parts;                 // merge_normalize: num_parts tables (kNumMomentRows, cols) in a row
+  int64_t num_parts;
 };
 
 // How the kernels cover a problem: chosen from its sizes, its layout and the device, never from
@@ -54,10 +58,22 @@ LaunchPlan plan_running_norm(const Problem& p);
 // cudaGetLastError (C10_CUDA_KERNEL_LAUNCH_CHECK).
 void launch_running_norm(const Problem& p, const LaunchPlan& plan, void* workspace, cudaStream_t stream);
 
+// The batch-moments table of x (MomentRow rows) into p.moments, with the reduce of
+// launch_running_norm: given the plan running_norm would get (plan_running_norm; p.with_output
+// false here, so the same bits where out's layout does not narrow running_norm's vectors), the
+// table holds exactly the moments that running_norm merges into the statistics.
+void launch_batch_moments(const Problem& p, const LaunchPlan& plan, void* workspace, cudaStream_t stream);
+
 LaunchPlan plan_normalize(const Problem& p);
 
 // y = clamp((x - mean) / bounded std, -clip, clip) into p.out, with the statistics unchanged.
 void launch_normalize(const Problem& p, const LaunchPlan& plan, cudaStream_t stream);
+
+// Merges the p.num_parts >= 1 tables p.parts per column in part order (merge_column_parts), updates
+// the running statistics with the merged batch, fills diag and, with p.with_output, writes y for x
+// (p.rows may be 0): a merge kernel over the columns, then the normalize kernel of plan
+// (plan_normalize), which counts the clipped entries of x.
+void launch_merge_normalize(const Problem& p, const LaunchPlan& plan, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastnorm

@@ -1,6 +1,6 @@
-// The CUDA kernels of fastnorm::running_norm and fastnorm::normalize (running_norm.cu) bound to
-// the op schemas of csrc/ops.cpp: argument checks, views, scratch allocation, the current stream.
-// Compiled only when torch has CUDA.
+// The CUDA kernels of fastnorm::running_norm, ::normalize, ::batch_moments and ::merge_normalize
+// (running_norm.cu) bound to the op schemas of csrc/ops.cpp: argument checks, views, scratch
+// allocation, the current stream. Compiled only when torch has CUDA.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -12,6 +12,7 @@
 
 #include "../running_norm_args.h"
 #include "running_norm.h"
+#include "scalar_kind.h"
 
 namespace fastnorm {
 namespace cuda {
@@ -19,24 +20,21 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-ScalarKind scalar_kind(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return ScalarKind::kFloat16;
-    case at::kBFloat16: return ScalarKind::kBFloat16;
-    case at::kFloat: return ScalarKind::kFloat32;
-    default: return ScalarKind::kFloat64;
-  }
-}
-
-// The problem with x as rows (x_rows), the statistics and the output bounds; no mask, no output.
-Problem problem_of(const at::Tensor& x_rows, const at::Tensor& mean, const at::Tensor& var, double eps,
-                   std::optional<double> min_std, std::optional<double> max_std, std::optional<double> clip) {
+// The problem with x as rows (x_rows) alone.
+Problem rows_problem(const at::Tensor& x_rows) {
   Problem p{};
   p.dtype = scalar_kind(x_rows.scalar_type());
   p.rows = x_rows.size(0);
   p.cols = x_rows.size(1);
   p.x = x_rows.data_ptr();
   p.x_row_stride = x_rows.stride(0);
+  return p;
+}
+
+// The problem with x as rows (x_rows), the statistics and the output bounds; no mask, no output.
+Problem problem_of(const at::Tensor& x_rows, const at::Tensor& mean, const at::Tensor& var, double eps,
+                   std::optional<double> min_std, std::optional<double> max_std, std::optional<double> clip) {
+  Problem p = rows_problem(x_rows);
   p.mean = mean.data_ptr<double>();
   p.var = var.data_ptr<double>();
   p.eps = eps;
@@ -50,6 +48,24 @@ void set_output(Problem& p, const at::Tensor& out_rows) {
   p.with_output = true;
   p.out = out_rows.data_ptr();
   p.out_row_stride = out_rows.stride(0);
+}
+
+void set_mask(Problem& p, const at::Tensor& mask_2d, const RowsGeometry& g) {
+  p.mask = mask_2d.data_ptr<bool>();
+  p.mask_cols = g.mask_cols;
+}
+
+// The running update's statistics, diagnostics and hyper-parameters.
+void set_update(Problem& p, at::Tensor& count, at::Tensor& diag, std::optional<double> momentum,
+                std::optional<double> max_count) {
+  p.count = count.data_ptr<double>();
+  p.diag = diag.data_ptr<double>();
+  p.update = {momentum ? 1.0 - *momentum : 0.0, max_count.value_or(kInf)};
+}
+
+// Device scratch of `bytes` on x's device (the caching allocator: no sync, graph-capture safe).
+at::Tensor workspace_for(const at::Tensor& x, size_t bytes) {
+  return at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
 }
 
 void running_norm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& mask, at::Tensor& mean, at::Tensor& var,
@@ -66,18 +82,53 @@ void running_norm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& mas
 
   Problem p = problem_of(x_rows, mean, var, eps, min_std, max_std, clip);
   if (out) set_output(p, out_rows);
-  if (mask) {
-    p.mask = mask_2d.data_ptr<bool>();
-    p.mask_cols = g.mask_cols;
-  }
-  p.count = count.data_ptr<double>();
-  p.diag = diag.data_ptr<double>();
-  p.update = {momentum ? 1.0 - *momentum : 0.0, max_count.value_or(kInf)};
+  if (mask) set_mask(p, mask_2d, g);
+  set_update(p, count, diag, momentum, max_count);
 
   const LaunchPlan plan = plan_running_norm(p);
-  const at::Tensor workspace =
-      at::empty({static_cast<int64_t>(plan.workspace_bytes)}, x.options().dtype(at::kByte));
+  const at::Tensor workspace = workspace_for(x, plan.workspace_bytes);
   launch_running_norm(p, plan, workspace.data_ptr(), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (out) finish_writable_rows(*out, out_rows);
+}
+
+void batch_moments_cuda(const at::Tensor& x, const std::optional<at::Tensor>& mask, at::Tensor& moments) {
+  const RowsGeometry g = check_batch_moments_args(x, mask, moments);
+  if (g.cols == 0) return;
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const at::Tensor x_rows = readable_rows(x, g);
+  const at::Tensor mask_2d = mask ? mask_rows(*mask, g) : at::Tensor();
+  Problem p = rows_problem(x_rows);
+  if (mask) set_mask(p, mask_2d, g);
+  p.moments = moments.data_ptr<double>();
+
+  const LaunchPlan plan = plan_running_norm(p);
+  const at::Tensor workspace = workspace_for(x, plan.workspace_bytes);
+  launch_batch_moments(p, plan, workspace.data_ptr(), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void merge_normalize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& mask, const at::Tensor& parts,
+                          at::Tensor& mean, at::Tensor& var, at::Tensor& count, const std::optional<at::Tensor>& out,
+                          at::Tensor& diag, std::optional<double> momentum, std::optional<double> max_count,
+                          double eps, std::optional<double> min_std, std::optional<double> max_std,
+                          std::optional<double> clip) {
+  const RowsGeometry g = check_merge_normalize_args(x, mask, parts, mean, var, count, out, diag, momentum, max_count,
+                                                    eps, min_std, max_std, clip);
+  if (g.cols == 0) return;
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const at::Tensor x_rows = readable_rows(x, g);
+  const at::Tensor mask_2d = mask ? mask_rows(*mask, g) : at::Tensor();
+  const at::Tensor out_rows = out ? writable_rows(*out, g) : at::Tensor();
+
+  Problem p = problem_of(x_rows, mean, var, eps, min_std, max_std, clip);
+  if (out) set_output(p, out_rows);
+  if (mask) set_mask(p, mask_2d, g);
+  set_update(p, count, diag, momentum, max_count);
+  p.parts = parts.data_ptr<double>();
+  p.num_parts = parts.size(0);
+
+  launch_merge_normalize(p, plan_normalize(p), at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (out) finish_writable_rows(*out, out_rows);
 }
@@ -102,6 +153,8 @@ void normalize_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
 TORCH_LIBRARY_IMPL(fastnorm, CUDA, m) {
   m.impl("running_norm", &cuda::running_norm_cuda);
   m.impl("normalize", &cuda::normalize_cuda);
+  m.impl("batch_moments", &cuda::batch_moments_cuda);
+  m.impl("merge_normalize", &cuda::merge_normalize_cuda);
 }
 
 }  // namespace fastnorm

@@ -1,12 +1,47 @@
-// The CUDA launchers of csrc/cuda/running_norm.cu, run by cuda_emulator.h on host memory, as a C
-// library for tests/test_cuda_emulated.py (ctypes). Also the runtime calls the launchers make.
+// The CUDA launchers of csrc/cuda/running_norm.cu and csrc/cuda/advantages.cu, run by
+// cuda_emulator.h on host memory, as a C library for the emulated tests (tests/emulated_cuda.py
+// loads it with ctypes). Also the runtime calls the launchers make.
 #include "cuda_emulator.h"
 
 #include <stdint.h>
 
 #include <vector>
 
+#include "advantages.h"
 #include "running_norm.h"
+
+namespace {
+
+// The plan's choices, returned to the test: vector width, column threads, column tiles, row splits.
+struct EmulatedPlan {
+  int64_t vector_width, column_threads, column_tiles, row_splits;
+};
+
+EmulatedPlan chosen(const fastnorm::cuda::LaunchPlan& plan) {
+  return {plan.vector_width, plan.column_threads, plan.column_tiles, plan.row_splits};
+}
+
+// Scratch that starts as garbage, as the caching allocator's does.
+std::vector<unsigned char> garbage(size_t bytes) { return std::vector<unsigned char>(bytes, 0xA5); }
+
+// The advantage plan's choices: the layout (1: columns), the runs' vector width (reduce) and
+// pieces, the group merge's threads, the columns' mask form (ColumnMask) and reduce row splits, the
+// runs' vector width in the normalize.
+struct EmulatedAdvantagePlan {
+  int64_t columns, vector_width, pieces, group_threads, column_mask, reduce_row_splits, normalize_vector_width;
+};
+
+EmulatedAdvantagePlan chosen(const fastnorm::cuda::AdvantagePlan& plan) {
+  return {plan.columns,
+          plan.vector_width,
+          plan.runs * plan.pieces_per_run,
+          plan.group_threads,
+          static_cast<int64_t>(plan.column_mask),
+          plan.reduce.row_splits,
+          plan.normalize_vector_width};
+}
+
+}  // namespace
 
 extern "C" {
 
@@ -34,30 +69,73 @@ cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t) {
 
 cudaError_t cudaGetLastError(void) { return cudaSuccess; }
 
-// For the test to check that its mirror of Problem has the same layout.
+// For the tests to check that their mirrors of the problems have the same layout.
 size_t emulated_problem_bytes(void) { return sizeof(fastnorm::cuda::Problem); }
+size_t emulated_advantage_problem_bytes(void) { return sizeof(fastnorm::cuda::AdvantageProblem); }
 
-// The plan's choices, returned to the test: vector width, column threads, column tiles, row splits.
-struct EmulatedPlan {
-  int64_t vector_width, column_threads, column_tiles, row_splits;
-};
-
-void emulated_running_norm(int device, const fastnorm::cuda::Problem* problem, EmulatedPlan* chosen) {
+void emulated_running_norm(int device, const fastnorm::cuda::Problem* problem, EmulatedPlan* plan_out) {
   using namespace fastnorm::cuda;
   emu::device = device;
   const LaunchPlan plan = plan_running_norm(*problem);
-  // Scratch that starts as garbage, as the caching allocator's does.
-  std::vector<unsigned char> workspace(plan.workspace_bytes, 0xA5);
+  std::vector<unsigned char> workspace = garbage(plan.workspace_bytes);
   launch_running_norm(*problem, plan, workspace.data(), nullptr);
-  *chosen = {plan.vector_width, plan.column_threads, plan.column_tiles, plan.row_splits};
+  *plan_out = chosen(plan);
 }
 
-void emulated_normalize(int device, const fastnorm::cuda::Problem* problem, EmulatedPlan* chosen) {
+void emulated_normalize(int device, const fastnorm::cuda::Problem* problem, EmulatedPlan* plan_out) {
   using namespace fastnorm::cuda;
   emu::device = device;
   const LaunchPlan plan = plan_normalize(*problem);
   launch_normalize(*problem, plan, nullptr);
-  *chosen = {plan.vector_width, plan.column_threads, plan.column_tiles, plan.row_splits};
+  *plan_out = chosen(plan);
+}
+
+// As the binding: batch_moments gets the plan running_norm would get.
+void emulated_batch_moments(int device, const fastnorm::cuda::Problem* problem, EmulatedPlan* plan_out) {
+  using namespace fastnorm::cuda;
+  emu::device = device;
+  const LaunchPlan plan = plan_running_norm(*problem);
+  std::vector<unsigned char> workspace = garbage(plan.workspace_bytes);
+  launch_batch_moments(*problem, plan, workspace.data(), nullptr);
+  *plan_out = chosen(plan);
+}
+
+void emulated_merge_normalize(int device, const fastnorm::cuda::Problem* problem, EmulatedPlan* plan_out) {
+  using namespace fastnorm::cuda;
+  emu::device = device;
+  const LaunchPlan plan = plan_normalize(*problem);
+  launch_merge_normalize(*problem, plan, nullptr);
+  *plan_out = chosen(plan);
+}
+
+void emulated_normalize_advantages(int device, const fastnorm::cuda::AdvantageProblem* problem,
+                                   EmulatedAdvantagePlan* plan_out) {
+  using namespace fastnorm::cuda;
+  emu::device = device;
+  const AdvantagePlan plan = plan_advantages(*problem, AdvantagePasses::kBoth);
+  std::vector<unsigned char> workspace = garbage(plan.workspace_bytes);
+  launch_normalize_advantages(*problem, plan, workspace.data(), nullptr);
+  *plan_out = chosen(plan);
+}
+
+void emulated_advantage_moments(int device, const fastnorm::cuda::AdvantageProblem* problem,
+                                EmulatedAdvantagePlan* plan_out) {
+  using namespace fastnorm::cuda;
+  emu::device = device;
+  const AdvantagePlan plan = plan_advantages(*problem, AdvantagePasses::kReduce);
+  std::vector<unsigned char> workspace = garbage(plan.workspace_bytes);
+  launch_advantage_moments(*problem, plan, workspace.data(), nullptr);
+  *plan_out = chosen(plan);
+}
+
+void emulated_normalize_advantages_from(int device, const fastnorm::cuda::AdvantageProblem* problem,
+                                        EmulatedAdvantagePlan* plan_out) {
+  using namespace fastnorm::cuda;
+  emu::device = device;
+  const AdvantagePlan plan = plan_advantages(*problem, AdvantagePasses::kNormalize);
+  std::vector<unsigned char> workspace = garbage(plan.workspace_bytes);
+  launch_normalize_advantages_from(*problem, plan, workspace.data(), nullptr);
+  *plan_out = chosen(plan);
 }
 
 }  // extern "C"
