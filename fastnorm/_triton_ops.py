@@ -30,9 +30,10 @@ from fastnorm.triton_kernels.running_norm import (INTERPRETED, Blocks, choose_bl
                                                   launch_merge_normalize, launch_normalize, launch_running_norm)
 
 # The interpreter runs the programs one after another and pays per operation rather than per
-# element: few programs with large steps.
+# element: few programs with large steps. numpy sums the rows of a step one after another (a GPU
+# sums them as a tree), so at most 128 rows a step keep its float32 sums within the tolerances.
 INTERPRETER_PROGRAMS = 2
-INTERPRETER_STEPS = dict(step_elems=1 << 16, row_bytes=4096)
+INTERPRETER_STEPS = dict(step_elems=1 << 16, row_bytes=4096, step_rows=128)
 DIAG_ROWS = 6
 ADVANTAGE_STAT_ROWS = 4
 

@@ -259,12 +259,15 @@ MAX_MERGE_STEPS = 8
 
 
 def choose_advantage_blocks(outer: int, groups: int, inner: int, element_size: int, programs: int,
-                            step_elems: int = STEP_ELEMS, row_bytes: int = ROW_BYTES) -> AdvantageBlocks:
+                            step_elems: int = STEP_ELEMS, row_bytes: int = ROW_BYTES,
+                            step_rows: Optional[int] = None) -> AdvantageBlocks:
     """Blocks for x (outer, groups, inner) of element_size bytes, aiming at about `programs`
-    programs while keeping every program's work and the merge bounded."""
+    programs while keeping every program's work and the merge bounded; a step takes at most
+    step_rows rows of outer (a power of 2) when given."""
     block_i = min(triton.next_power_of_2(max(inner, 1)), step_elems)
     block_g = min(triton.next_power_of_2(max(groups, 1)), max(1, (row_bytes // element_size) // block_i))
-    block_o = min(triton.next_power_of_2(max(outer, 1)), max(1, step_elems // (block_i * block_g)))
+    block_o = min(triton.next_power_of_2(max(outer, 1)), max(1, step_elems // (block_i * block_g)),
+                  step_rows or step_elems)
     group_tiles = triton.cdiv(groups, block_g)
     merge = max(1, MERGE_ELEMS // block_g)
     steps = triton.cdiv(outer, block_o) * triton.cdiv(inner, block_i)

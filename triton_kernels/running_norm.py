@@ -302,12 +302,13 @@ MAX_MERGE_STEPS = 8
 
 
 def choose_blocks(rows: int, cols: int, element_size: int, programs: int, step_elems: int = STEP_ELEMS,
-                  row_bytes: int = ROW_BYTES) -> Blocks:
+                  row_bytes: int = ROW_BYTES, step_rows: Optional[int] = None) -> Blocks:
     """Blocks for x of (rows, cols) elements of element_size bytes, aiming at about `programs`
     programs (a few per SM on a GPU) while keeping every program's work and the merge bounded; a
-    loop step takes at most step_elems elements in row segments of at most row_bytes."""
+    loop step takes at most step_elems elements in row segments of at most row_bytes, and at most
+    step_rows rows (a power of 2) when given."""
     block_c = min(triton.next_power_of_2(max(cols, 1)), max(1, row_bytes // element_size))
-    block_r = min(triton.next_power_of_2(max(rows, 1)), max(1, step_elems // block_c))
+    block_r = min(triton.next_power_of_2(max(rows, 1)), max(1, step_elems // block_c), step_rows or step_elems)
     col_tiles = triton.cdiv(cols, block_c)
     merge = max(1, MERGE_ELEMS // block_c)
     max_splits = min(triton.cdiv(rows, max(block_r, MIN_SPLIT_BYTES // element_size)), merge * MAX_MERGE_STEPS)
