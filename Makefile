@@ -23,7 +23,9 @@ PYTEST_ARGS ?=
 test: $(BUILD_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 FASTNORM_TEST_DEVICE=cpu FASTNORM_TEST_BACKENDS=triton $(PY) -m pytest -q -k triton \
-	  $(PYTEST_ARGS) tests/test_running_norm.py tests/test_running_norm_api.py tests/test_ops.py tests/test_triton.py
+	  $(PYTEST_ARGS) tests/test_running_norm.py tests/test_running_norm_api.py tests/test_running_norm_split.py \
+	  tests/test_ops.py tests/test_advantages.py tests/test_advantages_api.py tests/test_advantages_ops.py \
+	  tests/test_advantages_split.py tests/test_triton.py tests/test_triton_splits.py
 
 bench: $(BUILD_STAMP) $(BENCH_STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)

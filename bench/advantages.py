@@ -24,13 +24,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from report import SectionResult, Table, as_text  # noqa: E402
-from running_norm import COPY, copy_case  # noqa: E402  (bench/running_norm.py)
+from running_norm import COPY, copy_case, timed_backends  # noqa: E402  (bench/running_norm.py)
 from timing import Case, Plan, interleaved_medians  # noqa: E402
 
 import fastnorm  # noqa: E402
 from fastnorm import advantages_reference  # noqa: E402
 from fastnorm.advantages import reduced_dims  # noqa: E402
-from fastnorm.backends import BACKENDS  # noqa: E402
 
 TITLE = "Advantage normalization: y and its statistics, beside (adv - adv.mean()) / (adv.std() + 1e-8)"
 MIN_STD = 1e-4
@@ -103,9 +102,7 @@ def build_cases(adv, dim=None, mask=None, compiled=None) -> list[Case]:
     """The copy, every fastnorm backend that has the op, the eager formula, compiled (a
     compile_eager() function) when given, and the reference up to REFERENCE_MAX_NUMEL elements."""
     cases = [copy_case(adv)]
-    for name, backend in BACKENDS.items():
-        if name != "reference" and not backend.not_supported_reasons(adv, "normalize_advantages"):
-            cases.append(fastnorm_case(adv, name, dim, mask))
+    cases += [fastnorm_case(adv, name, dim, mask) for name in timed_backends(adv, "normalize_advantages")]
     cases.append(eager_case(adv, dim, mask))
     if compiled is not None:
         cases.append(compiled_eager_case(compiled, adv, dim, mask))

@@ -39,6 +39,13 @@ def copy_case(x: torch.Tensor) -> Case:
     return Case(COPY, lambda: dst.copy_(x))
 
 
+def timed_backends(x: torch.Tensor, op: str = "running_norm") -> list[str]:
+    """The fastnorm backends timed for op on x: every kernel backend that can run it and that
+    "auto" may pick (so never the Triton interpreter, which is for tests)."""
+    return [name for name, backend in BACKENDS.items() if name != "reference"
+            and not backend.not_supported_reasons(x, op) and not backend.auto_skip_reasons(x)]
+
+
 def fastnorm_case(x: torch.Tensor, stats_shape, backend: str) -> Case:
     norm = fastnorm.RunningNorm(stats_shape, backend=backend, device=x.device)
     out = torch.empty_like(x)
@@ -107,8 +114,7 @@ def batch_norm_case(x: torch.Tensor, stats_shape) -> Case:
 def build_cases(x: torch.Tensor, stats_shape) -> tuple[list[Case], dict[str, str]]:
     """Every case for x, the copy first, and the peers that had to be skipped (with why)."""
     cases = [copy_case(x)]
-    cases += [fastnorm_case(x, stats_shape, name) for name, backend in BACKENDS.items()
-              if name != "reference" and not backend.not_supported_reasons(x)]
+    cases += [fastnorm_case(x, stats_shape, name) for name in timed_backends(x)]
     cases += [reference_case(x, stats_shape, torch.float32), compiled_reference_case(x, stats_shape),
               reference_case(x, stats_shape, torch.float64), seed_case(x, stats_shape), batch_norm_case(x, stats_shape)]
     peers, skipped = peer_cases(x, stats_shape)

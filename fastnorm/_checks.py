@@ -72,3 +72,33 @@ def check_optional_number(name: str, value, *, minimum: float = 0.0, inclusive: 
         relation = ">=" if inclusive else ">"
         raise ValueError(f"{name} must be a finite number {relation} {minimum} or None, got {value}")
     return value
+
+
+def check_out_overlap(out: Tensor, x: Tensor) -> None:
+    """What at::assert_no_internal_overlap(out) and at::assert_no_partial_overlap(out, x) check in
+    the C++ ops, from the layouts alone (no data is read, so fake tensors pass through): out may be
+    x itself, but no two of its elements may share memory, nor may it share only part of x's."""
+    if torch._debug_has_internal_overlap(out) == 1:
+        raise ValueError(f"fastnorm: out must not have elements that share memory, got strides {out.stride()} "
+                         f"for shape {tuple(out.shape)}")
+    # at::get_overlap_status: layouts that are not dense are "too hard" and pass, as in ATen.
+    if out.numel() == 0 or x.numel() == 0 or not torch._C._is_alias_of(out, x):
+        return
+    if not (_non_overlapping_and_dense(out) and _non_overlapping_and_dense(x)):
+        return
+    out_begin, x_begin = out.storage_offset() * out.element_size(), x.storage_offset() * x.element_size()
+    out_end, x_end = out_begin + out.nbytes, x_begin + x.nbytes
+    same = out_begin == x_begin and out_end == x_end and out.stride() == x.stride()
+    if not same and out_begin < x_end and x_begin < out_end:
+        raise ValueError("fastnorm: out must be x itself or not overlap it, got out sharing part of x's memory "
+                         f"(bytes {out_begin}-{out_end} and {x_begin}-{x_end} of one storage); clone x first")
+
+
+def _non_overlapping_and_dense(t: Tensor) -> bool:
+    """Whether some order of t's dims is contiguous (TensorImpl::is_non_overlapping_and_dense)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True

@@ -1,10 +1,13 @@
-"""The Triton ops fastnorm::running_norm_triton and fastnorm::normalize_triton.
+"""The Triton ops: fastnorm::running_norm_triton, ::normalize_triton, ::batch_moments_triton,
+::merge_normalize_triton, ::normalize_advantages_triton, ::advantage_moments_triton and
+::normalize_advantages_from_triton.
 
-They take the arguments of fastnorm::running_norm and fastnorm::normalize (csrc/ops.cpp), plus, for
-running_norm_triton, `arrivals`: the int32 arrival counters of the split-rows merge, zero before
-the call and left zero after it. On a GPU they are `torch.library.triton_op`s, so torch.compile
-traces through them to the Triton kernels; under TRITON_INTERPRET=1 they are opaque custom ops
-that run the interpreted kernels directly (a traced graph cannot call them).
+Each takes the arguments of the fastnorm op of the same name without the suffix (csrc/ops.cpp) and
+checks them as the C++ bindings do (csrc/running_norm_args.cpp, csrc/advantages_args.cpp), from
+static facts only. On a GPU they are `torch.library.triton_op`s, so torch.compile traces through
+them to the Triton kernels; under TRITON_INTERPRET=1 they are opaque custom ops that run the
+interpreted kernels directly (a traced graph cannot call them). Scratch (the split-rows tables and
+arrival counters) is allocated per call, on the caller's stream.
 
 Importing this module requires triton.
 """
@@ -18,31 +21,36 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastnorm._checks import FLOAT_DTYPES
-from fastnorm.triton_kernels.running_norm import (INTERPRETED, Blocks, choose_blocks, launch_normalize,
-                                                  launch_running_norm)
+from fastnorm._checks import FLOAT_DTYPES, check_out_overlap
+from fastnorm.triton_kernels.advantages import (ADVANTAGE_MOMENT_ROWS, choose_advantage_blocks,
+                                                launch_advantage_moments, launch_normalize_advantages,
+                                                launch_normalize_advantages_from)
+from fastnorm.triton_kernels.moments import TABLE_ROWS
+from fastnorm.triton_kernels.running_norm import (INTERPRETED, Blocks, choose_blocks, launch_batch_moments,
+                                                  launch_merge_normalize, launch_normalize, launch_running_norm)
 
 # The interpreter runs the programs one after another and pays per operation rather than per
-# element: few programs with large steps.
+# element: few programs with large steps. numpy sums the rows of a step one after another (a GPU
+# sums them as a tree), so at most 128 rows a step keep its float32 sums within the tolerances.
 INTERPRETER_PROGRAMS = 2
-INTERPRETER_STEPS = dict(step_elems=1 << 16, row_bytes=4096)
+INTERPRETER_STEPS = dict(step_elems=1 << 16, row_bytes=4096, step_rows=128)
+DIAG_ROWS = 6
+ADVANTAGE_STAT_ROWS = 4
+
+
+def _programs(x: Tensor) -> int:
+    """How many programs a kernel over x aims at: about 4 per SM on a GPU."""
+    return 4 * _sm_count(x.device.index) if x.device.type == "cuda" else INTERPRETER_PROGRAMS
+
+
+def _steps(x: Tensor) -> dict:
+    return INTERPRETER_STEPS if x.device.type != "cuda" else {}
 
 
 def blocks_for(x: Tensor, stats_numel: int) -> Blocks:
-    """The blocks the ops use for x with statistics of stats_numel elements: about 4 programs per
-    SM on a GPU."""
-    cols = stats_numel
-    rows = x.numel() // cols if cols > 0 else 0
-    if x.device.type != "cuda":
-        return choose_blocks(rows, cols, x.element_size(), INTERPRETER_PROGRAMS, **INTERPRETER_STEPS)
-    return choose_blocks(rows, cols, x.element_size(), 4 * _sm_count(x.device.index))
-
-
-def column_tiles(x: Tensor, stats_numel: int) -> int:
-    """How many arrival counters running_norm_triton needs for x (from static facts only: no
-    device query, so that torch.compile folds it)."""
-    steps = INTERPRETER_STEPS if x.device.type != "cuda" else {}
-    return choose_blocks(1, stats_numel, x.element_size(), 1, **steps).grid(1, stats_numel)[0]
+    """The blocks the running-norm ops use for x with statistics of stats_numel elements."""
+    rows = x.numel() // stats_numel if stats_numel > 0 else 0
+    return choose_blocks(rows, stats_numel, x.element_size(), _programs(x), **_steps(x))
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,27 +69,78 @@ def _define(name: str, mutates_args: tuple[str, ...]):
     return torch.library.triton_op(name, mutates_args=mutates_args)
 
 
-def _check_statistic(x: Tensor, stat: Tensor, mean: Tensor, name: str) -> None:
-    if stat.dtype != torch.float64 or not stat.is_contiguous() or stat.device != x.device or stat.shape != mean.shape:
-        raise ValueError(f"fastnorm: {name} must be a contiguous float64 tensor of mean's shape {tuple(mean.shape)} "
-                         f"on {x.device}, got {stat.dtype} of shape {tuple(stat.shape)} on {stat.device}")
+# ---------------------------------------------------------------- argument checks
 
 
-def _check_x(x: Tensor, mean: Tensor, var: Tensor) -> None:
+def _check_float64(x: Tensor, t: Tensor, name: str, shape: tuple, shape_text: str) -> None:
+    if t.dtype != torch.float64 or not t.is_contiguous() or t.device != x.device or tuple(t.shape) != shape:
+        raise ValueError(f"fastnorm: {name} must be a contiguous float64 tensor of shape {shape_text} on {x.device}, "
+                         f"got {t.dtype} of shape {tuple(t.shape)} on {t.device}")
+
+
+def _check_x(x: Tensor, shape: tuple) -> tuple[int, int]:
+    """x: (*batch, *shape) of a supported float dtype; returns (rows, cols)."""
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"fastnorm: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    _check_statistic(x, mean, mean, "mean")
-    _check_statistic(x, var, mean, "var")
-    k = mean.dim()
-    if x.dim() < k or x.shape[x.dim() - k:] != mean.shape:
-        raise ValueError(f"fastnorm: x must have shape (*batch, {', '.join(map(str, mean.shape))}), "
-                         f"got {tuple(x.shape)}")
+    k = len(shape)
+    if x.dim() < k or tuple(x.shape[x.dim() - k:]) != shape:
+        raise ValueError(f"fastnorm: x must have shape (*batch, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
+    cols = math.prod(shape)
+    return (x.numel() // cols if cols > 0 else 0), cols
+
+
+def _check_statistics(x: Tensor, mean: Tensor, *others: tuple[Tensor, str]) -> tuple[int, int]:
+    shape = tuple(mean.shape)
+    for t, name in ((mean, "mean"),) + others:
+        _check_float64(x, t, name, shape, f"{shape} (mean's)")
+    return _check_x(x, shape)
+
+
+def _check_mask(x: Tensor, mask: Optional[Tensor], batch_dims: int) -> None:
+    if mask is not None and (mask.dtype != torch.bool or mask.device != x.device or not
+                             batch_dims <= mask.dim() <= x.dim() or mask.shape != x.shape[:mask.dim()]):
+        raise ValueError(f"fastnorm: mask must be a bool tensor on {x.device} whose shape is a prefix of x's "
+                         f"{tuple(x.shape)} covering the {batch_dims} batch dims, got {mask.dtype} "
+                         f"{tuple(mask.shape)} on {mask.device}")
 
 
 def _check_out(x: Tensor, out: Tensor) -> None:
     if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
         raise ValueError(f"fastnorm: out must match x (shape {tuple(x.shape)}, {x.dtype}, {x.device}), "
                          f"got shape {tuple(out.shape)}, {out.dtype}, {out.device}")
+    check_out_overlap(out, x)
+
+
+def _check_bounds(eps: float, min_std: Optional[float], max_std: Optional[float], clip: Optional[float]) -> None:
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"fastnorm: eps must be finite and >= 0, got {eps}")
+    if min_std is not None and not (math.isfinite(min_std) and min_std >= 0):
+        raise ValueError(f"fastnorm: min_std must be >= 0, got {min_std}")
+    if max_std is not None and not max_std > 0:
+        raise ValueError(f"fastnorm: max_std must be > 0, got {max_std}")
+    if min_std is not None and max_std is not None and min_std > max_std:
+        raise ValueError(f"fastnorm: min_std ({min_std}) must not exceed max_std ({max_std})")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"fastnorm: clip must be > 0, got {clip}")
+
+
+def _check_update(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std,
+                  clip) -> tuple[int, int]:
+    """The checks of running_norm and merge_normalize (check_running_norm_args); returns (rows, cols)."""
+    rows, cols = _check_statistics(x, mean, (var, "var"), (count, "count"))
+    _check_float64(x, diag, "diag", (DIAG_ROWS, cols), f"({DIAG_ROWS}, {cols})")
+    if momentum is not None and not 0 <= momentum <= 1:
+        raise ValueError(f"fastnorm: momentum must be in [0, 1], got {momentum}")
+    if max_count is not None and not max_count > 0:
+        raise ValueError(f"fastnorm: max_count must be > 0, got {max_count}")
+    _check_bounds(eps, min_std, max_std, clip)
+    if out is not None:
+        _check_out(x, out)
+    _check_mask(x, mask, x.dim() - mean.dim())
+    return rows, cols
+
+
+# ---------------------------------------------------------------- layouts
 
 
 def _rows_view(t: Tensor, rows: int, cols: int) -> Optional[Tensor]:
@@ -98,44 +157,41 @@ def _readable_rows(x: Tensor, rows: int, cols: int) -> Tensor:
     return view if view is not None else x.contiguous().view(rows, cols)
 
 
-@_define("fastnorm::running_norm_triton", ("mean", "var", "count", "out", "diag", "arrivals"))
+def _mask_rows(mask: Optional[Tensor], rows: int) -> Optional[Tensor]:
+    """The mask as contiguous (rows, mask_cols) uint8; None without a mask or without rows."""
+    if mask is None or rows == 0:
+        return None
+    return mask.reshape(rows, -1).contiguous().view(torch.uint8)
+
+
+def _writable_rows(out: Tensor, rows: int, cols: int) -> tuple[Tensor, bool]:
+    """out as (rows, cols) with unit column stride: a view, or a scratch to copy back (True)."""
+    view = _rows_view(out, rows, cols)
+    if view is not None:
+        return view, False
+    return torch.empty((rows, cols), dtype=out.dtype, device=out.device), True
+
+
+# ---------------------------------------------------------------- the running-norm ops
+
+
+@_define("fastnorm::running_norm_triton", ("mean", "var", "count", "out", "diag"))
 def running_norm_triton(
     x: Tensor, mask: Optional[Tensor], mean: Tensor, var: Tensor, count: Tensor, out: Optional[Tensor],
-    diag: Tensor, arrivals: Tensor, momentum: Optional[float], max_count: Optional[float], eps: float,
-    min_std: Optional[float], max_std: Optional[float], clip: Optional[float],
+    diag: Tensor, momentum: Optional[float], max_count: Optional[float], eps: float, min_std: Optional[float],
+    max_std: Optional[float], clip: Optional[float],
 ) -> None:
-    """fastnorm::running_norm on the Triton kernels (see the module docstring for `arrivals`)."""
-    _check_x(x, mean, var)
-    _check_statistic(x, count, mean, "count")
-    cols = mean.numel()
-    rows = x.numel() // cols if cols > 0 else 0
-    if diag.dtype != torch.float64 or not diag.is_contiguous() or diag.shape != (6, cols) or diag.device != x.device:
-        raise ValueError(f"fastnorm: diag must be a contiguous float64 tensor of shape (6, {cols}) on {x.device}, "
-                         f"got {diag.dtype} of shape {tuple(diag.shape)} on {diag.device}")
-    if out is not None:
-        _check_out(x, out)
-    if mask is not None and (mask.dtype != torch.bool or mask.device != x.device
-                             or mask.dim() < x.dim() - mean.dim() or mask.shape != x.shape[:mask.dim()]):
-        raise ValueError(f"fastnorm: mask must be a bool tensor on {x.device} whose shape is a prefix of x's "
-                         f"{tuple(x.shape)} covering the batch dims, got {mask.dtype} {tuple(mask.shape)}")
-    blocks = blocks_for(x, cols)
-    tiles = blocks.grid(rows, cols)[0]
-    if arrivals.dtype != torch.int32 or arrivals.device != x.device or arrivals.numel() < tiles:
-        raise ValueError(f"fastnorm: arrivals must be int32 zeros on {x.device} with at least {tiles} elements, "
-                         f"got {arrivals.dtype} with {arrivals.numel()} on {arrivals.device}")
+    """fastnorm::running_norm on the Triton kernels."""
+    rows, cols = _check_update(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip)
     if rows == 0 or cols == 0:
         diag.zero_()
         if out is None:
             diag[4:].fill_(math.nan)
         return
-    mask_rows = mask.reshape(rows, -1).contiguous().view(torch.uint8) if mask is not None else None
-    out_rows = _rows_view(out, rows, cols) if out is not None else None
-    scratch = out is not None and out_rows is None
-    if scratch:
-        out_rows = torch.empty((rows, cols), dtype=out.dtype, device=out.device)
-    launch_running_norm(_readable_rows(x, rows, cols), mask_rows, mean, var, count, out_rows, diag, arrivals,
+    out_rows, scratch = _writable_rows(out, rows, cols) if out is not None else (None, False)
+    launch_running_norm(_readable_rows(x, rows, cols), _mask_rows(mask, rows), mean, var, count, out_rows, diag,
                         momentum=momentum, max_count=max_count, eps=eps, min_std=min_std, max_std=max_std, clip=clip,
-                        blocks=blocks)
+                        blocks=blocks_for(x, cols))
     if scratch:
         out.copy_(out_rows.view(out.shape))
 
@@ -146,17 +202,147 @@ def normalize_triton(
     max_std: Optional[float], clip: Optional[float],
 ) -> None:
     """fastnorm::normalize on the Triton kernels."""
-    _check_x(x, mean, var)
+    rows, cols = _check_statistics(x, mean, (var, "var"))
+    _check_bounds(eps, min_std, max_std, clip)
     _check_out(x, out)
-    cols = mean.numel()
-    rows = x.numel() // cols if cols > 0 else 0
     if rows == 0 or cols == 0:
         return
-    out_rows = _rows_view(out, rows, cols)
-    scratch = out_rows is None
-    if scratch:
-        out_rows = torch.empty((rows, cols), dtype=out.dtype, device=out.device)
+    out_rows, scratch = _writable_rows(out, rows, cols)
     launch_normalize(_readable_rows(x, rows, cols), mean, var, out_rows, eps=eps, min_std=min_std, max_std=max_std,
                      clip=clip, blocks=blocks_for(x, cols))
     if scratch:
         out.copy_(out_rows.view(out.shape))
+
+
+@_define("fastnorm::batch_moments_triton", ("moments",))
+def batch_moments_triton(x: Tensor, mask: Optional[Tensor], moments: Tensor) -> None:
+    """fastnorm::batch_moments on the Triton kernels: the moments running_norm_triton merges."""
+    shape = tuple(moments.shape[1:])
+    if moments.dim() < 1 or moments.shape[0] != TABLE_ROWS:
+        raise ValueError(f"fastnorm: moments must be a contiguous float64 tensor of shape ({TABLE_ROWS}, *shape), "
+                         f"got {moments.dtype} of shape {tuple(moments.shape)}")
+    _check_float64(x, moments, "moments", tuple(moments.shape), f"({TABLE_ROWS}, *shape)")
+    rows, cols = _check_x(x, shape)
+    _check_mask(x, mask, x.dim() - len(shape))
+    if cols == 0:
+        return
+    launch_batch_moments(_readable_rows(x, rows, cols), _mask_rows(mask, rows), moments.view(TABLE_ROWS, cols),
+                         blocks=blocks_for(x, cols))
+
+
+@_define("fastnorm::merge_normalize_triton", ("mean", "var", "count", "out", "diag"))
+def merge_normalize_triton(
+    x: Tensor, mask: Optional[Tensor], parts: Tensor, mean: Tensor, var: Tensor, count: Tensor,
+    out: Optional[Tensor], diag: Tensor, momentum: Optional[float], max_count: Optional[float], eps: float,
+    min_std: Optional[float], max_std: Optional[float], clip: Optional[float],
+) -> None:
+    """fastnorm::merge_normalize on the Triton kernels."""
+    rows, cols = _check_update(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip)
+    if parts.dim() != mean.dim() + 2 or parts.shape[0] < 1 or parts.shape[1] != TABLE_ROWS:
+        raise ValueError(f"fastnorm: parts must be a contiguous float64 tensor of shape (num_parts >= 1, {TABLE_ROWS}, "
+                         f"{', '.join(map(str, mean.shape))}), got {parts.dtype} of shape {tuple(parts.shape)}")
+    _check_float64(x, parts, "parts", (parts.shape[0], TABLE_ROWS) + tuple(mean.shape),
+                   f"(num_parts >= 1, {TABLE_ROWS}, {', '.join(map(str, mean.shape))})")
+    if cols == 0:
+        return
+    out_rows, scratch = _writable_rows(out, rows, cols) if out is not None else (None, False)
+    launch_merge_normalize(_readable_rows(x, rows, cols), _mask_rows(mask, rows), parts, mean, var, count, out_rows,
+                           diag, momentum=momentum, max_count=max_count, eps=eps, min_std=min_std, max_std=max_std,
+                           clip=clip, blocks=blocks_for(x, cols))
+    if scratch and rows > 0:
+        out.copy_(out_rows.view(out.shape))
+
+
+# ---------------------------------------------------------------- the advantages ops
+
+
+def _check_advantage_x(x: Tensor) -> tuple[int, int, int]:
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"fastnorm: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() != 3:
+        raise ValueError(f"fastnorm: x must be 3-D (outer, groups, inner), got shape {tuple(x.shape)}")
+    return tuple(x.shape)
+
+
+def _check_advantage_outputs(x: Tensor, out: Tensor, stats: Tensor, min_std: float) -> None:
+    _check_out(x, out)
+    groups = x.shape[1]
+    _check_float64(x, stats, "stats", (ADVANTAGE_STAT_ROWS, groups), f"({ADVANTAGE_STAT_ROWS}, {groups})")
+    if not (math.isfinite(min_std) and min_std > 0):
+        raise ValueError(f"fastnorm: min_std must be finite and > 0, got {min_std}")
+
+
+def _check_advantage_mask(x: Tensor, mask: Optional[Tensor]) -> None:
+    if mask is None:
+        return
+    if mask.dtype != torch.bool or mask.device != x.device or mask.dim() != 1:
+        raise ValueError(f"fastnorm: mask must be a 1-D (flattened) bool tensor on {x.device}, got {mask.dtype} "
+                         f"of shape {tuple(mask.shape)} on {mask.device}")
+    if x.numel() > 0 and (mask.numel() == 0 or x.numel() % mask.numel() != 0):
+        raise ValueError(f"fastnorm: mask must have a number of elements that divides x's {x.numel()}, "
+                         f"got {mask.numel()}")
+
+
+def _advantage_blocks(x: Tensor):
+    return choose_advantage_blocks(*x.shape, x.element_size(), _programs(x), **_steps(x))
+
+
+def _flat_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
+    return mask.contiguous().view(torch.uint8) if mask is not None else None
+
+
+def _contiguous_out(x: Tensor, out: Tensor) -> Tensor:
+    """out itself when contiguous, else a scratch to copy back."""
+    return out if out.is_contiguous() else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@_define("fastnorm::normalize_advantages_triton", ("out", "stats"))
+def normalize_advantages_triton(x: Tensor, mask: Optional[Tensor], out: Tensor, stats: Tensor, min_std: float,
+                                unbiased: bool) -> None:
+    """fastnorm::normalize_advantages on the Triton kernels: x (O, G, I) reduced over dims 0 and 2."""
+    _check_advantage_x(x)
+    _check_advantage_outputs(x, out, stats, min_std)
+    _check_advantage_mask(x, mask)
+    if x.numel() == 0:
+        stats.zero_()
+        return
+    out_c = _contiguous_out(x, out)
+    launch_normalize_advantages(x.contiguous(), _flat_mask(mask), out_c, stats, min_std=min_std, unbiased=unbiased,
+                                blocks=_advantage_blocks(x))
+    if out_c is not out:
+        out.copy_(out_c)
+
+
+@_define("fastnorm::advantage_moments_triton", ("moments",))
+def advantage_moments_triton(x: Tensor, mask: Optional[Tensor], moments: Tensor) -> None:
+    """fastnorm::advantage_moments on the Triton kernels: the moments normalize_advantages_triton
+    computes its statistics from."""
+    groups = _check_advantage_x(x)[1]
+    _check_float64(x, moments, "moments", (ADVANTAGE_MOMENT_ROWS, groups), f"({ADVANTAGE_MOMENT_ROWS}, {groups})")
+    _check_advantage_mask(x, mask)
+    if x.numel() == 0:  # every group without entries
+        moments[:3].zero_()
+        moments[3].fill_(math.inf)
+        moments[4].fill_(-math.inf)
+        return
+    launch_advantage_moments(x.contiguous(), _flat_mask(mask), moments, blocks=_advantage_blocks(x))
+
+
+@_define("fastnorm::normalize_advantages_from_triton", ("out", "stats"))
+def normalize_advantages_from_triton(x: Tensor, parts: Tensor, out: Tensor, stats: Tensor, min_std: float,
+                                     unbiased: bool) -> None:
+    """fastnorm::normalize_advantages_from on the Triton kernels."""
+    groups = _check_advantage_x(x)[1]
+    _check_advantage_outputs(x, out, stats, min_std)
+    if (parts.dtype != torch.float64 or not parts.is_contiguous() or parts.dim() != 3 or parts.shape[0] < 1
+            or parts.shape[1:] != (ADVANTAGE_MOMENT_ROWS, groups) or parts.device != x.device):
+        raise ValueError(f"fastnorm: parts must be a contiguous float64 tensor of shape (num_parts >= 1, "
+                         f"{ADVANTAGE_MOMENT_ROWS}, {groups}) on {x.device}, got {parts.dtype} of shape "
+                         f"{tuple(parts.shape)} on {parts.device}")
+    if groups == 0:
+        return
+    out_c = _contiguous_out(x, out)
+    launch_normalize_advantages_from(x.contiguous(), parts, out_c, stats, min_std=min_std, unbiased=unbiased,
+                                     blocks=_advantage_blocks(x))
+    if out_c is not out and x.numel() > 0:
+        out.copy_(out_c)

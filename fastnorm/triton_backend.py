@@ -1,5 +1,5 @@
-"""The "triton" backend: fastnorm's Triton kernels (triton_kernels/running_norm.py) through the ops
-of fastnorm/_triton_ops.py.
+"""The "triton" backend: fastnorm's Triton kernels (triton_kernels/) through the ops of
+fastnorm/_triton_ops.py.
 
 It runs CUDA tensors, and CPU tensors only under the Triton interpreter (TRITON_INTERPRET=1 set
 before fastnorm is imported), which is for tests: "auto" never picks the interpreter. Whether
@@ -27,18 +27,15 @@ else:
 
 
 # The ops this backend has kernels for; not_supported_reasons(x, op) names any other.
-OPS = ("running_norm", "normalize")
+OPS = ("running_norm", "normalize", "batch_moments", "merge_normalize", "normalize_advantages", "advantage_moments",
+       "normalize_advantages_from")
 
 
 class TritonBackend:
-    """fastnorm::running_norm_triton and ::normalize_triton."""
+    """The ops of fastnorm/_triton_ops.py, one per op in OPS. It holds no state: each call
+    allocates its own scratch on the caller's stream."""
 
     name = "triton"
-
-    def __init__(self):
-        # Per device, the int32 arrival counters of the split-rows merge: zero between calls (each
-        # call's last programs reset theirs), grown when a call needs more column tiles.
-        self._arrivals: dict[torch.device, Tensor] = {}
 
     def unavailable_reasons(self) -> list[str]:
         return [TRITON_ERROR] if TRITON_ERROR is not None else []
@@ -59,16 +56,22 @@ class TritonBackend:
         return []
 
     def running_norm(self, x, mask, mean, var, count, out, diag, **hyper) -> None:
-        arrivals = self._arrivals_for(x, mean.numel())
-        torch.ops.fastnorm.running_norm_triton(x, mask, mean, var, count, out, diag, arrivals, **hyper)
+        torch.ops.fastnorm.running_norm_triton(x, mask, mean, var, count, out, diag, **hyper)
 
     def normalize(self, x, mean, var, out, **hyper) -> None:
         torch.ops.fastnorm.normalize_triton(x, mean, var, out, **hyper)
 
-    def _arrivals_for(self, x: Tensor, stats_numel: int) -> Tensor:
-        needed = _triton_ops.column_tiles(x, stats_numel)
-        arrivals = self._arrivals.get(x.device)
-        if arrivals is None or arrivals.numel() < needed:
-            arrivals = torch.zeros(max(needed, 1024), dtype=torch.int32, device=x.device)
-            self._arrivals[x.device] = arrivals
-        return arrivals
+    def batch_moments(self, x, mask, moments) -> None:
+        torch.ops.fastnorm.batch_moments_triton(x, mask, moments)
+
+    def merge_normalize(self, x, mask, parts, mean, var, count, out, diag, **hyper) -> None:
+        torch.ops.fastnorm.merge_normalize_triton(x, mask, parts, mean, var, count, out, diag, **hyper)
+
+    def normalize_advantages(self, x, mask, out, stats, **hyper) -> None:
+        torch.ops.fastnorm.normalize_advantages_triton(x, mask, out, stats, **hyper)
+
+    def advantage_moments(self, x, mask, moments) -> None:
+        torch.ops.fastnorm.advantage_moments_triton(x, mask, moments)
+
+    def normalize_advantages_from(self, x, parts, out, stats, **hyper) -> None:
+        torch.ops.fastnorm.normalize_advantages_from_triton(x, parts, out, stats, **hyper)

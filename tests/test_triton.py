@@ -1,5 +1,6 @@
-"""The Triton backend's own machinery: the split-rows merge (forced with tiny blocks), the arrival
-counters, the ops, what "auto" picks, and the kernels compiling for a GPU without one.
+"""The Triton backend's own machinery: the ops (opcheck, argument checks), the split-rows path
+through them, what "auto" picks, and the kernels compiling and tracing for a GPU without one.
+The split paths forced with tiny blocks are in tests/test_triton_splits.py.
 
 make test runs this file twice: natively (the tests that need the backend run where it runs, i.e.
 on cuda) and under TRITON_INTERPRET=1 on cpu. The interpreter emulates bfloat16 and converts
@@ -32,37 +33,6 @@ needs_triton = pytest.mark.skipif(TRITON_ERROR is not None, reason=str(TRITON_ER
 HYPER = dict(momentum=0.9, max_count=None, eps=1e-4, min_std=1e-2, max_std=None, clip=3.0)
 
 
-def tiny_blocks():
-    """2 rows a step, 4 columns a program, 4 rows a split, 2 partials a merge step: every split
-    takes 2 steps, and the last program of each column tile merges in several steps."""
-    from fastnorm.triton_kernels.running_norm import Blocks
-
-    return Blocks(rows=2, cols=4, rows_per_split=4, merge=2, num_warps=1)
-
-
-def launch(x, mask, stats, out, diag, arrivals, blocks):
-    """The reduce (and normalize) kernels on x of shape (*batch, *stats shape) with these blocks."""
-    from fastnorm.triton_kernels.running_norm import launch_running_norm
-
-    mean, var, count = stats
-    cols = mean.numel()
-    rows = x.numel() // cols
-    mask_rows = mask.reshape(rows, -1).contiguous().view(torch.uint8) if mask is not None else None
-    out_rows = out.view(rows, cols) if out is not None else None
-    launch_running_norm(x.reshape(rows, cols), mask_rows, mean, var, count, out_rows, diag, arrivals, blocks=blocks,
-                        **HYPER)
-
-
-def with_non_finite(x):
-    """x with NaN, +inf and -inf in places, and one column that is NaN throughout."""
-    x = x.clone()
-    x[1, 0, 0] = math.nan
-    x[2, 1, 3] = math.inf
-    x[5, 1, 3] = -math.inf
-    x[:, 0, 2] = math.nan
-    return x
-
-
 def assert_stats_close(stats, expected, dtype, scale=1.0):
     tol = STAT_TOL[dtype]
     mean, var, count = stats
@@ -76,56 +46,6 @@ def fresh_stats(gen, shape, device):
     var = torch.rand(shape, generator=gen, dtype=torch.float64).to(device) + 0.5
     count = torch.full(shape, 3.0, dtype=torch.float64, device=device)
     return mean, var, count
-
-
-@needs_triton_backend
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("mask_kind", ["none", "rows", "agents", "full"])
-def test_split_rows_merge_matches_reference(device, gen, dtype, mask_kind):
-    # 13 rows in splits of 4 (the last one short), 10 columns in tiles of 4 (the last one short),
-    # agent masks whose groups of 5 columns straddle the tiles.
-    batch, stats_shape = (13,), (2, 5)
-    mask_shape = dict(none=None, rows=batch, agents=batch + stats_shape[:1], full=batch + stats_shape)[mask_kind]
-    stats = fresh_stats(gen, stats_shape, device)
-    arrivals = torch.zeros(8, dtype=torch.int32, device=device)
-    for _ in range(3):  # the counters, left zero, serve the next call
-        x = with_non_finite(randn(batch + stats_shape, gen, dtype=dtype, device=device, mean=1.0, scale=2.0))
-        mask = random_mask(mask_shape, gen, device) if mask_shape else None
-        expected = reference.running_norm(x, mask, *stats, **HYPER)
-        out = torch.full_like(x, math.nan)
-        diag = torch.full((6, 10), -7.0, dtype=torch.float64, device=device)
-        launch(x, mask, stats, out, diag, arrivals, tiny_blocks())
-        assert torch.equal(arrivals, torch.zeros_like(arrivals))
-        torch.testing.assert_close(out, expected.y, equal_nan=True, **Y_TOL[dtype])
-        assert_stats_close(stats, expected, dtype, scale=2.0)
-        assert_diag_close(diag, expected.diag, dtype, scale=2.0)
-
-
-@needs_triton_backend
-def test_split_rows_without_output(device, gen):
-    stats = fresh_stats(gen, (2, 5), device)
-    x = with_non_finite(randn((13, 2, 5), gen, device=device))
-    expected = reference.running_norm(x, None, *stats, with_output=False, **HYPER)
-    diag = torch.zeros(6, 10, dtype=torch.float64, device=device)
-    launch(x, None, stats, None, diag, torch.zeros(8, dtype=torch.int32, device=device), tiny_blocks())
-    assert torch.isnan(diag[4:]).all()
-    assert_diag_close(diag, expected.diag, torch.float32)
-    assert_stats_close(stats, expected, torch.float32)
-
-
-@needs_triton_backend
-def test_split_rows_are_deterministic(device, gen):
-    start = fresh_stats(gen, (2, 5), device)
-    x = randn((13, 2, 5), gen, device=device, mean=3.0)
-    results = []
-    for _ in range(2):
-        stats = tuple(s.clone() for s in start)
-        out = torch.empty_like(x)
-        diag = torch.empty(6, 10, dtype=torch.float64, device=device)
-        launch(x, None, stats, out, diag, torch.zeros(8, dtype=torch.int32, device=device), tiny_blocks())
-        results.append((out, *stats, diag))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
 
 
 @needs_triton_backend
@@ -148,17 +68,24 @@ def test_hyper_parameters_reach_the_kernels_in_float64(device, gen, bounds):
 
 
 @needs_triton_backend
-def test_arrival_counters_are_left_zero(device, gen):
+def test_split_rows_through_the_ops(device, gen):
+    # The blocks the ops choose split these rows; every call allocates and zeroes its own counters.
     from fastnorm._triton_ops import blocks_for
 
-    x = randn((5000, 3, 5), gen, device=device)
-    assert blocks_for(x, 15).grid(5000, 15)[1] > 1  # the split-rows path
+    x = randn((5000, 3, 5), gen, device=device, mean=2.0)
+    assert blocks_for(x, 15).grid(5000, 15)[1] > 1
     norm = RunningNorm((3, 5), backend="triton", device=device)
-    expected = reference.running_norm(x, None, norm.mean, norm.var, norm.count, **hyper_of(norm))
-    torch.testing.assert_close(norm(x), expected.y, **Y_TOL[torch.float32])
-    norm.update(x)
-    arrivals = BACKENDS["triton"]._arrivals[x.device]
-    assert arrivals.dtype == torch.int32 and torch.equal(arrivals, torch.zeros_like(arrivals))
+    for _ in range(2):
+        expected = reference.running_norm(x, None, norm.mean, norm.var, norm.count, **hyper_of(norm))
+        torch.testing.assert_close(norm(x), expected.y, **Y_TOL[torch.float32])
+        assert_stats_close((norm.mean, norm.var, norm.count), expected, torch.float32, scale=2.0)
+    moments = torch.full((6, 3, 5), math.nan, dtype=torch.float64, device=device)
+    BACKENDS["triton"].batch_moments(x, None, moments)
+    want = reference.batch_moment_table(x, None, torch.Size((3, 5)))
+    assert torch.equal(moments[0], want[0]) and torch.equal(moments[3:], want[3:])
+    tol = STAT_TOL[torch.float32]
+    torch.testing.assert_close(moments[1], want[1], rtol=tol["rtol"], atol=tol["atol"] * 2.0)
+    torch.testing.assert_close(moments[2] / 5000, want[2] / 5000, rtol=tol["rtol"], atol=tol["atol"] * 4.0)  # var
 
 
 def hyper_of(norm):
@@ -173,7 +100,7 @@ def test_opcheck_running_norm_triton(device, gen, with_mask, with_out):
     x = randn((33, 4, 3), gen, device=device)
     mask = random_mask((33, 4), gen, device) if with_mask else None
     args = (x, mask, *fresh_stats(gen, (4, 3), device), torch.empty_like(x) if with_out else None,
-            torch.empty(6, 12, dtype=torch.float64, device=device), torch.zeros(64, dtype=torch.int32, device=device))
+            torch.empty(6, 12, dtype=torch.float64, device=device))
     torch.library.opcheck(torch.ops.fastnorm.running_norm_triton.default, args, dict(HYPER))
 
 
@@ -186,23 +113,149 @@ def test_opcheck_normalize_triton(device, gen):
 
 
 @needs_triton_backend
-def test_ops_reject_bad_arguments_naming_them(device, gen):
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_opcheck_batch_moments_triton(device, gen, with_mask):
+    x = randn((33, 4, 3), gen, device=device)
+    mask = random_mask((33, 4), gen, device) if with_mask else None
+    moments = torch.empty(6, 4, 3, dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.fastnorm.batch_moments_triton.default, (x, mask, moments))
+
+
+@needs_triton_backend
+@pytest.mark.parametrize("with_out", [True, False])
+def test_opcheck_merge_normalize_triton(device, gen, with_out):
+    x = randn((33, 4, 3), gen, device=device)
+    mask = random_mask((33, 4), gen, device)
+    parts = torch.empty(3, 6, 4, 3, dtype=torch.float64, device=device)
+    for part in parts:
+        torch.ops.fastnorm.batch_moments_triton(randn((17, 4, 3), gen, device=device), None, part)
+    args = (x, mask, parts, *fresh_stats(gen, (4, 3), device), torch.empty_like(x) if with_out else None,
+            torch.empty(6, 12, dtype=torch.float64, device=device))
+    torch.library.opcheck(torch.ops.fastnorm.merge_normalize_triton.default, args, dict(HYPER))
+
+
+@needs_triton_backend
+def test_running_norm_ops_reject_bad_arguments_naming_them(device, gen):
     x = randn((8, 4, 3), gen, device=device)
     mean, var, count = fresh_stats(gen, (4, 3), device)
     diag = torch.empty(6, 12, dtype=torch.float64, device=device)
-    arrivals = torch.zeros(64, dtype=torch.int32, device=device)
     op = torch.ops.fastnorm.running_norm_triton
     with pytest.raises(ValueError, match="mean must be a contiguous float64 tensor"):
-        op(x, None, mean.float(), var, count, None, diag, arrivals, **HYPER)
+        op(x, None, mean.float(), var, count, None, diag, **HYPER)
     with pytest.raises(ValueError, match=r"diag must be a contiguous float64 tensor of shape \(6, 12\)"):
-        op(x, None, mean, var, count, None, diag[:, :5], arrivals, **HYPER)
-    with pytest.raises(ValueError, match="arrivals must be int32 zeros"):
-        op(x, None, mean, var, count, None, diag, arrivals[:0], **HYPER)
+        op(x, None, mean, var, count, None, diag[:, :5], **HYPER)
     with pytest.raises(ValueError, match="mask must be a bool tensor"):
-        op(x, torch.ones(8, 5, dtype=torch.bool, device=device), mean, var, count, None, diag, arrivals, **HYPER)
+        op(x, torch.ones(8, 5, dtype=torch.bool, device=device), mean, var, count, None, diag, **HYPER)
+    with pytest.raises(ValueError, match="momentum must be in"):
+        op(x, None, mean, var, count, None, diag, **dict(HYPER, momentum=2.0))
     with pytest.raises(ValueError, match=r"x must have shape \(\*batch, 4, 3\)"):
         torch.ops.fastnorm.normalize_triton(x[..., :2], mean, var, torch.empty_like(x[..., :2]), eps=1e-4,
                                             min_std=None, max_std=None, clip=None)
+    moments = torch.zeros(6, 4, 3, dtype=torch.float64, device=device)
+    with pytest.raises(ValueError, match=r"moments must be a contiguous float64 tensor of shape \(6, \*shape\)"):
+        torch.ops.fastnorm.batch_moments_triton(x, None, moments[:5])
+    merge = torch.ops.fastnorm.merge_normalize_triton
+    with pytest.raises(ValueError, match=r"parts must be a contiguous float64 tensor of shape \(num_parts >= 1"):
+        merge(x, None, moments, mean, var, count, None, diag, **HYPER)  # no parts dim
+    with pytest.raises(ValueError, match="parts must be a contiguous float64 tensor"):
+        merge(x, None, moments[None].float(), mean, var, count, None, diag, **HYPER)
+    with pytest.raises(ValueError, match="clip must be > 0"):
+        merge(x, None, moments[None], mean, var, count, None, diag, **dict(HYPER, clip=-1.0))
+
+
+@needs_triton_backend
+@pytest.mark.parametrize("shape,mask_numel", [((33, 4, 3), 33 * 4), ((33, 4, 3), 0), ((1, 1, 500), 5)], ids=str)
+def test_opcheck_normalize_advantages_triton(device, gen, shape, mask_numel):
+    x = randn(shape, gen, device=device)
+    mask = random_mask((mask_numel,), gen, device) if mask_numel else None
+    args = (x, mask, torch.empty_like(x), torch.empty(4, shape[1], dtype=torch.float64, device=device))
+    torch.library.opcheck(torch.ops.fastnorm.normalize_advantages_triton.default, args,
+                          dict(min_std=1e-4, unbiased=True))
+
+
+@needs_triton_backend
+def test_advantages_op_rejects_bad_arguments_naming_them(device, gen):
+    x = randn((33, 4, 3), gen, device=device)
+    mask, out = random_mask((33 * 4,), gen, device), torch.full_like(x, math.nan)
+    stats = torch.full((4, 4), math.nan, dtype=torch.float64, device=device)
+    op = torch.ops.fastnorm.normalize_advantages_triton
+    with pytest.raises(ValueError, match=r"x must be 3-D \(outer, groups, inner\), got shape \(33, 12\)"):
+        op(x.view(33, 12), None, out.view(33, 12), stats, 1e-4, True)
+    with pytest.raises(ValueError, match=r"stats must be a contiguous float64 tensor of shape \(4, 4\)"):
+        op(x, mask, out, stats[:, :3], 1e-4, True)
+    with pytest.raises(ValueError, match="min_std must be finite and > 0, got 0"):
+        op(x, mask, out, stats, 0.0, True)
+    with pytest.raises(ValueError, match="mask must have a number of elements that divides x's 396, got 5"):
+        op(x, mask[:5], out, stats, 1e-4, True)
+    with pytest.raises(ValueError, match="mask must be a 1-D"):
+        op(x, mask.view(33, 4), out, stats, 1e-4, True)
+    with pytest.raises(ValueError, match="out must match x"):
+        op(x, mask, out.double(), stats, 1e-4, True)
+    with pytest.raises(ValueError, match="out must be x itself or not overlap it"):
+        big = torch.empty(34, 4, 3, device=device)
+        op(big[1:], None, big[:-1], stats, 1e-4, True)
+    assert out.isnan().all() and stats.isnan().all()  # nothing written
+
+
+@needs_triton_backend
+@pytest.mark.parametrize("shape,mask_numel,parts", [((33, 4, 3), 33 * 4, 3), ((1, 1, 500), 5, 1),
+                                                    ((0, 2, 3), 0, 2)], ids=str)
+def test_opcheck_advantage_split_ops_triton(device, gen, shape, mask_numel, parts):
+    x = randn(shape, gen, device=device)
+    mask = random_mask((mask_numel,), gen, device) if mask_numel else None
+    moments = torch.empty(5, shape[1], dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.fastnorm.advantage_moments_triton.default, (x, mask, moments))
+    torch.ops.fastnorm.advantage_moments_triton(randn((7,) + shape[1:], gen, device=device), None, moments)
+    args = (x, moments.expand(parts, -1, -1).contiguous(), torch.empty_like(x),
+            torch.empty(4, shape[1], dtype=torch.float64, device=device))
+    torch.library.opcheck(torch.ops.fastnorm.normalize_advantages_from_triton.default, args,
+                          dict(min_std=1e-4, unbiased=True))
+
+
+@needs_triton_backend
+def test_advantage_split_ops_reject_bad_arguments_naming_them(device, gen):
+    x = randn((33, 4, 3), gen, device=device)
+    out = torch.full_like(x, math.nan)
+    stats = torch.full((4, 4), math.nan, dtype=torch.float64, device=device)
+    moments = torch.full((5, 4), math.nan, dtype=torch.float64, device=device)
+    op = torch.ops.fastnorm.advantage_moments_triton
+    with pytest.raises(ValueError, match=r"moments must be a contiguous float64 tensor of shape \(5, 4\)"):
+        op(x, None, torch.empty(6, 4, dtype=torch.float64, device=device))
+    with pytest.raises(ValueError, match=r"moments must be a contiguous float64 tensor of shape \(5, 4\)"):
+        op(x, None, moments.float())
+    with pytest.raises(ValueError, match="mask must have a number of elements that divides x's 396, got 5"):
+        op(x, random_mask((5,), gen, device), moments)
+    op = torch.ops.fastnorm.normalize_advantages_from_triton
+    with pytest.raises(ValueError, match=r"parts must be a contiguous float64 tensor of shape \(num_parts >= 1, "
+                                         r"5, 4\) on \S+, got torch.float64 of shape \(2, 5, 3\)"):
+        op(x, torch.zeros(2, 5, 3, dtype=torch.float64, device=device), out, stats, 1e-4, True)
+    with pytest.raises(ValueError, match=r"parts must be .* of shape \(0, 5, 4\)"):
+        op(x, torch.zeros(0, 5, 4, dtype=torch.float64, device=device), out, stats, 1e-4, True)
+    with pytest.raises(ValueError, match=r"parts must be .* of shape \(5, 4\)"):
+        op(x, moments, out, stats, 1e-4, True)
+    with pytest.raises(ValueError, match="min_std must be finite and > 0, got -1"):
+        op(x, moments[None], out, stats, -1.0, True)
+    with pytest.raises(ValueError, match=r"stats must be a contiguous float64 tensor of shape \(4, 4\)"):
+        op(x, moments[None], out, stats[:3], 1e-4, True)
+    assert out.isnan().all() and stats.isnan().all() and moments.isnan().all()  # nothing written
+
+
+@needs_triton_backend
+def test_out_may_be_x_but_not_overlap_it_partially(device, gen):
+    mean, var, count = fresh_stats(gen, (4, 3), device)
+    diag = torch.empty(6, 12, dtype=torch.float64, device=device)
+    big = randn((9, 4, 3), gen, device=device)
+    before = [t.clone() for t in (big, mean, var, count)]
+    with pytest.raises(ValueError, match="out must be x itself or not overlap it"):
+        torch.ops.fastnorm.running_norm_triton(big[1:], None, mean, var, count, big[:-1], diag, **HYPER)
+    with pytest.raises(ValueError, match="out must not have elements that share memory"):
+        torch.ops.fastnorm.normalize_triton(big[:2], mean, var, big[:1].expand(2, 4, 3), eps=1e-4, min_std=None,
+                                            max_std=None, clip=None)
+    assert all(torch.equal(a, b) for a, b in zip(before, (big, mean, var, count)))  # nothing written
+    x = big.clone()
+    expected = reference.running_norm(x, None, mean, var, count, **HYPER)
+    torch.ops.fastnorm.running_norm_triton(x, None, mean, var, count, x, diag, **HYPER)  # in place
+    torch.testing.assert_close(x, expected.y, **Y_TOL[torch.float32])
 
 
 def test_auto_never_picks_the_interpreter():
@@ -215,9 +268,20 @@ def test_auto_never_picks_the_interpreter():
         assert any("TRITON_INTERPRET=1" in reason for reason in triton_backend.not_supported_reasons(x))
 
 
+def test_bench_never_times_the_triton_interpreter():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from running_norm import timed_backends
+
+    x = torch.empty(0)
+    for op in ("running_norm", "normalize_advantages"):
+        assert "triton" not in timed_backends(x, op)
+    if INTERPRETED:  # the backend can run x: the benchmark skips it nonetheless
+        assert not BACKENDS["triton"].not_supported_reasons(x)
+
+
 def test_ops_without_triton_kernels_are_named():
-    reasons = BACKENDS["triton"].not_supported_reasons(torch.empty(0), "batch_moments")
-    assert any("no kernel for batch_moments" in reason for reason in reasons)
+    reasons = BACKENDS["triton"].not_supported_reasons(torch.empty(0), "an_op_added_later")
+    assert any("no kernel for an_op_added_later" in reason for reason in reasons)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -245,7 +309,7 @@ def test_cuda_graph_replays_without_host_sync(gen):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         norm(static_x, out=static_out)
-    for _ in range(3):  # every replay finds its arrival counters zeroed by the previous one
+    for _ in range(3):  # every replay zeroes the call's arrival counters first (a captured memset)
         static_x.copy_(randn((4096, 8, 16), gen, device="cuda", mean=2.0))
         expected = reference.running_norm(static_x, None, norm.mean, norm.var, norm.count, **hyper_of(norm))
         graph.replay()
@@ -255,19 +319,39 @@ def test_cuda_graph_replays_without_host_sync(gen):
         assert torch.equal(norm.count, expected.count)
 
 
+@needs_triton_backend
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="streams need a CUDA device")
+def test_concurrent_streams_each_use_their_own_counters(gen):
+    # Two split-rows calls in flight at once on two streams: each merges only its own programs.
+    xs = [randn((8192, 4, 16), gen, device="cuda", mean=m) for m in (-2.0, 2.0)]
+    norms = [RunningNorm((4, 16), backend="triton", device="cuda") for _ in xs]
+    expected = [reference.running_norm(x, None, n.mean, n.var, n.count, **hyper_of(n)) for x, n in zip(xs, norms)]
+    streams = [torch.cuda.Stream() for _ in xs]
+    torch.cuda.synchronize()
+    ys = []
+    for stream, x, norm in zip(streams, xs, norms):
+        with torch.cuda.stream(stream):
+            ys.append(norm(x))
+    torch.cuda.synchronize()
+    for y, norm, want in zip(ys, norms, expected):
+        torch.testing.assert_close(y, want.y, **Y_TOL[torch.float32])
+        assert_stats_close((norm.mean, norm.var, norm.count), want, torch.float32, scale=2.0)
+
+
 @needs_triton
 @pytest.mark.skipif(INTERPRETED, reason="compiled in the run without TRITON_INTERPRET")
 def test_kernels_compile_for_sm90(tmp_path):
-    """Both kernels, in a few variants, through Triton's whole pipeline to sm_90 machine code,
+    """Every kernel, in a few variants, through Triton's whole pipeline to sm_90 machine code,
     without a GPU (a kernel that only ever ran in the interpreter may not compile)."""
     script = textwrap.dedent("""
         import triton, triton.language as tl
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from fastnorm.triton_kernels import running_norm as k
+        from fastnorm.triton_kernels import advantages as a, running_norm as k
 
         POINTERS = {"x_ptr": "*{x}", "out_ptr": "*{x}", "mask_ptr": "*u8", "arrivals_ptr": "*i32"}
-        SIZES = {"x_row_stride", "out_row_stride", "mask_cols", "mask_group", "rows", "cols", "rows_per_split"}
+        SIZES = {"x_row_stride", "out_row_stride", "mask_cols", "mask_group", "rows", "cols", "rows_per_split",
+                 "num_parts", "outer", "groups", "inner", "i_blocks", "steps", "steps_per_split"}
 
         def compile_kernel(kernel, x, constants):
             signature, values = {}, {}
@@ -284,14 +368,30 @@ def test_kernels_compile_for_sm90(tmp_path):
             return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=values),
                                   target=GPUTarget("cuda", 90, 32)).asm["ptx"]
 
-        reduce = dict(HAS_MASK=True, WITH_OUTPUT=True, ACC=tl.float32, BLOCK_R=32, BLOCK_C=64, MERGE_R=16)
+        split = dict(HAS_MASK=True, SPLIT=True, ACC=tl.float32, BLOCK_R=32, BLOCK_C=64, MERGE_R=16)
+        reduce = dict(split, UPDATE=True, WITH_OUTPUT=True, table_ptr=None)
         ptx = compile_kernel(k._reduce_kernel, "fp32", reduce)
         assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx
         compile_kernel(k._reduce_kernel, "bf16", dict(reduce, mask_ptr=None, HAS_MASK=False, WITH_OUTPUT=False))
+        compile_kernel(k._reduce_kernel, "fp64", dict(reduce, ACC=tl.float64, BLOCK_C=32, SPLIT=False,
+                                                      partials_ptr=None, arrivals_ptr=None))
+        compile_kernel(k._reduce_kernel, "fp16", dict(split, UPDATE=False, WITH_OUTPUT=False, mean_ptr=None,
+                                                      var_ptr=None, count_ptr=None, diag_ptr=None))
+        compile_kernel(k._merge_parts_kernel, "fp64", dict(WITH_OUTPUT=True, BLOCK_C=128))
         normalize = dict(HAS_MASK=True, WITH_DIAG=True, ACC=tl.float32, BLOCK_R=16, BLOCK_C=128)
-        assert "red.global.gpu.relaxed.max.s64" in compile_kernel(k._normalize_kernel, "fp16", normalize)
+        assert "red.global.gpu.relaxed.add.f64" in compile_kernel(k._normalize_kernel, "fp16", normalize)
         compile_kernel(k._normalize_kernel, "fp64", dict(normalize, mask_ptr=None, diag_ptr=None, HAS_MASK=False,
                                                          WITH_DIAG=False, ACC=tl.float64, BLOCK_C=32, BLOCK_R=64))
+        blocks = dict(ACC=tl.float32, BLOCK_O=4, BLOCK_G=8, BLOCK_I=64)
+        stats = dict(blocks, HAS_MASK=True, MOMENTS=False, SPLIT=True, MERGE_R=64, table_ptr=None)
+        ptx = compile_kernel(a._reduce_kernel, "bf16", stats)
+        assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx
+        compile_kernel(a._reduce_kernel, "fp64", dict(stats, ACC=tl.float64, mask_ptr=None, HAS_MASK=False,
+                                                      SPLIT=False, partials_ptr=None, arrivals_ptr=None))
+        compile_kernel(a._reduce_kernel, "fp32", dict(blocks, HAS_MASK=True, MOMENTS=True, SPLIT=True, MERGE_R=64,
+                                                      stats_ptr=None))
+        compile_kernel(a._merge_parts_kernel, "fp32", dict(BLOCK_G=256))
+        compile_kernel(a._normalize_kernel, "fp16", blocks)
         print("ok")
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -304,8 +404,9 @@ def test_kernels_compile_for_sm90(tmp_path):
 @pytest.mark.skipif(INTERPRETED, reason="traced in the run without TRITON_INTERPRET")
 def test_triton_op_traces_to_its_kernels():
     """What torch.compile sees of fastnorm::running_norm_triton on a GPU, traced with fake CUDA
-    tensors and a stand-in for the GPU driver: the two Triton kernels, which write only the
-    statistics, the diagnostics, the workspace and y (so x is never copied)."""
+    tensors and a stand-in for the GPU driver: the call's own zeroed arrival counters (one per
+    column tile, so a CUDA graph replays their memset) and the two Triton kernels, which write only
+    the statistics, the diagnostics, the scratch and y (so x is never copied)."""
     script = textwrap.dedent("""
         import torch, triton
         from triton.backends.compiler import GPUTarget
@@ -320,9 +421,9 @@ def test_triton_op_traces_to_its_kernels():
         triton.runtime.driver.set_active(Sm90())
         _triton_ops._sm_count = lambda index: 132
 
-        def step(x, mask, mean, var, count, out, diag, arrivals):
-            torch.ops.fastnorm.running_norm_triton(x, mask, mean, var, count, out, diag, arrivals, 0.99, None,
-                                                   1e-4, 1e-2, None, 10.0)
+        def step(x, mask, mean, var, count, out, diag):
+            torch.ops.fastnorm.running_norm_triton(x, mask, mean, var, count, out, diag, 0.99, None, 1e-4, 1e-2,
+                                                   None, 10.0)
             return out
 
         def show(graph, inputs):
@@ -334,7 +435,7 @@ def test_triton_op_traces_to_its_kernels():
             x = torch.empty(4096, 16, 32, device="cuda")
             args = (x, torch.empty(4096, 16, dtype=torch.bool, device="cuda"), torch.empty(16, 32, **f64),
                     torch.empty(16, 32, **f64), torch.empty(16, 32, **f64), torch.empty_like(x),
-                    torch.empty(6, 512, **f64), torch.zeros(1024, dtype=torch.int32, device="cuda"))
+                    torch.empty(6, 512, **f64))
             aot_function(step, fw_compiler=show)(*args)
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -343,3 +444,4 @@ def test_triton_op_traces_to_its_kernels():
     written = re.findall(r"triton_kernel_wrapper_functional\(.*?tensors_to_clone = \[(.*?)\]", result.stdout)
     assert written == ["'mean_ptr', 'var_ptr', 'count_ptr', 'diag_ptr', 'partials_ptr', 'arrivals_ptr'",
                        "'out_ptr', 'diag_ptr'"], result.stdout
+    assert re.search(r"zeros = torch.ops.aten.zeros.default\(\[8\], dtype = torch.int32", result.stdout), result.stdout

@@ -1,21 +1,27 @@
-"""Triton kernels of fastnorm's running normalization (the contract in fastnorm/reference.py).
+"""Triton kernels of fastnorm's running normalization (the contract in fastnorm/reference.py) and of
+its halves for synced updates (fastnorm::batch_moments, fastnorm::merge_normalize; csrc/ops.cpp).
 
-x is viewed as (rows, cols) with unit column stride. Two kernels run one after the other:
+x is viewed as (rows, cols) with unit column stride. The kernels:
 
 - `_reduce_kernel`, grid (column tiles, row splits): each program reduces its rows of one column
   tile in steps of BLOCK_R rows (per-step moments by the corrected two-pass algorithm, merged in
-  float64 by Chan's formula), writes its partial moments, and takes a ticket from the tile's
-  arrival counter. The last program to arrive merges the partials in split order (so results do
-  not depend on timing), updates the float64 running statistics, writes the diagnostics and
-  resets the counter to 0 for the next call (CUDA-graph replays see it zeroed).
-- `_normalize_kernel`, same grid with the splits in reverse order (the last rows the reduce pass
-  read are still in L2): y = clamp((x - mean) / bounded std) and, when asked, the clipped counts
-  and max |z| per column, added to the diagnostics with atomics.
+  float64 by Chan's formula) into a batch-moments table (triton_kernels/moments.py). With several
+  splits, each writes its table to a per-call scratch and takes a ticket from the tile's arrival
+  counter (int32 zeros allocated with the scratch, on the caller's stream); the last program to
+  arrive merges the tables in split order, so results do not depend on timing. The merged moments
+  then either update the float64 running statistics and write the diagnostics (fastnorm::
+  running_norm), or are written out as the call's table (fastnorm::batch_moments).
+- `_merge_parts_kernel`, one program per column tile: merges the tables of several processes in
+  part order and updates the statistics as above (the first half of fastnorm::merge_normalize).
+- `_normalize_kernel`, grid (column tiles, row splits) with the splits in reverse order (the last
+  rows the reduce pass read are still in L2): y = clamp((x - mean) / bounded std) and, when asked,
+  the clipped counts per column, added to the diagnostics with atomics.
 
-The arithmetic mirrors csrc/running_norm_math.h. Scalars (eps, bounds, momentum, sizes) are
-runtime arguments, the floats in float64; only the block sizes, the accumulator type and the
-presence of a mask or an output are compile-time constants. `choose_blocks` derives the blocks from the shape; there is
-no autotuning.
+The arithmetic mirrors csrc/running_norm_math.h; max |z| comes, as in the C++ kernels, from the
+batch's min and max (z is monotonic in x), so the fused op and its two halves give the same bits.
+Scalars (eps, bounds, momentum, sizes) are runtime arguments, the floats in float64; only the block
+sizes, the accumulator type and which inputs and outputs exist are compile-time constants.
+`choose_blocks` derives the blocks from the shape; there is no autotuning.
 """
 
 from __future__ import annotations
@@ -28,13 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-# Rows of the per-split partials: (splits, PARTIAL_ROWS, cols) float64.
-PARTIAL_ROWS = 4
-_PARTIAL_ROWS = tl.constexpr(PARTIAL_ROWS)
-_P_COUNT = tl.constexpr(0)
-_P_MEAN = tl.constexpr(1)
-_P_M2 = tl.constexpr(2)
-_P_NONFINITE = tl.constexpr(3)
+from fastnorm.triton_kernels.moments import TABLE_ROWS, merge_column_parts, merge_partials, store_table
+
+_TABLE_ROWS = tl.constexpr(TABLE_ROWS)
 # Rows of the diagnostics (fastnorm.reference.DIAG_ROWS).
 _D_COUNT = tl.constexpr(0)
 _D_MEAN = tl.constexpr(1)
@@ -48,11 +50,11 @@ _INF = tl.constexpr(float("inf"))
 @triton.jit
 def _reduce_kernel(
     x_ptr, x_row_stride, mask_ptr, mask_cols, mask_group,
-    mean_ptr, var_ptr, count_ptr, diag_ptr, partials_ptr, arrivals_ptr,
+    mean_ptr, var_ptr, count_ptr, diag_ptr, table_ptr, partials_ptr, arrivals_ptr,
     rows, cols, rows_per_split,
-    min_weight: tl.float64, max_count: tl.float64,
-    HAS_MASK: tl.constexpr, WITH_OUTPUT: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, MERGE_R: tl.constexpr,
+    min_weight: tl.float64, max_count: tl.float64, eps: tl.float64, min_std: tl.float64, max_std: tl.float64,
+    HAS_MASK: tl.constexpr, UPDATE: tl.constexpr, WITH_OUTPUT: tl.constexpr, SPLIT: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, MERGE_R: tl.constexpr,
 ):
     col_tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -67,6 +69,8 @@ def _reduce_kernel(
     mean = tl.full([BLOCK_C], 0, tl.float64)
     m2 = tl.full([BLOCK_C], 0, tl.float64)
     nonfinite = tl.full([BLOCK_R, BLOCK_C], 0, tl.int32)
+    lo = tl.full([BLOCK_R, BLOCK_C], _INF, ACC)
+    hi = tl.full([BLOCK_R, BLOCK_C], -_INF, ACC)
     for r0 in range(row_begin, row_end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         in_tile = (r < row_end)[:, None] & col_ok[None, :]
@@ -79,6 +83,8 @@ def _reduce_kernel(
         finite = tl.abs(x) < _INF
         valid = selected & finite
         nonfinite += (selected & ~finite).to(tl.int32)
+        lo = tl.minimum(lo, tl.where(valid, x, _INF))
+        hi = tl.maximum(hi, tl.where(valid, x, -_INF))
         # The step's moments by the corrected two-pass algorithm (Chan, Golub & LeVeque 1983): with
         # d = x - shift for a shift near the mean, S1 = sum d, S2 = sum d^2: mean = shift + S1/n,
         # M2 = S2 - S1^2/n. The shift is the step mean in ACC, summed as x/n so it cannot overflow.
@@ -110,66 +116,66 @@ def _reduce_kernel(
         n = total
 
     nonfinite_n = tl.sum(nonfinite, 0).to(tl.float64)
-    weight_floor = tl.full([], min_weight, tl.float64)
-    count_cap = tl.full([], max_count, tl.float64)
-    if splits == 1:
-        _update(c, col_ok, cols, n, mean, m2, nonfinite_n, mean_ptr, var_ptr, count_ptr, diag_ptr, weight_floor,
-                count_cap, WITH_OUTPUT, BLOCK_C)
-    else:
-        partial = partials_ptr + split.to(tl.int64) * (_PARTIAL_ROWS * cols) + c
-        tl.store(partial + _P_COUNT * cols, n, mask=col_ok)
-        tl.store(partial + _P_MEAN * cols, mean, mask=col_ok)
-        tl.store(partial + _P_M2 * cols, m2, mask=col_ok)
-        tl.store(partial + _P_NONFINITE * cols, nonfinite_n, mask=col_ok)
-        # Every thread's partials are written before the ticket is taken (release at GPU scope).
+    col_lo = tl.min(lo, 0).to(tl.float64)
+    col_hi = tl.max(hi, 0).to(tl.float64)
+    # Scalars in float64: tl.full keeps the interpreter's Python floats from becoming float32.
+    scalars = (tl.full([], min_weight, tl.float64), tl.full([], max_count, tl.float64), tl.full([], eps, tl.float64),
+               tl.full([], min_std, tl.float64), tl.full([], max_std, tl.float64))
+    if SPLIT:
+        store_table(partials_ptr + split.to(tl.int64) * (_TABLE_ROWS * cols), c, col_ok, cols, n, mean, m2,
+                    nonfinite_n, col_lo, col_hi)
+        # Every thread's table is written before the ticket is taken (release at GPU scope).
         tl.debug_barrier()
         ticket = tl.atomic_add(arrivals_ptr + col_tile, 1, sem="acq_rel", scope="gpu")
         if ticket == splits - 1:
-            n, mean, m2, nonfinite_n = _merge_partials(c, col_ok, cols, splits, partials_ptr, BLOCK_C, MERGE_R)
-            _update(c, col_ok, cols, n, mean, m2, nonfinite_n, mean_ptr, var_ptr, count_ptr, diag_ptr, weight_floor,
-                    count_cap, WITH_OUTPUT, BLOCK_C)
-            tl.store(arrivals_ptr + col_tile, 0)
+            n, mean, m2, nonfinite_n, col_lo, col_hi = merge_partials(partials_ptr, c, col_ok, cols, splits, BLOCK_C,
+                                                                      MERGE_R)
+            _finish(c, col_ok, cols, n, mean, m2, nonfinite_n, col_lo, col_hi, mean_ptr, var_ptr, count_ptr,
+                    diag_ptr, table_ptr, scalars, UPDATE, WITH_OUTPUT, BLOCK_C)
+    else:
+        _finish(c, col_ok, cols, n, mean, m2, nonfinite_n, col_lo, col_hi, mean_ptr, var_ptr, count_ptr, diag_ptr,
+                table_ptr, scalars, UPDATE, WITH_OUTPUT, BLOCK_C)
 
 
 @triton.jit
-def _merge_partials(c, col_ok, cols, splits, partials_ptr, BLOCK_C: tl.constexpr, MERGE_R: tl.constexpr):
-    """Run by the last program of a column tile: the moments and non-finite counts of all splits'
-    partials, merged in split order."""
-    n = tl.full([BLOCK_C], 0, tl.float64)
-    mean = tl.full([BLOCK_C], 0, tl.float64)
-    m2 = tl.full([BLOCK_C], 0, tl.float64)
-    nonfinite = tl.full([BLOCK_C], 0, tl.float64)
-    for s0 in range(0, splits, MERGE_R):
-        s = s0 + tl.arange(0, MERGE_R)
-        ok = (s < splits)[:, None] & col_ok[None, :]
-        partial = partials_ptr + s[:, None].to(tl.int64) * (_PARTIAL_ROWS * cols) + c[None, :]
-        # .cg: read from L2, where the other programs' writes are (not a stale L1 line).
-        p_n = tl.load(partial + _P_COUNT * cols, mask=ok, other=0.0, cache_modifier=".cg")
-        p_mean = tl.load(partial + _P_MEAN * cols, mask=ok, other=0.0, cache_modifier=".cg")
-        p_m2 = tl.load(partial + _P_M2 * cols, mask=ok, other=0.0, cache_modifier=".cg")
-        p_nonfinite = tl.load(partial + _P_NONFINITE * cols, mask=ok, other=0.0, cache_modifier=".cg")
-        # MERGE_R partials at once: n = sum n_s, mean = sum n_s mean_s / n,
-        # M2 = sum M2_s + sum n_s (mean_s - mean)^2 (the pairwise merge applied to all of them).
-        chunk_n = tl.sum(p_n, 0)
-        chunk_mean = tl.sum(p_n * p_mean, 0) / tl.maximum(chunk_n, 1.0)
-        dev = p_mean - chunk_mean[None, :]
-        chunk_m2 = tl.sum(p_m2 + p_n * dev * dev, 0)  # p_n * dev first: 0 for an empty partial
-        # Chan's merge of the chunk into the moments so far, as in the reduce loop.
-        total = n + chunk_n
-        w = chunk_n / tl.maximum(total, 1.0)
-        delta = chunk_mean - mean
-        mean += delta * w
-        m2 += chunk_m2 + delta * n * w * delta
-        n = total
-        nonfinite += tl.sum(p_nonfinite, 0)
-    return n, mean, m2, nonfinite
+def _finish(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, count_ptr, diag_ptr, table_ptr,
+            scalars, UPDATE: tl.constexpr, WITH_OUTPUT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """What a column tile's batch moments become: the running update, or the call's table."""
+    if UPDATE:
+        _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, count_ptr, diag_ptr, scalars,
+                WITH_OUTPUT, BLOCK_C)
+    else:
+        store_table(table_ptr, c, col_ok, cols, n, mean, m2, nonfinite, lo, hi)
 
 
 @triton.jit
-def _update(c, col_ok, cols, n, mean, m2, nonfinite, mean_ptr, var_ptr, count_ptr, diag_ptr, min_weight, max_count,
+def _merge_parts_kernel(
+    parts_ptr, num_parts, mean_ptr, var_ptr, count_ptr, diag_ptr, cols,
+    min_weight: tl.float64, max_count: tl.float64, eps: tl.float64, min_std: tl.float64, max_std: tl.float64,
+    WITH_OUTPUT: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = c < cols
+    n, mean, m2, nonfinite, lo, hi = merge_column_parts(parts_ptr, c, col_ok, cols, num_parts)
+    scalars = (tl.full([], min_weight, tl.float64), tl.full([], max_count, tl.float64), tl.full([], eps, tl.float64),
+               tl.full([], min_std, tl.float64), tl.full([], max_std, tl.float64))
+    _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, count_ptr, diag_ptr, scalars,
+            WITH_OUTPUT, BLOCK_C)
+
+
+@triton.jit
+def _inverse_std(var, eps, min_std, max_std):
+    """1 / bounded_std(var, eps, min_std, max_std) of running_norm_math.h, in float64."""
+    return 1.0 / tl.minimum(tl.maximum(tl.sqrt(var + eps), min_std), max_std)
+
+
+@triton.jit
+def _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, count_ptr, diag_ptr, scalars,
             WITH_OUTPUT: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merges a column tile's batch moments into the running statistics (update_running_stats of
-    running_norm_math.h) and writes its diagnostics."""
+    running_norm_math.h) and writes its diagnostics; scalars: min_weight, max_count, eps, min_std,
+    max_std, float64."""
+    min_weight, max_count, eps, min_std, max_std = scalars
     # w = max(min_weight, n_b / (min(count, max_count) + n_b)); mean' = mean + w d;
     # var' = (1 - w) var + w v_b + w (1 - w) d^2; columns without samples, or whose result would
     # not be finite, keep their statistics.
@@ -183,23 +189,29 @@ def _update(c, col_ok, cols, n, mean, m2, nonfinite, mean_ptr, var_ptr, count_pt
     new_mean = old_mean + w * d
     new_var = (1.0 - w) * old_var + w * batch_var + (w * (1.0 - w) * d) * d  # 0, not 0 * inf, at w = 1
     keep = (n > 0) & (tl.abs(new_mean) < _INF) & (tl.abs(new_var) < _INF)
-    tl.store(mean_ptr + c, tl.where(keep, new_mean, old_mean), mask=col_ok)
-    tl.store(var_ptr + c, tl.where(keep, new_var, old_var), mask=col_ok)
+    new_mean = tl.where(keep, new_mean, old_mean)
+    new_var = tl.where(keep, new_var, old_var)
+    tl.store(mean_ptr + c, new_mean, mask=col_ok)
+    tl.store(var_ptr + c, new_var, mask=col_ok)
     tl.store(count_ptr + c, tl.where(keep, old_count + n, old_count), mask=col_ok)
 
     tl.store(diag_ptr + _D_COUNT * cols + c, n, mask=col_ok)
     tl.store(diag_ptr + _D_MEAN * cols + c, mean, mask=col_ok)
     tl.store(diag_ptr + _D_VAR * cols + c, batch_var, mask=col_ok)
     tl.store(diag_ptr + _D_NONFINITE * cols + c, nonfinite, mask=col_ok)
-    # The normalize pass accumulates the clip diagnostics from 0; without it they are NaN.
     if WITH_OUTPUT:
-        start = tl.full([BLOCK_C], 0, tl.float64)
+        # The normalize pass adds the clipped counts to 0. z is monotonic in x: the largest |z|
+        # comes from the batch's min or max.
+        spread = tl.maximum(hi - new_mean, new_mean - lo)
+        max_abs_z = tl.where(n > 0, spread * _inverse_std(new_var, eps, min_std, max_std), 0.0)
+        tl.store(diag_ptr + _D_CLIPPED * cols + c, tl.full([BLOCK_C], 0, tl.float64), mask=col_ok)
+        tl.store(diag_ptr + _D_MAX_ABS_Z * cols + c, max_abs_z, mask=col_ok)
     else:
-        # NaN, as inf - inf: Triton checks that a global keeps its value between compilations,
-        # which a NaN global fails (NaN != NaN).
-        start = tl.full([BLOCK_C], _INF - _INF, tl.float64)
-    tl.store(diag_ptr + _D_CLIPPED * cols + c, start, mask=col_ok)
-    tl.store(diag_ptr + _D_MAX_ABS_Z * cols + c, start, mask=col_ok)
+        # Not computed: NaN, as inf - inf (Triton checks that a global keeps its value between
+        # compilations, which a NaN global fails: NaN != NaN).
+        nan = tl.full([BLOCK_C], _INF - _INF, tl.float64)
+        tl.store(diag_ptr + _D_CLIPPED * cols + c, nan, mask=col_ok)
+        tl.store(diag_ptr + _D_MAX_ABS_Z * cols + c, nan, mask=col_ok)
 
 
 @triton.jit
@@ -223,15 +235,13 @@ def _normalize_kernel(
     mean = tl.load(mean_ptr + c, mask=col_ok, other=0.0)
     var = tl.load(var_ptr + c, mask=col_ok, other=1.0)
     # Scalars in float64: tl.full keeps the interpreter's Python floats from becoming float32.
-    std = tl.sqrt(var + tl.full([], eps, tl.float64))
-    std = tl.minimum(tl.maximum(std, tl.full([], min_std, tl.float64)), tl.full([], max_std, tl.float64))
-    scale = (1.0 / std).to(ACC)
+    scale = _inverse_std(var, tl.full([], eps, tl.float64), tl.full([], min_std, tl.float64),
+                         tl.full([], max_std, tl.float64)).to(ACC)
     mean_hi = mean.to(ACC)
     mean_lo = (mean - mean_hi.to(tl.float64)).to(ACC)
     hi = tl.full([], clip, tl.float64).to(ACC)
 
     clipped = tl.full([BLOCK_R, BLOCK_C], 0, tl.int32)
-    max_abs_z = tl.full([BLOCK_R, BLOCK_C], 0, ACC)
     for r0 in range(row_begin, row_end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         in_tile = (r < row_end)[:, None] & col_ok[None, :]
@@ -247,18 +257,12 @@ def _normalize_kernel(
             if HAS_MASK:
                 m = tl.load(mask_ptr + r[:, None] * mask_cols + mask_c[None, :], mask=in_tile, other=0)
                 valid = valid & (m != 0)
-            abs_z = tl.where(valid, tl.abs(z), 0.0)
-            clipped += (abs_z > hi).to(tl.int32)
-            max_abs_z = tl.maximum(max_abs_z, abs_z)
+            clipped += (valid & (tl.abs(z) > hi)).to(tl.int32)
 
     if WITH_DIAG:
-        # Integer counts add exactly in float64, and a max does not depend on the order, so the
-        # atomics keep the results deterministic. |z| >= 0 orders like its int64 bits.
+        # Whole numbers add exactly in float64, whatever the order: the atomics stay deterministic.
         clipped_n = tl.sum(clipped, 0).to(tl.float64)
         tl.atomic_add(diag_ptr + _D_CLIPPED * cols + c, clipped_n, mask=col_ok, sem="relaxed")
-        z_bits = tl.max(max_abs_z, 0).to(tl.float64).to(tl.int64, bitcast=True)
-        max_ptr = (diag_ptr + _D_MAX_ABS_Z * cols).to(tl.pointer_type(tl.int64), bitcast=True)
-        tl.atomic_max(max_ptr + c, z_bits, mask=col_ok, sem="relaxed")
 
 
 # The kernels are InterpretedFunctions when TRITON_INTERPRET=1 was set before this module was imported.
@@ -274,7 +278,7 @@ else:
 @dataclasses.dataclass(frozen=True)
 class Blocks:
     """How the kernels cut x: BLOCK_C columns a program, BLOCK_R rows a loop step, rows_per_split
-    rows a program (a multiple of BLOCK_R), and `merge` partials a step of the last program's merge."""
+    rows a program (a multiple of BLOCK_R), and `merge` tables a step of the last program's merge."""
 
     rows: int
     cols: int
@@ -287,23 +291,24 @@ class Blocks:
 
 
 # A program steps over STEP_ELEMS elements of x at a time (16 a thread with 4 warps) made of
-# 256-byte row segments (two 128-byte lines); a split covers at least 512 bytes of each of its
-# columns, so the partials (32 bytes per column and split) stay under ~6% of x; the last program
-# of a column tile merges MERGE_ELEMS partial values per step, in at most MAX_MERGE_STEPS steps.
+# 256-byte row segments (two 128-byte lines); a split covers at least 768 bytes of each of its
+# columns, so its table (48 bytes per column) stays under ~6% of x; the last program of a column
+# tile merges MERGE_ELEMS table columns per step, in at most MAX_MERGE_STEPS steps.
 STEP_ELEMS = 2048
 ROW_BYTES = 256
-MIN_SPLIT_BYTES = 512
+MIN_SPLIT_BYTES = 768
 MERGE_ELEMS = 512
 MAX_MERGE_STEPS = 8
 
 
 def choose_blocks(rows: int, cols: int, element_size: int, programs: int, step_elems: int = STEP_ELEMS,
-                  row_bytes: int = ROW_BYTES) -> Blocks:
+                  row_bytes: int = ROW_BYTES, step_rows: Optional[int] = None) -> Blocks:
     """Blocks for x of (rows, cols) elements of element_size bytes, aiming at about `programs`
     programs (a few per SM on a GPU) while keeping every program's work and the merge bounded; a
-    loop step takes at most step_elems elements in row segments of at most row_bytes."""
+    loop step takes at most step_elems elements in row segments of at most row_bytes, and at most
+    step_rows rows (a power of 2) when given."""
     block_c = min(triton.next_power_of_2(max(cols, 1)), max(1, row_bytes // element_size))
-    block_r = min(triton.next_power_of_2(max(rows, 1)), max(1, step_elems // block_c))
+    block_r = min(triton.next_power_of_2(max(rows, 1)), max(1, step_elems // block_c), step_rows or step_elems)
     col_tiles = triton.cdiv(cols, block_c)
     merge = max(1, MERGE_ELEMS // block_c)
     max_splits = min(triton.cdiv(rows, max(block_r, MIN_SPLIT_BYTES // element_size)), merge * MAX_MERGE_STEPS)
@@ -312,7 +317,19 @@ def choose_blocks(rows: int, cols: int, element_size: int, programs: int, step_e
     return Blocks(rows=block_r, cols=block_c, rows_per_split=max(1, steps_per_split) * block_r, merge=merge)
 
 
-def _acc_type(dtype: torch.dtype):
+def split_scratch(splits: int, tiles: int, cols: int, device: torch.device):
+    """The per-call scratch of a split-rows reduce of `tiles` column (or group) tiles: the splits'
+    tables, float64 (splits, TABLE_ROWS, cols), and one int32 arrival counter per tile, zeroed.
+    Allocated on the current stream at each call (a memset, captured with the kernels in a CUDA
+    graph), so concurrent calls never share counters. (None, None) for a single split."""
+    if splits == 1:
+        return None, None
+    return (torch.empty((splits, TABLE_ROWS, cols), dtype=torch.float64, device=device),
+            torch.zeros(tiles, dtype=torch.int32, device=device))
+
+
+def acc_type(dtype: torch.dtype):
+    """The accumulator of x's dtype: float64 for float64, float32 otherwise."""
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
@@ -320,31 +337,70 @@ def _optional(value: Optional[float], default: float) -> float:
     return default if value is None else float(value)
 
 
-def launch_running_norm(
-    x_rows: torch.Tensor, mask_rows: Optional[torch.Tensor], mean: torch.Tensor, var: torch.Tensor,
-    count: torch.Tensor, out_rows: Optional[torch.Tensor], diag: torch.Tensor, arrivals: torch.Tensor,
-    *, momentum: Optional[float], max_count: Optional[float], eps: float, min_std: Optional[float],
-    max_std: Optional[float], clip: Optional[float], blocks: Blocks,
-) -> None:
-    """Reduces x_rows (rows, cols), merges it into mean/var/count (float64, cols elements), fills
-    diag (6, cols) and, when out_rows is given, writes y into it. mask_rows: (rows, mask_cols)
-    uint8 or None. arrivals: int32 zeros, at least one per column tile; left zeroed."""
+def _update_scalars(momentum, max_count, eps, min_std, max_std) -> tuple[float, ...]:
+    """min_weight (1 - momentum, 0 in cumulative mode), max_count, eps, min_std, max_std as floats."""
+    return (1.0 - momentum if momentum is not None else 0.0, _optional(max_count, math.inf), float(eps),
+            _optional(min_std, 0.0), _optional(max_std, math.inf))
+
+
+def _launch_reduce(x_rows, mask_rows, stats, table, *, with_output, scalars, blocks):
+    """The reduce kernel: into the statistics (mean, var, count, diag) when stats is given, else
+    into table."""
     rows, cols = x_rows.shape
     grid = blocks.grid(rows, cols)
-    partials = torch.empty((grid[1], PARTIAL_ROWS, cols), dtype=torch.float64, device=x_rows.device)
+    partials, arrivals = split_scratch(grid[1], grid[0], cols, x_rows.device)
     mask_cols = mask_rows.shape[1] if mask_rows is not None else 1
-    common = dict(HAS_MASK=mask_rows is not None, ACC=_acc_type(x_rows.dtype), BLOCK_R=blocks.rows,
-                  BLOCK_C=blocks.cols, num_warps=blocks.num_warps)
+    mean, var, count, diag = stats if stats is not None else (None,) * 4
     wrap_triton(_reduce_kernel)[grid](
         x_rows, x_rows.stride(0), mask_rows, mask_cols, cols // mask_cols,
-        mean, var, count, diag, partials, arrivals,
-        rows, cols, blocks.rows_per_split,
-        1.0 - momentum if momentum is not None else 0.0, _optional(max_count, math.inf),
-        WITH_OUTPUT=out_rows is not None, MERGE_R=blocks.merge, **common,
+        mean, var, count, diag, table, partials, arrivals, rows, cols, blocks.rows_per_split, *scalars,
+        HAS_MASK=mask_rows is not None, UPDATE=stats is not None, WITH_OUTPUT=with_output, SPLIT=grid[1] > 1,
+        ACC=acc_type(x_rows.dtype), BLOCK_R=blocks.rows, BLOCK_C=blocks.cols, MERGE_R=blocks.merge,
+        num_warps=blocks.num_warps,
     )
+
+
+def launch_running_norm(
+    x_rows: torch.Tensor, mask_rows: Optional[torch.Tensor], mean: torch.Tensor, var: torch.Tensor,
+    count: torch.Tensor, out_rows: Optional[torch.Tensor], diag: torch.Tensor, *, momentum: Optional[float],
+    max_count: Optional[float], eps: float, min_std: Optional[float], max_std: Optional[float],
+    clip: Optional[float], blocks: Blocks,
+) -> None:
+    """Reduces x_rows (rows >= 1, cols), merges it into mean/var/count (float64, cols elements),
+    fills diag (6, cols) and, when out_rows is given, writes y into it. mask_rows: (rows, mask_cols)
+    uint8 or None."""
+    _launch_reduce(x_rows, mask_rows, (mean, var, count, diag), None, with_output=out_rows is not None,
+                   scalars=_update_scalars(momentum, max_count, eps, min_std, max_std), blocks=blocks)
     if out_rows is not None:
         _launch_normalize(x_rows, out_rows, mask_rows, mean, var, diag, eps=eps, min_std=min_std, max_std=max_std,
-                          clip=clip, blocks=blocks, with_diag=True)
+                          clip=clip, blocks=blocks)
+
+
+def launch_batch_moments(x_rows: torch.Tensor, mask_rows: Optional[torch.Tensor], table: torch.Tensor, *,
+                         blocks: Blocks) -> None:
+    """The batch-moments table of x_rows (rows, cols) into table, float64 (6, cols): for the same
+    blocks, exactly the moments launch_running_norm merges into the statistics."""
+    _launch_reduce(x_rows, mask_rows, None, table, with_output=False, scalars=(0.0, math.inf, 0.0, 0.0, math.inf),
+                   blocks=blocks)
+
+
+def launch_merge_normalize(
+    x_rows: torch.Tensor, mask_rows: Optional[torch.Tensor], parts: torch.Tensor, mean: torch.Tensor,
+    var: torch.Tensor, count: torch.Tensor, out_rows: Optional[torch.Tensor], diag: torch.Tensor, *,
+    momentum: Optional[float], max_count: Optional[float], eps: float, min_std: Optional[float],
+    max_std: Optional[float], clip: Optional[float], blocks: Blocks,
+) -> None:
+    """Merges the tables parts (P, 6, cols) in order into mean/var/count, fills diag and, when
+    out_rows is given, writes y for x_rows (rows >= 0, cols) into it."""
+    rows, cols = x_rows.shape
+    wrap_triton(_merge_parts_kernel)[(triton.cdiv(cols, blocks.cols),)](
+        parts, parts.shape[0], mean, var, count, diag, cols,
+        *_update_scalars(momentum, max_count, eps, min_std, max_std),
+        WITH_OUTPUT=out_rows is not None, BLOCK_C=blocks.cols, num_warps=blocks.num_warps,
+    )
+    if out_rows is not None and rows > 0:
+        _launch_normalize(x_rows, out_rows, mask_rows, mean, var, diag, eps=eps, min_std=min_std, max_std=max_std,
+                          clip=clip, blocks=blocks)
 
 
 def launch_normalize(
@@ -353,16 +409,17 @@ def launch_normalize(
 ) -> None:
     """y = clamp((x - mean) / clamp(sqrt(var + eps), min_std, max_std), -clip, clip) into out_rows."""
     _launch_normalize(x_rows, out_rows, None, mean, var, None, eps=eps, min_std=min_std, max_std=max_std,
-                      clip=clip, blocks=blocks, with_diag=False)
+                      clip=clip, blocks=blocks)
 
 
-def _launch_normalize(x_rows, out_rows, mask_rows, mean, var, diag, *, eps, min_std, max_std, clip, blocks, with_diag):
+def _launch_normalize(x_rows, out_rows, mask_rows, mean, var, diag, *, eps, min_std, max_std, clip, blocks):
+    """The normalize kernel; with diag, the clipped counts of the selected entries are added to it."""
     rows, cols = x_rows.shape
     mask_cols = mask_rows.shape[1] if mask_rows is not None else 1
     wrap_triton(_normalize_kernel)[blocks.grid(rows, cols)](
         x_rows, x_rows.stride(0), out_rows, out_rows.stride(0), mask_rows, mask_cols, cols // mask_cols,
         mean, var, diag, rows, cols, blocks.rows_per_split,
         float(eps), _optional(min_std, 0.0), _optional(max_std, math.inf), _optional(clip, math.inf),
-        HAS_MASK=mask_rows is not None, WITH_DIAG=with_diag, ACC=_acc_type(x_rows.dtype), BLOCK_R=blocks.rows,
+        HAS_MASK=mask_rows is not None, WITH_DIAG=diag is not None, ACC=acc_type(x_rows.dtype), BLOCK_R=blocks.rows,
         BLOCK_C=blocks.cols, num_warps=blocks.num_warps,
     )
