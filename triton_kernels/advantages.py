@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastnorm.triton_kernels.moments import TABLE_ROWS, chan_merge, merge_partials, store_table
+from fastnorm.triton_kernels.moments import TABLE_ROWS, chan_merge, merge_partials, shifted_moments, store_table
 from fastnorm.triton_kernels.running_norm import acc_type, split_scratch, wrap_triton
 
 _TABLE_ROWS = tl.constexpr(TABLE_ROWS)
@@ -111,18 +111,8 @@ def _reduce_kernel(
                 d64 = tl.where(valid, x.to(tl.float64) - shift.to(tl.float64)[None, :, None], 0.0)
                 s1 = tl.sum(tl.sum(d64, 2), 0)
                 s2 = tl.sum(tl.sum(d64 * d64, 2), 0)
-        step_n64 = step_n.to(tl.float64)
-        inv_n = 1.0 / tl.maximum(step_n64, 1.0)
-        step_mean = shift.to(tl.float64) + s1 * inv_n
-        step_m2 = s2 - s1 * s1 * inv_n
-        step_m2 = tl.where(step_m2 < 0.0, 0.0, step_m2)  # rounding can go below 0; NaN/inf stay
-        # Chan, Golub & LeVeque (1979) merge of the step into the program's moments (merge_moments).
-        total = n + step_n64
-        w = step_n64 / tl.maximum(total, 1.0)
-        delta = step_mean - mean
-        mean += delta * w
-        m2 += step_m2 + delta * n * w * delta
-        n = total
+        step_n64, step_mean, step_m2 = shifted_moments(step_n, shift, s1, s2)
+        n, mean, m2 = chan_merge(n, mean, m2, step_n64, step_mean, step_m2)
 
     group_lo = lo.to(tl.float64)
     group_hi = hi.to(tl.float64)

@@ -65,13 +65,7 @@ def merge_partials(partials_ptr, c, col_ok, cols, splits, BLOCK_C: tl.constexpr,
         chunk_mean = shift + tl.sum(p_n * (p_mean - shift[None, :]), 0) / tl.maximum(chunk_n, 1.0)
         dev = p_mean - chunk_mean[None, :]
         chunk_m2 = tl.sum(p_m2 + p_n * dev * dev, 0)  # p_n * dev first: 0 for an empty table
-        # Chan, Golub & LeVeque (1979) merge of the chunk into the moments so far.
-        total = n + chunk_n
-        w = chunk_n / tl.maximum(total, 1.0)
-        delta = chunk_mean - mean
-        mean += delta * w
-        m2 += chunk_m2 + delta * n * w * delta
-        n = total
+        n, mean, m2 = chan_merge(n, mean, m2, chunk_n, chunk_mean, chunk_m2)
         nonfinite += tl.sum(p_nonfinite, 0)
         lo = tl.minimum(lo, tl.min(p_lo, 0))
         hi = tl.maximum(hi, tl.max(p_hi, 0))
@@ -87,6 +81,18 @@ def chan_merge(n, mean, m2, n_b, mean_b, m2_b):
     w_b = n_b / tl.maximum(total, 1.0)
     d = mean_b - mean
     return total, mean + d * w_b, m2 + m2_b + d * n * w_b * d
+
+
+@triton.jit
+def shifted_moments(count, shift, s1, s2):
+    """Count, mean and M2 in float64 of a set given its count and its sums S1 = sum d, S2 = sum d^2
+    of d = x - shift, as moments_from_shifted_sums of running_norm_math.h (the corrected two-pass
+    algorithm, Chan, Golub & LeVeque 1983): mean = shift + S1/n, M2 = S2 - S1^2/n, which rounding
+    can take below 0 (clamped to 0; NaN and inf stay)."""
+    n = count.to(tl.float64)
+    inv_n = 1.0 / tl.maximum(n, 1.0)
+    m2 = s2 - s1 * s1 * inv_n
+    return n, shift.to(tl.float64) + s1 * inv_n, tl.where(m2 < 0.0, 0.0, m2)
 
 
 @triton.jit

@@ -34,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastnorm.triton_kernels.moments import TABLE_ROWS, merge_column_parts, merge_partials, store_table
+from fastnorm.triton_kernels.moments import (TABLE_ROWS, chan_merge, merge_column_parts, merge_partials,
+                                             shifted_moments, store_table)
 
 _TABLE_ROWS = tl.constexpr(TABLE_ROWS)
 # Rows of the diagnostics (fastnorm.reference.DIAG_ROWS).
@@ -99,21 +100,8 @@ def _reduce_kernel(
                 d64 = tl.where(valid, x.to(tl.float64) - shift.to(tl.float64)[None, :], 0.0)
                 s1 = tl.sum(d64, 0)
                 s2 = tl.sum(d64 * d64, 0)
-        step_n64 = step_n.to(tl.float64)
-        inv_n = 1.0 / tl.maximum(step_n64, 1.0)
-        step_mean = shift.to(tl.float64) + s1 * inv_n
-        step_m2 = s2 - s1 * s1 * inv_n
-        step_m2 = tl.where(step_m2 < 0.0, 0.0, step_m2)  # rounding can go below 0; NaN/inf stay
-        # Chan, Golub & LeVeque 1979 merge of the step into the program's moments:
-        # mean += d n_b/n, M2 += M2_b + d^2 n_a n_b/n with d = mean_b - mean_a (merge_moments; the
-        # product ordered so that an empty side gives 0, not inf * 0). Written out rather than
-        # called: the interpreter is slow at device-function calls (tl.sum is one).
-        total = n + step_n64
-        w = step_n64 / tl.maximum(total, 1.0)
-        delta = step_mean - mean
-        mean += delta * w
-        m2 += step_m2 + delta * n * w * delta
-        n = total
+        step_n64, step_mean, step_m2 = shifted_moments(step_n, shift, s1, s2)
+        n, mean, m2 = chan_merge(n, mean, m2, step_n64, step_mean, step_m2)
 
     nonfinite_n = tl.sum(nonfinite, 0).to(tl.float64)
     col_lo = tl.min(lo, 0).to(tl.float64)
