@@ -41,6 +41,18 @@ EmulatedAdvantagePlan chosen(const fastnorm::cuda::AdvantagePlan& plan) {
           plan.normalize_vector_width};
 }
 
+// Plans `passes` of the advantages op, runs `launch` with a workspace full of garbage and reports
+// the plan.
+template <typename Launch>
+void emulate_advantages(int device, const fastnorm::cuda::AdvantageProblem* problem,
+                        fastnorm::cuda::AdvantagePasses passes, Launch launch, EmulatedAdvantagePlan* plan_out) {
+  emu::device = device;
+  const fastnorm::cuda::AdvantagePlan plan = fastnorm::cuda::plan_advantages(*problem, passes);
+  std::vector<unsigned char> workspace = garbage(plan.workspace_bytes);
+  launch(*problem, plan, workspace.data(), nullptr);
+  *plan_out = chosen(plan);
+}
+
 }  // namespace
 
 extern "C" {
@@ -110,32 +122,20 @@ void emulated_merge_normalize(int device, const fastnorm::cuda::Problem* problem
 
 void emulated_normalize_advantages(int device, const fastnorm::cuda::AdvantageProblem* problem,
                                    EmulatedAdvantagePlan* plan_out) {
-  using namespace fastnorm::cuda;
-  emu::device = device;
-  const AdvantagePlan plan = plan_advantages(*problem, AdvantagePasses::kBoth);
-  std::vector<unsigned char> workspace = garbage(plan.workspace_bytes);
-  launch_normalize_advantages(*problem, plan, workspace.data(), nullptr);
-  *plan_out = chosen(plan);
+  emulate_advantages(device, problem, fastnorm::cuda::AdvantagePasses::kBoth,
+                     fastnorm::cuda::launch_normalize_advantages, plan_out);
 }
 
 void emulated_advantage_moments(int device, const fastnorm::cuda::AdvantageProblem* problem,
                                 EmulatedAdvantagePlan* plan_out) {
-  using namespace fastnorm::cuda;
-  emu::device = device;
-  const AdvantagePlan plan = plan_advantages(*problem, AdvantagePasses::kReduce);
-  std::vector<unsigned char> workspace = garbage(plan.workspace_bytes);
-  launch_advantage_moments(*problem, plan, workspace.data(), nullptr);
-  *plan_out = chosen(plan);
+  emulate_advantages(device, problem, fastnorm::cuda::AdvantagePasses::kReduce,
+                     fastnorm::cuda::launch_advantage_moments, plan_out);
 }
 
 void emulated_normalize_advantages_from(int device, const fastnorm::cuda::AdvantageProblem* problem,
                                         EmulatedAdvantagePlan* plan_out) {
-  using namespace fastnorm::cuda;
-  emu::device = device;
-  const AdvantagePlan plan = plan_advantages(*problem, AdvantagePasses::kNormalize);
-  std::vector<unsigned char> workspace = garbage(plan.workspace_bytes);
-  launch_normalize_advantages_from(*problem, plan, workspace.data(), nullptr);
-  *plan_out = chosen(plan);
+  emulate_advantages(device, problem, fastnorm::cuda::AdvantagePasses::kNormalize,
+                     fastnorm::cuda::launch_normalize_advantages_from, plan_out);
 }
 
 }  // extern "C"
