@@ -1,0 +1,55 @@
+"""Where the fused running-norm op spends its time: the op, its two passes run alone (update only:
+the reduce and the running update; normalize only: pass 2), beside a copy of x and x.sum(0) on the
+same data, in microseconds (medians of interleaved rounds, bench/timing.py).
+
+    python bench/passes.py [--device cpu|cuda] [--backend cpu] [--threads N]
+
+A tool for optimizing a kernel (bench/NOTES.md), not a section of `make bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from timing import Case, Plan, interleaved_medians  # noqa: E402
+
+import fastnorm  # noqa: E402
+
+SHAPES = [(4096, 16, 32), (65536, 8, 64), (1024, 256, 16), (256, 1024, 8), (1_000_000, 1, 8)]
+
+
+def cases(x: torch.Tensor, backend: str) -> list[Case]:
+    out = torch.empty_like(x)
+    norm = fastnorm.RunningNorm(x.shape[1:], backend=backend, device=x.device)
+    norm(x)  # statistics that clip nothing, as in a steady state
+    rows = x.view(x.shape[0], -1)
+    return [Case("copy", lambda: out.copy_(x)), Case("x.sum(0)", lambda: rows.sum(0)),
+            Case("fused", lambda: norm(x, out=out)), Case("update only", lambda: norm.update(x)),
+            Case("normalize only", lambda: norm.normalize(x, out=out))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    names = [case.name for case in cases(torch.randn(8, 1, 1, device=device), args.backend)]
+    print(f"{'shape':<18}" + "".join(f"{name:>16}" for name in names) + "   (us)")
+    for shape in SHAPES:
+        x = torch.randn(shape, device=device)
+        medians = interleaved_medians(cases(x, args.backend), device, Plan(rounds=21, warmup=3, budget_s=2.0))
+        print(f"{str(shape):<18}" + "".join(f"{medians[name][0] * 1e6:16.0f}" for name in names))
+
+
+if __name__ == "__main__":
+    main()
