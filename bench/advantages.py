@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from report import SectionResult, Table, as_text  # noqa: E402
+from report import SectionResult, Table, as_text, timing_table  # noqa: E402
 from running_norm import COPY, copy_case, timed_backends  # noqa: E402  (bench/running_norm.py)
 from timing import Case, Plan, interleaved_medians  # noqa: E402
 
@@ -148,14 +148,8 @@ def run(device: torch.device, quick: bool) -> SectionResult:
 
 def detail_table(records: list[dict]) -> Table:
     first = records[0]
-    table = Table(f"{first['layout']}, adv {tuple(first['shape'])} {first['dtype']}: {first['numel']:,} elements",
-                  ["implementation", "median us", "GB/s", "of copy", "vs eager", "calls", "note"], detail=True)
-    for r in records:
-        table.rows.append([r["impl"], f"{r['median_us']:.1f}", f"{r['gb_per_s']:.3g}", f"{r['fraction_of_copy']:.3g}",
-                           f"{r['speedup_vs_eager']:.3g}x", str(r["calls"]), r["note"]])
-        if r["setup_s"] is not None:
-            table.notes.append(f"{r['impl']}: compiling and the first call took {r['setup_s']:.1f} s (not timed above)")
-    return table
+    return timing_table(f"{first['layout']}, adv {tuple(first['shape'])} {first['dtype']}: {first['numel']:,} elements",
+                        records)
 
 
 def summary_table(records: list[dict], keys: list[tuple[int, str]]) -> Table:

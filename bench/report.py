@@ -29,6 +29,18 @@ class SectionResult:
     records: dict
 
 
+def timing_table(title: str, records: list[dict]) -> Table:
+    """A detail table of timed cases: one row per record (the keys bench/running_norm.py and
+    bench/advantages.py store), compile times in the notes."""
+    table = Table(title, ["implementation", "median us", "GB/s", "of copy", "vs eager", "calls", "note"], detail=True)
+    for r in records:
+        table.rows.append([r["impl"], f"{r['median_us']:.1f}", f"{r['gb_per_s']:.3g}", f"{r['fraction_of_copy']:.3g}",
+                           f"{r['speedup_vs_eager']:.3g}x", str(r["calls"]), r["note"]])
+        if r["setup_s"] is not None:
+            table.notes.append(f"{r['impl']}: compiling and the first call took {r['setup_s']:.1f} s (not timed above)")
+    return table
+
+
 def numeric_columns(table: Table) -> list[bool]:
     """Columns whose cells are all numbers (or "-"): right-aligned, the others left-aligned."""
     return [all(NUMBER.match(str(c)) or c == "-" for c in column) and bool(column)

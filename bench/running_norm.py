@@ -20,7 +20,7 @@ from fastnorm import reference
 from fastnorm.backends import BACKENDS
 
 from peers import peer_cases
-from report import SectionResult, Table
+from report import SectionResult, Table, timing_table
 from seed_normalizer import RunningPerAgentWelford
 from timing import Case, Plan, interleaved_medians
 
@@ -159,14 +159,7 @@ def detail_table(records: list[dict], shape, dtype: str) -> Table:
     numel = 1
     for n in shape:
         numel *= n
-    table = Table(f"{tuple(shape)} {dtype}: {numel:,} elements",
-                  ["implementation", "median us", "GB/s", "of copy", "vs eager", "calls", "note"], detail=True)
-    for r in rows:
-        table.rows.append([r["impl"], f"{r['median_us']:.1f}", f"{r['gb_per_s']:.3g}", f"{r['fraction_of_copy']:.3g}",
-                           f"{r['speedup_vs_eager']:.3g}x", str(r["calls"]), r["note"]])
-        if r["setup_s"] is not None:
-            table.notes.append(f"{r['impl']}: compiling and the first call took {r['setup_s']:.1f} s (not timed above)")
-    return table
+    return timing_table(f"{tuple(shape)} {dtype}: {numel:,} elements", rows)
 
 
 def summary_table(records: list[dict], dtype: str, shapes, skipped: dict[str, list[str]]) -> Table:

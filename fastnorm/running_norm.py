@@ -128,7 +128,7 @@ class RunningNorm(nn.Module):
             update = self.training
         self._check_call(x, mask, out)
         if not update:
-            return self.normalize(x, out=out)
+            return self._normalize(x, out)
         y = out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
         self._update(x, mask, y)
         return y
@@ -142,9 +142,7 @@ class RunningNorm(nn.Module):
         """y for x with the current statistics; the statistics are not changed."""
         _checks.check_x(x, self.shape, self.mean.device)
         _checks.check_out(out, x)
-        y = out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
-        select_backend(self.backend, x).normalize(x, self.mean, self.var, y, **self._output_bounds())
-        return y
+        return self._normalize(x, out)
 
     def denormalize(self, y: Tensor) -> Tensor:
         """x = y * std + mean (the inverse of normalize where no clamp was hit), in y's dtype."""
@@ -181,6 +179,11 @@ class RunningNorm(nn.Module):
 
     def _output_bounds(self) -> dict[str, Any]:
         return dict(eps=self.eps, min_std=self.min_std, max_std=self.max_std, clip=self.clip)
+
+    def _normalize(self, x: Tensor, out: Optional[Tensor]) -> Tensor:
+        y = out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
+        select_backend(self.backend, x).normalize(x, self.mean, self.var, y, **self._output_bounds())
+        return y
 
     def _check_call(self, x: Tensor, mask: Optional[Tensor], out: Optional[Tensor]) -> None:
         batch_dims = _checks.check_x(x, self.shape, self.mean.device)

@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <vector>
 
 #include "../running_norm_args.h"
 #include "../running_norm_math.h"
@@ -61,10 +60,11 @@ struct TileGrid {
   }
 };
 
-std::vector<double> inverse_std(const at::Tensor& var, double eps, std::optional<double> min_std,
-                                std::optional<double> max_std) {
+// 1 / bounded std per column, in this thread's scratch (valid until its next call here).
+const double* inverse_std(const at::Tensor& var, double eps, std::optional<double> min_std,
+                          std::optional<double> max_std) {
   const double* v = var.data_ptr<double>();
-  std::vector<double> inv(var.numel());
+  double* inv = thread_scratch<double, kInverseStdSlot>(var.numel());
   for (int64_t c = 0; c < var.numel(); ++c) {
     inv[c] = 1.0 / bounded_std(v[c], eps, min_std.value_or(0.0), max_std.value_or(kInf));
   }
@@ -73,7 +73,7 @@ std::vector<double> inverse_std(const at::Tensor& var, double eps, std::optional
 
 // Second pass: y for every tile and, when clipped is not null, the per-column clip counts.
 void normalize_rows(const TileGrid& grid, const at::Tensor& x_rows, const at::Tensor& out_rows,
-                    const at::Tensor* mask, const at::Tensor& mean, const std::vector<double>& inv_std,
+                    const at::Tensor* mask, const at::Tensor& mean, const double* inv_std,
                     std::optional<double> clip, double* clipped) {
   const NormalizeTileFn normalize = tile_kernels().normalize[static_cast<int>(scalar_kind(x_rows.scalar_type()))];
   const int64_t C = grid.cols;
@@ -84,7 +84,7 @@ void normalize_rows(const TileGrid& grid, const at::Tensor& x_rows, const at::Te
     for (int64_t i = end - 1; i >= begin; --i) {
       const Tile t = grid.tile(i, x_rows, &out_rows, mask);
       double* part = clipped ? part_clipped + grid.chunk_of(i) * C + t.col_begin : nullptr;
-      normalize(t, mean.data_ptr<double>(), inv_std.data(), clip.value_or(kInf), part);
+      normalize(t, mean.data_ptr<double>(), inv_std, clip.value_or(kInf), part);
     }
   });
   if (clipped == nullptr) return;
@@ -162,7 +162,8 @@ void update_and_normalize(const BatchRows& batch, const RowsGeometry& g, const d
   double* mean_ptr = mean.data_ptr<double>();
   double* var_ptr = var.data_ptr<double>();
   double* count_ptr = count.data_ptr<double>();
-  std::vector<double> col_min(C), col_max(C);
+  double* col_min = thread_scratch<double, kColumnBoundsSlot>(2 * C);
+  double* col_max = col_min + C;
   for (int64_t c = 0; c < C; ++c) {
     const ColumnSummary s = merge_column_parts(parts, num_parts, C, c);
     batch_count[c] = s.moments.count;
@@ -177,7 +178,7 @@ void update_and_normalize(const BatchRows& batch, const RowsGeometry& g, const d
 
   // Pass 2: normalize with the updated statistics. z is monotonic in x, so the max |z| of a
   // column comes from its min and max; only when it exceeds clip are clipped entries counted.
-  const std::vector<double> inv_std = inverse_std(var, eps, min_std, max_std);
+  const double* inv_std = inverse_std(var, eps, min_std, max_std);
   bool any_clipped = false;
   for (int64_t c = 0; c < C; ++c) {
     max_abs_z[c] = batch_count[c] > 0
@@ -201,9 +202,9 @@ void running_norm_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask
   reset_diag(diag, g.cols, out.has_value());
   if (g.cols == 0 || g.rows == 0) return;
   const BatchRows batch(x, mask, g);
-  std::vector<double> moments(kNumMomentRows * g.cols);
-  reduce_batch(batch, moments.data());
-  update_and_normalize(batch, g, moments.data(), 1, mean, var, count, out, diag, momentum, max_count, eps, min_std,
+  double* moments = thread_scratch<double, kMomentTableSlot>(kNumMomentRows * g.cols);
+  reduce_batch(batch, moments);
+  update_and_normalize(batch, g, moments, 1, mean, var, count, out, diag, momentum, max_count, eps, min_std,
                        max_std, clip);
 }
 

@@ -41,6 +41,9 @@ enum ScratchSlot : int {
   kPartMomentsSlot,
   kPartF64Slot,
   kPartClippedSlot,
+  kMomentTableSlot,   // the batch-moments table of running_norm (kNumMomentRows x C)
+  kColumnBoundsSlot,  // per column: the batch's min, then its max (2 x C)
+  kInverseStdSlot,    // per column: 1 / bounded std (C)
 };
 
 // A tile of x viewed as rows of contiguous columns: rows [row_begin, row_end), columns

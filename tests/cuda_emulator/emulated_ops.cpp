@@ -41,6 +41,26 @@ EmulatedAdvantagePlan chosen(const fastnorm::cuda::AdvantagePlan& plan) {
           plan.normalize_vector_width};
 }
 
+// Plans as running_norm (batch_moments gets the same plan, as in the binding), runs `launch` with
+// a workspace full of garbage and reports the plan.
+template <typename Launch>
+void emulate_reduce(int device, const fastnorm::cuda::Problem* problem, Launch launch, EmulatedPlan* plan_out) {
+  emu::device = device;
+  const fastnorm::cuda::LaunchPlan plan = fastnorm::cuda::plan_running_norm(*problem);
+  std::vector<unsigned char> workspace = garbage(plan.workspace_bytes);
+  launch(*problem, plan, workspace.data(), nullptr);
+  *plan_out = chosen(plan);
+}
+
+// Plans a normalize pass (normalize, merge_normalize), runs `launch` and reports the plan.
+template <typename Launch>
+void emulate_normalize(int device, const fastnorm::cuda::Problem* problem, Launch launch, EmulatedPlan* plan_out) {
+  emu::device = device;
+  const fastnorm::cuda::LaunchPlan plan = fastnorm::cuda::plan_normalize(*problem);
+  launch(*problem, plan, nullptr);
+  *plan_out = chosen(plan);
+}
+
 // Plans `passes` of the advantages op, runs `launch` with a workspace full of garbage and reports
 // the plan.
 template <typename Launch>
@@ -86,38 +106,19 @@ size_t emulated_problem_bytes(void) { return sizeof(fastnorm::cuda::Problem); }
 size_t emulated_advantage_problem_bytes(void) { return sizeof(fastnorm::cuda::AdvantageProblem); }
 
 void emulated_running_norm(int device, const fastnorm::cuda::Problem* problem, EmulatedPlan* plan_out) {
-  using namespace fastnorm::cuda;
-  emu::device = device;
-  const LaunchPlan plan = plan_running_norm(*problem);
-  std::vector<unsigned char> workspace = garbage(plan.workspace_bytes);
-  launch_running_norm(*problem, plan, workspace.data(), nullptr);
-  *plan_out = chosen(plan);
+  emulate_reduce(device, problem, fastnorm::cuda::launch_running_norm, plan_out);
 }
 
 void emulated_normalize(int device, const fastnorm::cuda::Problem* problem, EmulatedPlan* plan_out) {
-  using namespace fastnorm::cuda;
-  emu::device = device;
-  const LaunchPlan plan = plan_normalize(*problem);
-  launch_normalize(*problem, plan, nullptr);
-  *plan_out = chosen(plan);
+  emulate_normalize(device, problem, fastnorm::cuda::launch_normalize, plan_out);
 }
 
-// As the binding: batch_moments gets the plan running_norm would get.
 void emulated_batch_moments(int device, const fastnorm::cuda::Problem* problem, EmulatedPlan* plan_out) {
-  using namespace fastnorm::cuda;
-  emu::device = device;
-  const LaunchPlan plan = plan_running_norm(*problem);
-  std::vector<unsigned char> workspace = garbage(plan.workspace_bytes);
-  launch_batch_moments(*problem, plan, workspace.data(), nullptr);
-  *plan_out = chosen(plan);
+  emulate_reduce(device, problem, fastnorm::cuda::launch_batch_moments, plan_out);
 }
 
 void emulated_merge_normalize(int device, const fastnorm::cuda::Problem* problem, EmulatedPlan* plan_out) {
-  using namespace fastnorm::cuda;
-  emu::device = device;
-  const LaunchPlan plan = plan_normalize(*problem);
-  launch_merge_normalize(*problem, plan, nullptr);
-  *plan_out = chosen(plan);
+  emulate_normalize(device, problem, fastnorm::cuda::launch_merge_normalize, plan_out);
 }
 
 void emulated_normalize_advantages(int device, const fastnorm::cuda::AdvantageProblem* problem,
