@@ -12,6 +12,7 @@ PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.fastnorm-deps
 BUILD_STAMP := $(VENV)/.fastnorm-build
 BENCH_STAMP := $(VENV)/.fastnorm-bench-deps
+EXTRAS_STAMP := $(VENV)/.fastnorm-test-extras
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
@@ -20,7 +21,7 @@ PYTEST_ARGS ?=
 
 # The second run tests the Triton kernels on the CPU through Triton's interpreter (the tests of
 # the triton backend only: -k triton).
-test: $(BUILD_STAMP)
+test: $(BUILD_STAMP) $(EXTRAS_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 FASTNORM_TEST_DEVICE=cpu FASTNORM_TEST_BACKENDS=triton $(PY) -m pytest -q -k triton \
 	  $(PYTEST_ARGS) tests/test_running_norm.py tests/test_running_norm_api.py tests/test_running_norm_split.py \
@@ -74,6 +75,12 @@ check-cuda: $(DEPS_STAMP)
 	  for f in $$(find csrc/cuda -name '*.cpp'); do echo "$(CXX) -fsyntax-only $$f"; \
 	    $(CXX) -std=c++20 -fsyntax-only -Wall -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE $$torch_inc -I$(CUDA_HOME)/include $$f || exit 1; done; \
 	else echo "check-cuda: no CUDA headers under $(CUDA_HOME) or torch without c10/cuda headers: bindings not checked"; fi
+
+# The frameworks the integrations are tested in, and the export tests' ONNX tools: the tests need
+# them all (none is skipped in CI), so a failed install fails here.
+$(EXTRAS_STAMP): setup.py | $(BUILD_STAMP)
+	FASTNORM_NO_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation -e ".[integrations,export]"
+	touch $@
 
 # The benchmark's peers and plotting (fastnorm[bench]). If they cannot be installed the benchmark
 # still runs and lists each missing peer as skipped, with the reason; the install is retried next time.

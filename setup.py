@@ -50,6 +50,17 @@ def _extensions():
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+# One extra per framework of fastnorm.integrations (pip install 'fastnorm[rsl_rl]'), pinned.
+FRAMEWORKS = {
+    "rsl_rl": ["rsl-rl-lib==5.5.1"],
+    "rl_games": ["rl-games==1.6.5"],
+    "skrl": ["skrl==2.1.1"],
+    "torchrl": ["torchrl==0.14.1", "tensordict>=0.14,<0.15"],  # torchrl 0.14.1 refuses tensordict 0.15
+    "gymnasium": ["gymnasium==1.4.0"],
+    "sb3": ["stable-baselines3==2.9.2"],
+    "vmas": ["vmas==1.5.2"],
+}
+
 ext_modules, cmdclass = _extensions()
 
 setup(
@@ -59,15 +70,20 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastnorm", "fastnorm.triton_kernels"],
+    packages=["fastnorm", "fastnorm.monitoring", "fastnorm.integrations", "fastnorm.triton_kernels"],
     package_dir={"fastnorm": "fastnorm", "fastnorm.triton_kernels": "triton_kernels"},
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "triton": ["triton"],
         "test": ["pytest", "hypothesis"],
         "monitor": ["tensorboard", "google-crc32c", "matplotlib"],
+        # The frameworks of fastnorm.integrations, at the versions they are tested against.
+        **FRAMEWORKS,
+        "integrations": sorted({req for reqs in FRAMEWORKS.values() for req in reqs}),
+        # Exporting policies that hold a RunningNorm (ONNX, run with onnxruntime in the tests).
+        "export": ["onnx", "onnxruntime", "onnxscript"],
         # The benchmark's peers (bench/peers.py) and its plot; `make bench` installs them.
-        "bench": ["stable-baselines3", "rsl-rl-lib", "rl-games", "torchrl", "tensordict", "matplotlib"],
+        "bench": sorted({req for reqs in FRAMEWORKS.values() for req in reqs} | {"matplotlib"}),
     },
     entry_points={"console_scripts": ["fastnorm = fastnorm.__main__:main"]},
     ext_modules=ext_modules,

@@ -4,10 +4,10 @@
 
 Writes a run of --steps updates with the seed's 8 tags (one scalar per event, as SummaryWriter
 writes them; the seed's catastrophe at the end) into a temporary directory, then times
-``fastnorm.scan.scan`` on it, end to end, and tensorboard's EventFileLoader on its first
+``fastnorm.monitoring.scan.scan`` on it, end to end, and tensorboard's EventFileLoader on its first
 --loader-records records (extrapolated to the whole file), in wall and CPU seconds (the CPU
 time is the fairer number on a shared machine). The log is written with the same
-record framing fastnorm.events reads (SummaryWriter itself needs about half a millisecond per
+record framing fastnorm.monitoring.events reads (SummaryWriter itself needs about half a millisecond per
 scalar, which would make the set-up the slow part).
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.compat.proto import event_pb2, summary_pb2
 
-from fastnorm.scan import SEED_TAGS, scan
+from fastnorm.monitoring.scan import SEED_TAGS, scan
 
 # The seed's reconstructed catastrophe, at the last steps of the run (offsets from the end).
 CATASTROPHE = {

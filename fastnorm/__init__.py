@@ -10,7 +10,7 @@
 from fastnorm import checkpoint
 from fastnorm.advantages import AdvantageStats, normalize_advantages
 from fastnorm.backends import backends, default_backend
-from fastnorm.monitor import Monitor
+from fastnorm.monitoring import Monitor
 from fastnorm.running_norm import RunningNorm
 
 __all__ = ["AdvantageStats", "Monitor", "RunningNorm", "backends", "checkpoint", "default_backend",

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from fastnorm.scan import SEED_TAGS
+from fastnorm.monitoring.scan import SEED_TAGS
 
 EXIT_OK, EXIT_CRITICAL, EXIT_USAGE = 0, 1, 2
 
@@ -44,8 +44,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from fastnorm.events import MissingExtraError
-    from fastnorm.scan import as_json, format_text, parse_tag_mapping, scan
+    from fastnorm.monitoring.events import MissingExtraError
+    from fastnorm.monitoring.scan import as_json, format_text, parse_tag_mapping, scan
 
     try:
         tags = parse_tag_mapping(item for arg in args.tags for item in arg.split(","))
@@ -68,7 +68,7 @@ def _scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     if args.plot:
-        from fastnorm.scan_plot import plot_reports
+        from fastnorm.monitoring.scan_plot import plot_reports
 
         try:
             plot_reports(reports, args.plot)

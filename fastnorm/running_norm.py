@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from fastnorm import _checks, distributed, reference
 from fastnorm.backends import check_backend_name, select_backend
-from fastnorm.diagnostics import as_floats, running_norm_diagnostics
+from fastnorm.monitoring.diagnostics import as_floats, running_norm_diagnostics
 from fastnorm.reference import DIAG_ROWS, MOMENT_ROWS
 
 FORMAT_VERSION = 1
@@ -161,7 +161,7 @@ class RunningNorm(nn.Module):
     def diagnostics(self) -> dict[str, Tensor]:
         """Named 0-dim tensors about the last update, computed on device without a host sync
         (raw batch std min/max, normalized batch mean/std, max |z|, fractions clipped and at the
-        std floor, non-finite count, minimum count, update weight, steps): see fastnorm.diagnostics."""
+        std floor, non-finite count, minimum count, update weight, steps): see fastnorm.monitoring.diagnostics."""
         return running_norm_diagnostics(
             self._diag, self.mean, self.var, self.count, self.steps, momentum=self.momentum,
             max_count=self.max_count, eps=self.eps, min_std=self.min_std, max_std=self.max_std,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastnorm import RunningNorm, reference
-from fastnorm.diagnostics import DIAGNOSTIC_NAMES
+from fastnorm.monitoring.diagnostics import DIAGNOSTIC_NAMES
 from helpers import DTYPES, randn, random_mask
 
 # The kernels accumulate the batch moments in float32 (float64 for float64 inputs).

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fastnorm import Monitor, RunningNorm
-from fastnorm.events import find_runs, read_scalars
-from fastnorm.rules import DEFAULT_RULES, FrozenStatisticsRule, ThresholdRule
+from fastnorm.monitoring.events import find_runs, read_scalars
+from fastnorm.monitoring.rules import DEFAULT_RULES, FrozenStatisticsRule, ThresholdRule
 from helpers import randn
 
 

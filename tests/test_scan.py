@@ -18,9 +18,9 @@ pytest.importorskip("tensorboard")
 pytest.importorskip("google_crc32c")
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
-from fastnorm import events  # noqa: E402
+from fastnorm.monitoring import events  # noqa: E402
 from fastnorm.__main__ import main  # noqa: E402
-from fastnorm.scan import SEED_TAGS, parse_tag_mapping, scan  # noqa: E402
+from fastnorm.monitoring.scan import SEED_TAGS, parse_tag_mapping, scan  # noqa: E402
 
 T = SEED_TAGS
 # Healthy ranges from the seed ("Normal" / "Before").

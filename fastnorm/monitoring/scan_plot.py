@@ -11,9 +11,9 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from fastnorm.events import MissingExtraError
-from fastnorm.rules import DEFAULT_RULES, Rule, ThresholdRule
-from fastnorm.scan import SEED_TAGS, RunReport, rules_by_key
+from fastnorm.monitoring.events import MissingExtraError
+from fastnorm.monitoring.rules import DEFAULT_RULES, Rule, ThresholdRule
+from fastnorm.monitoring.scan import SEED_TAGS, RunReport, rules_by_key
 
 LOG_SCALE_KEYS = ("advantages_std_raw", "advantages_norm_max_abs", "grad_norm")
 COLORS = {"warning": "tab:orange", "critical": "tab:red"}
@@ -29,7 +29,7 @@ def _threshold_lines(rule: ThresholdRule) -> list[float]:
 
 
 def plot_reports(reports: list[RunReport], path: str, rules: Iterable[Rule] = DEFAULT_RULES) -> None:
-    """Draws ``reports`` (from ``fastnorm.scan.scan``) into an image file (format from the suffix)."""
+    """Draws ``reports`` (from ``fastnorm.monitoring.scan.scan``) into an image file (format from the suffix)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure

@@ -1,7 +1,7 @@
 """``fastnorm scan``: the advantage-normalization blow-up's signature in past runs' TensorBoard logs.
 
 For each run (a directory with event files) it reads the seed's key series, runs the Monitor's
-threshold rules (``fastnorm.rules``) over each whole series at once, finds the first non-finite
+threshold rules (``fastnorm.monitoring.rules``) over each whole series at once, finds the first non-finite
 value, and gives a verdict: "diverged at step N, preceded by ..." lists every signal that fired
 within ``lookback`` logged points before the divergence, from where its streak began (e.g. the
 step where the advantage std entered the vulnerability window). A run is critical when it
@@ -16,8 +16,8 @@ from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 
-from fastnorm.events import Run, RunScalars, Series, find_runs, read_scalars
-from fastnorm.rules import DEFAULT_RULES, Rule, ThresholdRule
+from fastnorm.monitoring.events import Run, RunScalars, Series, find_runs, read_scalars
+from fastnorm.monitoring.rules import DEFAULT_RULES, Rule, ThresholdRule
 
 # The seed's metric names (shared/seeds/advantage-normalization-bug.md), keyed by what they measure.
 SEED_TAGS = {

@@ -6,7 +6,7 @@
     for alert in monitor.update(scalars, step=update):
         ...   # alert.severity, .rule, .tag, .step, .value, .message
 
-The rules and their default thresholds are those of ``fastnorm.rules`` (the seed analyses).
+The rules and their default thresholds are those of ``fastnorm.monitoring.rules`` (the seed analyses).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Iterable, Mapping, Optional
 
-from fastnorm.rules import DEFAULT_RULES, SEVERITIES, Alert, Rule
+from fastnorm.monitoring.rules import DEFAULT_RULES, SEVERITIES, Alert, Rule
 
 LOG_LEVELS = {"warning": logging.WARNING, "critical": logging.CRITICAL}
 
@@ -36,8 +36,8 @@ class Monitor:
 
     Args:
         thresholds: ``{rule name: threshold}`` overriding the rules' defaults (a number, or a pair
-            for the range rules); None for a rule switches it off. See ``fastnorm.rules``.
-        rules: the rules to start from (default: ``fastnorm.rules.DEFAULT_RULES``).
+            for the range rules); None for a rule switches it off. See ``fastnorm.monitoring.rules``.
+        rules: the rules to start from (default: ``fastnorm.monitoring.rules.DEFAULT_RULES``).
         writer: a ``torch.utils.tensorboard.SummaryWriter``; each update writes the scalars (when
             ``write_scalars``) and the number of alerts per severity (``monitor/warning``,
             ``monitor/critical``), and the messages of new alerts as text (``monitor/alerts``).
@@ -69,7 +69,7 @@ class Monitor:
 
     def add_rule(self, rule: Rule) -> None:
         """Adds a rule (anything with ``name``, ``severity``, ``threshold``, ``check`` and
-        ``with_threshold``; see ``fastnorm.rules``); names are unique."""
+        ``with_threshold``; see ``fastnorm.monitoring.rules``); names are unique."""
         for attribute in ("name", "severity", "threshold", "check", "with_threshold"):
             if not hasattr(rule, attribute):
                 raise TypeError(f"rule must have a {attribute!r} attribute, got {type(rule).__name__}")
