@@ -17,15 +17,19 @@ TORCH_LIBRARY(fastnorm, m) {
   // y into out when given, and fills diag (6, C) with the per-column diagnostics (DiagRow).
   // eps_on_std: the divisor is sqrt(var) + eps instead of sqrt(var + eps); unbiased: the batch
   // variance merged into var is M2/(n-1) (0 for n = 1) instead of M2/n (diag's batch_var stays M2/n).
+  // scale (float64, mean's shape), when given: the long-run scale, updated with the statistics
+  // (update_running_stats); min_std_rel (needs scale): the divisor's lower bound is
+  // max(min_std, min_std_rel * scale) (std_floor).
   m.def(
       "running_norm(Tensor x, Tensor? mask, Tensor(a!) mean, Tensor(b!) var, Tensor(c!) count, "
       "Tensor(d!)? out, Tensor(e!) diag, float? momentum, float? max_count, float eps, float? min_std, "
-      "float? max_std, float? clip, bool eps_on_std=False, bool unbiased=False) -> ()");
+      "float? max_std, float? clip, bool eps_on_std=False, bool unbiased=False, Tensor(f!)? scale=None, "
+      "float? min_std_rel=None) -> ()");
   // y = clamp((x - mean) / clamp(sqrt(var + eps), min_std, max_std), -clip, clip) into out
-  // (sqrt(var) + eps with eps_on_std).
+  // (sqrt(var) + eps with eps_on_std; lower bound max(min_std, min_std_rel * scale) with min_std_rel).
   m.def(
       "normalize(Tensor x, Tensor mean, Tensor var, Tensor(a!) out, float eps, float? min_std, "
-      "float? max_std, float? clip, bool eps_on_std=False) -> ()");
+      "float? max_std, float? clip, bool eps_on_std=False, Tensor? scale=None, float? min_std_rel=None) -> ()");
   // running_norm split in two halves, so that the batch moments of several processes can be
   // combined in between (RunningNorm(sync=True) all-gathers them). Running both halves on one
   // batch with parts = moments[None] gives exactly what running_norm gives.
@@ -45,7 +49,8 @@ TORCH_LIBRARY(fastnorm, m) {
   m.def(
       "merge_normalize(Tensor x, Tensor? mask, Tensor parts, Tensor(a!) mean, Tensor(b!) var, Tensor(c!) count, "
       "Tensor(d!)? out, Tensor(e!) diag, float? momentum, float? max_count, float eps, float? min_std, "
-      "float? max_std, float? clip, bool eps_on_std=False, bool unbiased=False) -> ()");
+      "float? max_std, float? clip, bool eps_on_std=False, bool unbiased=False, Tensor(f!)? scale=None, "
+      "float? min_std_rel=None) -> ()");
   // x (O, G, I) reduced over dims 0 and 2: for each group g, over its selected finite entries
   // (mask[k / (N / mask.numel())] for flat index k, no mask: all), writes stats (4, G) (rows:
   // AdvantageStatRow) and y = (x - mean) / max(std_raw, min_std) into out (0 for an empty group).

@@ -98,6 +98,16 @@ RowsGeometry check_running_norm_args(const at::Tensor& x, const std::optional<at
   return g;
 }
 
+double* check_scale_args(const at::Tensor& x, const at::Tensor& mean, const std::optional<at::Tensor>& scale,
+                         std::optional<double> min_std_rel) {
+  TORCH_CHECK(!min_std_rel || (std::isfinite(*min_std_rel) && *min_std_rel >= 0),
+              "fastnorm: min_std_rel must be finite and >= 0, got ", *min_std_rel);
+  TORCH_CHECK(!min_std_rel || scale, "fastnorm: min_std_rel needs the long-run scale, got scale=None");
+  if (!scale) return nullptr;
+  check_statistic(x, *scale, mean, "scale");
+  return scale->data_ptr<double>();
+}
+
 RowsGeometry check_batch_moments_args(const at::Tensor& x, const std::optional<at::Tensor>& mask,
                                       const at::Tensor& moments) {
   TORCH_CHECK(moments.scalar_type() == at::kDouble && moments.is_contiguous() && moments.dim() >= 1 &&

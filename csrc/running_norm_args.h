@@ -23,6 +23,12 @@ RowsGeometry check_running_norm_args(const at::Tensor& x, const std::optional<at
                                      std::optional<double> min_std, std::optional<double> max_std,
                                      std::optional<double> clip);
 
+// Checks the long-run scale and the relative floor of running_norm, merge_normalize and normalize:
+// scale, when given, float64 contiguous of mean's shape on x's device; min_std_rel finite >= 0 and
+// only with a scale. Returns scale's data (nullptr without one).
+double* check_scale_args(const at::Tensor& x, const at::Tensor& mean, const std::optional<at::Tensor>& scale,
+                         std::optional<double> min_std_rel);
+
 // Checks the arguments of fastnorm::batch_moments; moments is (kNumMomentRows, *shape).
 RowsGeometry check_batch_moments_args(const at::Tensor& x, const std::optional<at::Tensor>& mask,
                                       const at::Tensor& moments);

@@ -133,18 +133,32 @@ FASTNORM_HD double merged_batch_var(const Moments& batch, bool unbiased) {
   return dof > 0.0 ? batch.m2 / dof : 0.0;
 }
 
+// The long-run scale's floor weight as a fraction of the running update's, 1 - momentum (README,
+// "The relative std floor"): the scale follows ten times more slowly than var.
+constexpr double kScaleWeightRatio = 0.1;
+
+// The long-run scale of a column after an update that took the running variance to new_var with
+// the weight w_scale = max(kScaleWeightRatio * min_weight, n_b / (n_eff + n_b)):
+//   scale'^2 = (1 - w_scale) scale^2 + w_scale var'
+// an EMA of the variance with its own warm start (w_scale = 1 at the first update: scale' =
+// sqrt(var')), so that scale' >= sqrt(1 - w_scale) scale whatever the batch.
+FASTNORM_HD double updated_scale(double scale, double new_var, double w_scale) {
+  return sqrt((1.0 - w_scale) * scale * scale + w_scale * new_var);
+}
+
 // The running update of one column with the batch moments (the contract in README.md), v_b =
-// merged_batch_var(batch, unbiased):
+// merged_batch_var(batch, unbiased), and of its long-run scale where scale is not null:
 //   w = max(min_weight, n_b / (min(count, max_count) + n_b))
 //   mean' = mean + w d,  var' = (1-w) var + w v_b + w (1-w) d^2,  count' = count + n_b
 // With min_weight = 0 this is exactly the Chan merge of the two populations; with momentum it is
 // an EMA whose first updates are exact averages. A column with no samples is left unchanged, as
 // is one whose result would overflow, so the statistics stay finite.
 FASTNORM_HD void update_running_stats(double& mean, double& var, double& count, const Moments& batch,
-                                      const UpdateParams& p) {
+                                      const UpdateParams& p, double* scale) {
   if (batch.count <= 0) return;
   const double n_eff = fmin(count, p.max_count);
-  const double w = fmax(p.min_weight, batch.count / (n_eff + batch.count));
+  const double warm_weight = batch.count / (n_eff + batch.count);
+  const double w = fmax(p.min_weight, warm_weight);
   const double d = batch.mean - mean;
   const double new_mean = mean + w * d;
   // (w (1-w) d) d rather than w (1-w) d^2: 0, not 0 * inf, at w = 1 with |d| > 1e154.
@@ -153,6 +167,13 @@ FASTNORM_HD void update_running_stats(double& mean, double& var, double& count, 
   mean = new_mean;
   var = new_var;
   count += batch.count;
+  if (scale != nullptr) *scale = updated_scale(*scale, new_var, fmax(kScaleWeightRatio * p.min_weight, warm_weight));
+}
+
+// The lower bound of a column's divisor: min_std, or min_std_rel times the column's long-run scale
+// where that is larger (min_std_rel = 0 without the relative floor).
+FASTNORM_HD double std_floor(double min_std, double min_std_rel, double scale) {
+  return fmax(min_std, min_std_rel * scale);
 }
 
 // The divisor of the normalization: sqrt(var + eps), or sqrt(var) + eps when eps_on_std (rsl_rl's

@@ -96,6 +96,16 @@ def _check_statistics(x: Tensor, mean: Tensor, *others: tuple[Tensor, str]) -> t
     return _check_x(x, shape)
 
 
+def _check_scale(x: Tensor, mean: Tensor, scale: Optional[Tensor], min_std_rel: Optional[float]) -> None:
+    """check_scale_args: scale float64 of mean's shape; min_std_rel finite >= 0, only with a scale."""
+    if min_std_rel is not None and not (math.isfinite(min_std_rel) and min_std_rel >= 0):
+        raise ValueError(f"fastnorm: min_std_rel must be finite and >= 0, got {min_std_rel}")
+    if min_std_rel is not None and scale is None:
+        raise ValueError("fastnorm: min_std_rel needs the long-run scale, got scale=None")
+    if scale is not None:
+        _check_float64(x, scale, "scale", tuple(mean.shape), f"{tuple(mean.shape)} (mean's)")
+
+
 def _check_mask(x: Tensor, mask: Optional[Tensor], batch_dims: int) -> None:
     if mask is not None and (mask.dtype != torch.bool or mask.device != x.device or not
                              batch_dims <= mask.dim() <= x.dim() or mask.shape != x.shape[:mask.dim()]):
@@ -175,14 +185,16 @@ def _writable_rows(out: Tensor, rows: int, cols: int) -> tuple[Tensor, bool]:
 # ---------------------------------------------------------------- the running-norm ops
 
 
-@_define("fastnorm::running_norm_triton", ("mean", "var", "count", "out", "diag"))
+@_define("fastnorm::running_norm_triton", ("mean", "var", "count", "out", "diag", "scale"))
 def running_norm_triton(
     x: Tensor, mask: Optional[Tensor], mean: Tensor, var: Tensor, count: Tensor, out: Optional[Tensor],
     diag: Tensor, momentum: Optional[float], max_count: Optional[float], eps: float, min_std: Optional[float],
     max_std: Optional[float], clip: Optional[float], eps_on_std: bool = False, unbiased: bool = False,
+    scale: Optional[Tensor] = None, min_std_rel: Optional[float] = None,
 ) -> None:
     """fastnorm::running_norm on the Triton kernels."""
     rows, cols = _check_update(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip)
+    _check_scale(x, mean, scale, min_std_rel)
     if rows == 0 or cols == 0:
         diag.zero_()
         if out is None:
@@ -191,7 +203,8 @@ def running_norm_triton(
     out_rows, scratch = _writable_rows(out, rows, cols) if out is not None else (None, False)
     launch_running_norm(_readable_rows(x, rows, cols), _mask_rows(mask, rows), mean, var, count, out_rows, diag,
                         momentum=momentum, max_count=max_count, eps=eps, min_std=min_std, max_std=max_std, clip=clip,
-                        eps_on_std=eps_on_std, unbiased=unbiased, blocks=blocks_for(x, cols))
+                        eps_on_std=eps_on_std, unbiased=unbiased, scale=scale, min_std_rel=min_std_rel,
+                        blocks=blocks_for(x, cols))
     if scratch:
         out.copy_(out_rows.view(out.shape))
 
@@ -199,17 +212,19 @@ def running_norm_triton(
 @_define("fastnorm::normalize_triton", ("out",))
 def normalize_triton(
     x: Tensor, mean: Tensor, var: Tensor, out: Tensor, eps: float, min_std: Optional[float],
-    max_std: Optional[float], clip: Optional[float], eps_on_std: bool = False,
+    max_std: Optional[float], clip: Optional[float], eps_on_std: bool = False, scale: Optional[Tensor] = None,
+    min_std_rel: Optional[float] = None,
 ) -> None:
     """fastnorm::normalize on the Triton kernels."""
     rows, cols = _check_statistics(x, mean, (var, "var"))
+    _check_scale(x, mean, scale, min_std_rel)
     _check_bounds(eps, min_std, max_std, clip)
     _check_out(x, out)
     if rows == 0 or cols == 0:
         return
     out_rows, scratch = _writable_rows(out, rows, cols)
     launch_normalize(_readable_rows(x, rows, cols), mean, var, out_rows, eps=eps, min_std=min_std, max_std=max_std,
-                     clip=clip, eps_on_std=eps_on_std, blocks=blocks_for(x, cols))
+                     clip=clip, eps_on_std=eps_on_std, scale=scale, min_std_rel=min_std_rel, blocks=blocks_for(x, cols))
     if scratch:
         out.copy_(out_rows.view(out.shape))
 
@@ -230,15 +245,16 @@ def batch_moments_triton(x: Tensor, mask: Optional[Tensor], moments: Tensor) -> 
                          blocks=blocks_for(x, cols))
 
 
-@_define("fastnorm::merge_normalize_triton", ("mean", "var", "count", "out", "diag"))
+@_define("fastnorm::merge_normalize_triton", ("mean", "var", "count", "out", "diag", "scale"))
 def merge_normalize_triton(
     x: Tensor, mask: Optional[Tensor], parts: Tensor, mean: Tensor, var: Tensor, count: Tensor,
     out: Optional[Tensor], diag: Tensor, momentum: Optional[float], max_count: Optional[float], eps: float,
     min_std: Optional[float], max_std: Optional[float], clip: Optional[float], eps_on_std: bool = False,
-    unbiased: bool = False,
+    unbiased: bool = False, scale: Optional[Tensor] = None, min_std_rel: Optional[float] = None,
 ) -> None:
     """fastnorm::merge_normalize on the Triton kernels."""
     rows, cols = _check_update(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip)
+    _check_scale(x, mean, scale, min_std_rel)
     if parts.dim() != mean.dim() + 2 or parts.shape[0] < 1 or parts.shape[1] != TABLE_ROWS:
         raise ValueError(f"fastnorm: parts must be a contiguous float64 tensor of shape (num_parts >= 1, {TABLE_ROWS}, "
                          f"{', '.join(map(str, mean.shape))}), got {parts.dtype} of shape {tuple(parts.shape)}")
@@ -249,7 +265,8 @@ def merge_normalize_triton(
     out_rows, scratch = _writable_rows(out, rows, cols) if out is not None else (None, False)
     launch_merge_normalize(_readable_rows(x, rows, cols), _mask_rows(mask, rows), parts, mean, var, count, out_rows,
                            diag, momentum=momentum, max_count=max_count, eps=eps, min_std=min_std, max_std=max_std,
-                           clip=clip, eps_on_std=eps_on_std, unbiased=unbiased, blocks=blocks_for(x, cols))
+                           clip=clip, eps_on_std=eps_on_std, unbiased=unbiased, scale=scale, min_std_rel=min_std_rel,
+                           blocks=blocks_for(x, cols))
     if scratch and rows > 0:
         out.copy_(out_rows.view(out.shape))
 

@@ -7,9 +7,9 @@ folds them away.
 
 Every backend implements the same calls, mutating their output arguments in place:
   running_norm(x, mask, mean, var, count, out, diag, *, momentum, max_count, eps, min_std,
-               max_std, clip, eps_on_std, unbiased)
-                  reduce + merge into (mean, var, count) + y into out (if given)
-  normalize(x, mean, var, out, *, eps, min_std, max_std, clip, eps_on_std)
+               max_std, clip, eps_on_std, unbiased, scale, min_std_rel)
+                  reduce + merge into (mean, var, count, and scale when given) + y into out (if given)
+  normalize(x, mean, var, out, *, eps, min_std, max_std, clip, eps_on_std, scale, min_std_rel)
   normalize_advantages(x, mask, out, stats, *, min_std, unbiased)
                   x (O, G, I), mask flat (see csrc/ops.cpp); stats (4, G) rows STAT_ROWS
 and running_norm split in two for RunningNorm(sync=True), which combines the halves across ranks
@@ -95,10 +95,10 @@ class ExtensionBackend:
         return []
 
     def running_norm(self, x, mask, mean, var, count, out, diag, *, momentum, max_count, eps, min_std, max_std,
-                     clip, eps_on_std=False, unbiased=False) -> None:
+                     clip, eps_on_std=False, unbiased=False, scale=None, min_std_rel=None) -> None:
         # The overload, positionally: keyword arguments cost a few microseconds per call.
         torch.ops.fastnorm.running_norm.default(x, mask, mean, var, count, out, diag, momentum, max_count, eps,
-                                                min_std, max_std, clip, eps_on_std, unbiased)
+                                                min_std, max_std, clip, eps_on_std, unbiased, scale, min_std_rel)
 
     def normalize(self, x, mean, var, out, **hyper) -> None:
         torch.ops.fastnorm.normalize(x, mean, var, out, **hyper)
@@ -135,7 +135,7 @@ class ReferenceBackend:
 
     def running_norm(self, x, mask, mean, var, count, out, diag, **hyper) -> None:
         result = reference.running_norm(x, mask, mean, var, count, with_output=out is not None, **hyper)
-        _store(result, mean, var, count, out, diag)
+        _store(result, mean, var, count, out, diag, hyper.get("scale"))
 
     def normalize(self, x, mean, var, out, **hyper) -> None:
         out.copy_(reference.normalize(x, mean, var, **hyper))
@@ -145,7 +145,7 @@ class ReferenceBackend:
 
     def merge_normalize(self, x, mask, parts, mean, var, count, out, diag, **hyper) -> None:
         result = reference.merge_normalize(x, mask, parts, mean, var, count, with_output=out is not None, **hyper)
-        _store(result, mean, var, count, out, diag)
+        _store(result, mean, var, count, out, diag, hyper.get("scale"))
 
 
     def normalize_advantages(self, x, mask, out, stats, **hyper) -> None:
@@ -171,10 +171,12 @@ def _store_advantages(result: advantages_reference.AdvantageResult, out, stats) 
     stats.copy_(torch.stack([getattr(result, row) for row in advantages_reference.STAT_ROWS]))
 
 
-def _store(result: reference.RunningNormResult, mean, var, count, out, diag) -> None:
+def _store(result: reference.RunningNormResult, mean, var, count, out, diag, scale) -> None:
     mean.copy_(result.mean)
     var.copy_(result.var)
     count.copy_(result.count)
+    if scale is not None:
+        scale.copy_(result.scale)
     diag.copy_(result.diag)
     if out is not None:
         out.copy_(result.y)

@@ -11,8 +11,12 @@ with unbiased M2/(n_b - 1) and 0 for n_b = 1), d = m_b - mean and n_eff = min(co
     w = n_b / (n_eff + n_b);  with momentum: w = max(1 - momentum, w)
     mean' = mean + w d;  var' = (1 - w) var + w v_b + w (1 - w) d^2;  count' = count + n_b
 
-and y = clamp((x - mean) / clamp(std, min_std, max_std), -clip, clip) with std = sqrt(var + eps),
-or sqrt(var) + eps with eps_on_std.
+and y = clamp((x - mean) / clamp(std, floor, max_std), -clip, clip) with std = sqrt(var + eps), or
+sqrt(var) + eps with eps_on_std, and floor = min_std, or max(min_std, min_std_rel * scale) with the
+relative floor. The long-run scale, where tracked, follows each update (README, "The relative std
+floor"): with w_s = max(SCALE_WEIGHT_RATIO (1 - momentum), n_b / (n_eff + n_b)),
+
+    scale'^2 = (1 - w_s) scale^2 + w_s var'
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from torch import Tensor
 DIAG_ROWS = ("batch_count", "batch_mean", "batch_var", "nonfinite", "clipped", "max_abs_z")
 # Rows of a batch-moments table (fastnorm::batch_moments, MomentRow in csrc/running_norm_math.h).
 MOMENT_ROWS = ("count", "mean", "m2", "nonfinite", "min", "max")
+# The long-run scale's floor weight over the running update's (kScaleWeightRatio in
+# csrc/running_norm_math.h): it follows ten times more slowly than var.
+SCALE_WEIGHT_RATIO = 0.1
 
 
 class RunningNormResult(NamedTuple):
@@ -33,6 +40,7 @@ class RunningNormResult(NamedTuple):
     var: Tensor
     count: Tensor
     diag: Tensor  # float64 (6, C), rows DIAG_ROWS
+    scale: Optional[Tensor] = None  # float64, statistics shape, where tracked
 
 
 def as_rows(x: Tensor, stats_shape: torch.Size) -> Tensor:
@@ -77,32 +85,53 @@ def merge_running(
     *,
     momentum: Optional[float],
     max_count: Optional[float],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The running update of the contract with the batch variance v_b as given; columns with
-    n_b = 0, or whose result would not be finite, keep their statistics."""
+    scale: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """The running update of the contract with the batch variance v_b as given, and of the
+    long-run scale when given (None otherwise); columns with n_b = 0, or whose result would not be
+    finite, keep their statistics."""
     n_eff = count if max_count is None else count.clamp(max=max_count)
-    w = n_b / (n_eff + n_b).clamp(min=1e-300)
-    if momentum is not None:
-        w = w.clamp(min=1.0 - momentum)
+    warm_weight = n_b / (n_eff + n_b).clamp(min=1e-300)
+    w = warm_weight if momentum is None else warm_weight.clamp(min=1.0 - momentum)
     d = m_b - mean
     new_mean = mean + w * d
     new_var = (1 - w) * var + w * v_b + (w * (1 - w) * d) * d  # 0, not 0 * inf, at w = 1
     keep = (n_b > 0) & torch.isfinite(new_mean) & torch.isfinite(new_var)
+    new_scale = None
+    if scale is not None:
+        w_s = warm_weight if momentum is None else warm_weight.clamp(min=SCALE_WEIGHT_RATIO * (1.0 - momentum))
+        new_scale = torch.where(keep, torch.sqrt((1 - w_s) * scale * scale + w_s * new_var), scale)
     return (
         torch.where(keep, new_mean, mean),
         torch.where(keep, new_var, var),
         torch.where(keep, count + n_b, count),
+        new_scale,
     )
 
 
+def std_floor(min_std: Optional[float], min_std_rel: Optional[float], scale: Optional[Tensor]):
+    """The divisor's lower bound: min_std (None: none), or with min_std_rel the tensor
+    max(min_std, min_std_rel * scale)."""
+    if min_std_rel is None:
+        return min_std
+    return (min_std_rel * scale).clamp(min=min_std or 0.0)
+
+
 def bounded_std(var: Tensor, eps: float, min_std: Optional[float], max_std: Optional[float],
-                eps_on_std: bool = False) -> Tensor:
-    """sqrt(var + eps), or sqrt(var) + eps with eps_on_std, bounded to [min_std, max_std] (None:
-    unbounded)."""
+                eps_on_std: bool = False, min_std_rel: Optional[float] = None,
+                scale: Optional[Tensor] = None) -> Tensor:
+    """sqrt(var + eps), or sqrt(var) + eps with eps_on_std, bounded to [floor, max_std] with floor
+    = std_floor(min_std, min_std_rel, scale) (None: unbounded)."""
+    return _bounded_by(var, eps, eps_on_std, std_floor(min_std, min_std_rel, scale), max_std)
+
+
+def _bounded_by(var: Tensor, eps: float, eps_on_std: bool, floor, max_std: Optional[float]) -> Tensor:
     std = torch.sqrt(var) + eps if eps_on_std else torch.sqrt(var + eps)
-    if min_std is None and max_std is None:
-        return std
-    return std.clamp(min=min_std, max=max_std)
+    if isinstance(floor, Tensor):
+        std = torch.maximum(std, floor)
+    elif floor is not None:
+        std = std.clamp(min=floor)
+    return std if max_std is None else std.clamp(max=max_std)
 
 
 def normalize(
@@ -115,9 +144,11 @@ def normalize(
     max_std: Optional[float],
     clip: Optional[float],
     eps_on_std: bool = False,
+    scale: Optional[Tensor] = None,
+    min_std_rel: Optional[float] = None,
 ) -> Tensor:
     """y = clamp((x - mean) / bounded_std, -clip, clip) in float64, returned in x's dtype."""
-    z = (x.double() - mean) / bounded_std(var, eps, min_std, max_std, eps_on_std)
+    z = (x.double() - mean) / bounded_std(var, eps, min_std, max_std, eps_on_std, min_std_rel, scale)
     y = z if clip is None else z.clamp(-clip, clip)
     return y.to(x.dtype)
 
@@ -137,6 +168,8 @@ def running_norm(
     clip: Optional[float],
     eps_on_std: bool = False,
     unbiased: bool = False,
+    scale: Optional[Tensor] = None,
+    min_std_rel: Optional[float] = None,
     with_output: bool = True,
 ) -> RunningNormResult:
     """Updates the statistics with the batch x and normalizes x with the updated statistics. diag's
@@ -145,28 +178,38 @@ def running_norm(
     x_rows = as_rows(x, shape)
     selected = selection(x_rows, mask)
     n_b, m_b, v_b, nonfinite = batch_moments(x_rows, selected)
-    new_mean, new_var, new_count = merge_running(
+    new_mean, new_var, new_count, new_scale = merge_running(
         mean.reshape(-1), var.reshape(-1), count.reshape(-1), n_b, m_b, unbiased_var(n_b, v_b) if unbiased else v_b,
-        momentum=momentum, max_count=max_count,
+        momentum=momentum, max_count=max_count, scale=_flat(scale),
     )
     if with_output:
-        y_rows, abs_z, clipped = _output_rows(x_rows, selected, new_mean, new_var, eps=eps, min_std=min_std,
-                                              max_std=max_std, clip=clip, eps_on_std=eps_on_std)
+        y_rows, abs_z, clipped = _output_rows(x_rows, selected, new_mean, new_var, eps=eps, max_std=max_std,
+                                              clip=clip, eps_on_std=eps_on_std,
+                                              floor=std_floor(min_std, min_std_rel, new_scale))
         max_abs_z = abs_z.amax(0) if x_rows.shape[0] > 0 else torch.zeros_like(n_b)
         y = y_rows.to(x.dtype).reshape(x.shape)
     else:
         clipped = max_abs_z = torch.full_like(n_b, float("nan"))
         y = None
     diag = torch.stack([n_b, m_b, v_b, nonfinite, clipped, max_abs_z])
-    return RunningNormResult(y, new_mean.reshape(shape), new_var.reshape(shape), new_count.reshape(shape), diag)
+    return _result(y, new_mean, new_var, new_count, diag, new_scale, shape)
+
+
+def _flat(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.reshape(-1)
+
+
+def _result(y, mean, var, count, diag, scale, shape) -> RunningNormResult:
+    return RunningNormResult(y, mean.reshape(shape), var.reshape(shape), count.reshape(shape), diag,
+                             None if scale is None else scale.reshape(shape))
 
 
 def _output_rows(x_rows: Tensor, selected: Tensor, mean: Tensor, var: Tensor, *, eps: float,
-                 min_std: Optional[float], max_std: Optional[float], clip: Optional[float],
-                 eps_on_std: bool) -> tuple[Tensor, Tensor, Tensor]:
+                 max_std: Optional[float], clip: Optional[float], eps_on_std: bool,
+                 floor) -> tuple[Tensor, Tensor, Tensor]:
     """y as float64 rows, |z| of the selected finite entries (0 elsewhere), and the per-column
-    count of those with |z| > clip."""
-    z = (x_rows - mean) / bounded_std(var, eps, min_std, max_std, eps_on_std)
+    count of those with |z| > clip; floor: std_floor's lower bound of the divisor."""
+    z = (x_rows - mean) / _bounded_by(var, eps, eps_on_std, floor, max_std)
     abs_z = torch.where(selected & torch.isfinite(x_rows), z.abs(), 0.0)
     clipped = (abs_z > clip).sum(0, dtype=torch.float64) if clip is not None else torch.zeros_like(mean)
     y_rows = z if clip is None else z.clamp(-clip, clip)
@@ -226,6 +269,8 @@ def merge_normalize(
     clip: Optional[float],
     eps_on_std: bool = False,
     unbiased: bool = False,
+    scale: Optional[Tensor] = None,
+    min_std_rel: Optional[float] = None,
     with_output: bool = True,
 ) -> RunningNormResult:
     """What fastnorm::merge_normalize computes: the running update with the merged tables parts
@@ -235,20 +280,20 @@ def merge_normalize(
     n_b, m_b, m2_b, nonfinite, lo, hi = merge_moment_tables(parts).reshape(len(MOMENT_ROWS), -1)
     v_b = torch.where(n_b > 0, m2_b / n_b.clamp(min=1), 0.0)
     merged_v_b = torch.where(n_b > 1, m2_b / (n_b - 1).clamp(min=1), 0.0) if unbiased else v_b
-    new_mean, new_var, new_count = merge_running(
+    new_mean, new_var, new_count, new_scale = merge_running(
         mean.reshape(-1), var.reshape(-1), count.reshape(-1), n_b, m_b, merged_v_b, momentum=momentum,
-        max_count=max_count,
+        max_count=max_count, scale=_flat(scale),
     )
     if with_output:
         x_rows = as_rows(x, shape)
+        floor = std_floor(min_std, min_std_rel, new_scale)
         y_rows, _, clipped = _output_rows(x_rows, selection(x_rows, mask), new_mean, new_var, eps=eps,
-                                          min_std=min_std, max_std=max_std, clip=clip, eps_on_std=eps_on_std)
-        spread = torch.maximum(hi - new_mean, new_mean - lo) / bounded_std(new_var, eps, min_std, max_std,
-                                                                            eps_on_std)
+                                          max_std=max_std, clip=clip, eps_on_std=eps_on_std, floor=floor)
+        spread = torch.maximum(hi - new_mean, new_mean - lo) / _bounded_by(new_var, eps, eps_on_std, floor, max_std)
         max_abs_z = torch.where(n_b > 0, spread, 0.0)
         y = y_rows.to(x.dtype).reshape(x.shape)
     else:
         clipped = max_abs_z = torch.full_like(n_b, float("nan"))
         y = None
     diag = torch.stack([n_b, m_b, v_b, nonfinite, clipped, max_abs_z])
-    return RunningNormResult(y, new_mean.reshape(shape), new_var.reshape(shape), new_count.reshape(shape), diag)
+    return _result(y, new_mean, new_var, new_count, diag, new_scale, shape)

@@ -17,9 +17,9 @@ from fastnorm.reference import DIAG_ROWS, MOMENT_ROWS
 
 FORMAT_VERSION = 1
 HYPER_PARAMETERS = ("momentum", "max_count", "eps", "min_std", "max_std", "clip", "warmup", "eps_placement",
-                    "batch_var")
+                    "batch_var", "min_std_rel")
 # Hyper-parameters added after format 1 was fixed, with the value a state saved without them had.
-LATER_DEFAULTS = {"eps_placement": "var", "batch_var": "population"}
+LATER_DEFAULTS = {"eps_placement": "var", "batch_var": "population", "min_std_rel": None}
 EPS_PLACEMENTS = ("var", "std")
 BATCH_VARS = ("population", "unbiased")
 
@@ -40,9 +40,14 @@ class RunningNorm(nn.Module):
     with weight ``1 - momentum`` (never frozen); ``momentum=None`` is the exact cumulative
     (Chan) merge. The output, with the updated statistics when updating::
 
-        y = clamp((x - mean) / clamp(std, min_std, max_std), -clip, clip)
+        y = clamp((x - mean) / clamp(std, floor, max_std), -clip, clip)
 
-    with ``std = sqrt(var + eps)`` (``eps_placement="var"``) or ``sqrt(var) + eps`` (``"std"``).
+    with ``std = sqrt(var + eps)`` (``eps_placement="var"``) or ``sqrt(var) + eps`` (``"std"``) and
+    ``floor = min_std``, or with ``min_std_rel`` the relative floor ``max(min_std, min_std_rel *
+    scale)``, where ``scale`` (a float64 buffer of ``shape``, tracked only then) is the column's
+    long-run std, updated with the statistics (README, "The relative std floor")::
+
+        w_s = max((1 - momentum) / 10, n_b / (n_eff + n_b));  scale'^2 = (1 - w_s) scale^2 + w_s var'
 
     Non-finite inputs never enter the statistics; NaN stays NaN in y and +-inf becomes +-clip.
 
@@ -59,6 +64,9 @@ class RunningNorm(nn.Module):
         batch_var: the batch variance merged into var: "population" (M2 / n, default) or "unbiased"
             (M2 / (n - 1), as torch.var and skrl; a single sample gives 0, not NaN). The
             diagnostics' raw batch std is the population one either way.
+        min_std_rel: the relative std floor (None: off): the divisor never falls below min_std_rel
+            times the column's long-run std ``scale``. Its state dict then holds ``scale``; a state
+            without it loads with ``scale = sqrt(var)``.
         backend: "auto", "cpu", "cuda", "triton" or "reference" (see ``fastnorm.backends()``).
         device: where the statistics live.
         sync: combine each update's batch across the ranks of ``process_group`` (see below).
@@ -78,7 +86,7 @@ class RunningNorm(nn.Module):
     updating calls, and the diagnostics describe the group's batch, identical on every rank.
     """
 
-    BROADCAST_BUFFERS = ("mean", "var", "count", "steps")  # the state broadcast_state re-seeds
+    BROADCAST_BUFFERS = ("mean", "var", "count", "steps", "scale")  # the state broadcast_state re-seeds
 
     def __init__(
         self,
@@ -93,6 +101,7 @@ class RunningNorm(nn.Module):
         warmup: int = 0,
         eps_placement: str = "var",
         batch_var: str = "population",
+        min_std_rel: Optional[float] = None,
         backend: str = "auto",
         device: Optional[Union[str, torch.device]] = None,
         sync: bool = False,
@@ -120,6 +129,7 @@ class RunningNorm(nn.Module):
         self.warmup = warmup
         self.eps_placement = _checks.check_choice("eps_placement", eps_placement, EPS_PLACEMENTS)
         self.batch_var = _checks.check_choice("batch_var", batch_var, BATCH_VARS)
+        self.min_std_rel = _checks.check_optional_number("min_std_rel", min_std_rel)
         self.backend = check_backend_name(backend)
         if not isinstance(sync, bool):
             raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
@@ -133,6 +143,8 @@ class RunningNorm(nn.Module):
         self.register_buffer("var", torch.ones(self.shape, **f64))
         self.register_buffer("count", torch.zeros(self.shape, **f64))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device))
+        # The long-run std, starting at sqrt(var); tracked and saved only with the relative floor.
+        self.register_buffer("scale", torch.ones(self.shape, **f64), persistent=self.min_std_rel is not None)
         # Per-column diagnostics of the last update (rows: reference.DIAG_ROWS); NaN before any.
         self.register_buffer("_diag", torch.full((len(DIAG_ROWS), self.shape.numel()), math.nan, **f64), persistent=False)
 
@@ -164,13 +176,15 @@ class RunningNorm(nn.Module):
     def denormalize(self, y: Tensor) -> Tensor:
         """x = y * std + mean (the inverse of normalize where no clamp was hit), in y's dtype."""
         _checks.check_x(y, self.shape, self.mean.device, name="y")
-        std = reference.bounded_std(self.var, self.eps, self.min_std, self.max_std, self.eps_placement == "std")
+        std = reference.bounded_std(self.var, self.eps, self.min_std, self.max_std, self.eps_placement == "std",
+                                    self.min_std_rel, self.scale)
         return (y.double() * std + self.mean).to(y.dtype)
 
     def reset(self) -> None:
-        """Back to the initial statistics: mean 0, var 1, count 0, no update steps."""
+        """Back to the initial statistics: mean 0, var 1, count 0, scale 1, no update steps."""
         self.mean.zero_()
         self.var.fill_(1.0)
+        self.scale.fill_(1.0)
         self.count.zero_()
         self.steps.zero_()
         self._diag.fill_(math.nan)
@@ -182,7 +196,7 @@ class RunningNorm(nn.Module):
         return running_norm_diagnostics(
             self._diag, self.mean, self.var, self.count, self.steps, momentum=self.momentum,
             max_count=self.max_count, eps=self.eps, min_std=self.min_std, max_std=self.max_std,
-            eps_on_std=self.eps_placement == "std",
+            eps_on_std=self.eps_placement == "std", min_std_rel=self.min_std_rel, scale=self.scale,
         )
 
     def health(self, prefix: str = "") -> dict[str, float]:
@@ -196,8 +210,11 @@ class RunningNorm(nn.Module):
         return self.steps >= self.warmup
 
     def _output_bounds(self) -> dict[str, Any]:
+        # The scale goes to the ops only with the relative floor: they track it where given.
+        tracked = self.min_std_rel is not None
         return dict(eps=self.eps, min_std=self.min_std, max_std=self.max_std, clip=self.clip,
-                    eps_on_std=self.eps_placement == "std")
+                    eps_on_std=self.eps_placement == "std", scale=self.scale if tracked else None,
+                    min_std_rel=self.min_std_rel)
 
     def _normalize(self, x: Tensor, out: Optional[Tensor]) -> Tensor:
         y = out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -270,12 +287,20 @@ class RunningNorm(nn.Module):
         extra = state_dict.get(prefix + "_extra_state")
         if extra is not None:
             _check_extra_state(extra, self.shape, prefix)
-        for name in ("mean", "var", "count", "steps"):
+        for name in ("mean", "var", "count", "steps", "scale"):
             value = state_dict.get(prefix + name)
             if value is not None:
                 _check_statistic(prefix + name, value, self.shape if name != "steps" else torch.Size([]))
+        scale = state_dict.pop(prefix + "scale", None)
+        if scale is None and prefix + "var" in state_dict:
+            scale = state_dict[prefix + "var"].sqrt()  # a state saved without the long-run scale
+        if self.min_std_rel is not None and scale is not None:
+            state_dict[prefix + "scale"] = scale
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if self.min_std_rel is None and scale is not None:
+            with torch.no_grad():
+                self.scale.copy_(scale)  # kept, though unused, so that turning the floor on finds it
         self._diag.fill_(math.nan)  # the last call's diagnostics do not describe the loaded statistics
 
     @classmethod

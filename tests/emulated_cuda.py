@@ -51,7 +51,7 @@ class Problem(ctypes.Structure):
                 ("eps", ctypes.c_double), ("min_std", ctypes.c_double), ("max_std", ctypes.c_double),
                 ("clip", ctypes.c_double), ("eps_on_std", ctypes.c_bool), ("moments", ctypes.c_void_p),
                 ("parts", ctypes.c_void_p),
-                ("num_parts", ctypes.c_int64)]
+                ("num_parts", ctypes.c_int64), ("scale", ctypes.c_void_p), ("min_std_rel", ctypes.c_double)]
 
 
 class Plan(ctypes.Structure):
@@ -157,6 +157,8 @@ def make_problem(x_rows, mean, var, hyper, *, out_rows=None, mask_rows=None, cou
         p.max_std = math.inf if hyper["max_std"] is None else hyper["max_std"]
         p.clip = math.inf if hyper["clip"] is None else hyper["clip"]
         p.eps_on_std = hyper.get("eps_on_std", False)
+        if hyper.get("scale") is not None:
+            p.scale, p.min_std_rel = hyper["scale"].data_ptr(), hyper.get("min_std_rel") or 0.0
     return p
 
 

@@ -83,6 +83,25 @@ def test_eps_on_std_and_unbiased_match_reference(emulator, gen, path, options):
 
 
 @pytest.mark.parametrize("path", list(PATHS))
+def test_relative_floor_and_long_run_scale_match_reference(emulator, gen, path):
+    device, rows, shape = PATHS[path]
+    stats = fresh_stats(shape, gen)
+    scale = 2.0 + torch.rand(shape, generator=gen, dtype=torch.float64)  # the floor binds in some columns
+    for _ in range(2):
+        x = randn((rows, *shape), gen, mean=1.0, scale=1.0)
+        hyper = {**HYPER, "min_std_rel": 0.6, "scale": scale}
+        expected = reference.running_norm(x, None, *stats, **hyper)
+        check_step(emulator, device, x, None, stats, hyper)
+        torch.testing.assert_close(scale, expected.scale, **STAT_TOL[torch.float32])
+    out = torch.full_like(x, float("nan"))
+    problem = make_problem(x.reshape(rows, -1), stats[0], stats[1], hyper, out_rows=out.reshape(rows, -1))
+    emulator.emulated_normalize(device, ctypes.byref(problem), ctypes.byref(Plan()))
+    expected = reference.normalize(x, stats[0], stats[1], eps=HYPER["eps"], min_std=HYPER["min_std"], max_std=None,
+                                   clip=HYPER["clip"], scale=scale, min_std_rel=0.6)
+    torch.testing.assert_close(out, expected, **Y_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 def test_scalar_path_for_unaligned_rows(emulator, gen, path):
     device, rows, shape = PATHS[path]
     stats = fresh_stats(shape, gen)

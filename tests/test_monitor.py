@@ -38,6 +38,9 @@ THRESHOLD_CASES = [
     ("explained_variance_negative", "critical", "train/explained_variance", v, fires)
     for v, fires in [(below(-0.5), True), (-0.5, False), (above(-0.5), False), (-3.2, True), (0.75, False)]
 ] + [
+    ("relative_floor_widespread", "warning", "obs/rel_floor_fraction", v, fires)
+    for v, fires in [(below(0.5), False), (0.5, False), (above(0.5), True), (1.0, True), (0.0, False)]
+] + [
     ("clip_fraction_high", "warning", "train/clip_fraction", v, fires)
     for v, fires in [(below(0.9), False), (0.9, False), (above(0.9), True), (0.98, True), (0.2, False)]
 ] + [

@@ -90,6 +90,39 @@ def test_opcheck_with_eps_on_std_and_unbiased(device, gen):
 
 
 @needs_extension
+def test_opcheck_with_the_relative_floor(device, gen):
+    skip_without_kernel("merge_normalize", device)
+    scale = torch.rand(4, 3, generator=gen, dtype=torch.float64).to(device) + 1.0
+    relative = dict(scale=scale, min_std_rel=0.7)
+    torch.library.opcheck(torch.ops.fastnorm.running_norm.default, op_args(gen, device), {**HYPER, **relative})
+    x, mask, mean, var, count, out, diag = op_args(gen, device)
+    torch.library.opcheck(torch.ops.fastnorm.normalize.default, (x, mean, var, out),
+                          dict(eps=1e-4, min_std=1e-2, max_std=None, clip=5.0, **relative))
+    parts = torch.empty(2, 6, 4, 3, dtype=torch.float64, device=device)
+    for part in parts:
+        torch.ops.fastnorm.batch_moments(randn((9, 4, 3), gen, device=device), None, part)
+    torch.library.opcheck(torch.ops.fastnorm.merge_normalize.default, (x, mask, parts, mean, var, count, out, diag),
+                          {**HYPER, **relative})
+
+
+@needs_extension
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(min_std_rel=0.1), "min_std_rel needs the long-run scale"),
+    (dict(min_std_rel=-0.1, scale="ok"), "min_std_rel must be finite and >= 0"),
+    (dict(scale="float32"), "scale must be float64"),
+    (dict(scale="short"), "scale has shape"),
+])
+def test_bad_scale_arguments(device, gen, kwargs, message):
+    args = op_args(gen, device)
+    scale = {"ok": torch.ones(4, 3, dtype=torch.float64, device=device),
+             "float32": torch.ones(4, 3, device=device),
+             "short": torch.ones(4, dtype=torch.float64, device=device)}
+    kwargs = {k: scale[v] if k == "scale" else v for k, v in kwargs.items()}
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fastnorm.running_norm(*args, **HYPER, **kwargs)
+
+
+@needs_extension
 def test_split_ops_reject_bad_arguments_directly(device, gen):
     skip_without_kernel("batch_moments", device)
     skip_without_kernel("merge_normalize", device)

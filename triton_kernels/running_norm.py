@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastnorm.reference import SCALE_WEIGHT_RATIO
 from fastnorm.triton_kernels.moments import (TABLE_ROWS, chan_merge, merge_column_parts, merge_partials,
                                              shifted_moments, store_table)
 
@@ -51,11 +52,12 @@ _INF = tl.constexpr(float("inf"))
 @triton.jit
 def _reduce_kernel(
     x_ptr, x_row_stride, mask_ptr, mask_cols, mask_group,
-    mean_ptr, var_ptr, count_ptr, diag_ptr, table_ptr, partials_ptr, arrivals_ptr,
+    mean_ptr, var_ptr, count_ptr, diag_ptr, scale_ptr, table_ptr, partials_ptr, arrivals_ptr,
     rows, cols, rows_per_split,
     min_weight: tl.float64, max_count: tl.float64, eps: tl.float64, min_std: tl.float64, max_std: tl.float64,
-    eps_on_std: tl.float64, unbiased: tl.float64,
-    HAS_MASK: tl.constexpr, UPDATE: tl.constexpr, WITH_OUTPUT: tl.constexpr, SPLIT: tl.constexpr,
+    eps_on_std: tl.float64, unbiased: tl.float64, scale_min_weight: tl.float64, min_std_rel: tl.float64,
+    HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr, UPDATE: tl.constexpr, WITH_OUTPUT: tl.constexpr,
+    SPLIT: tl.constexpr,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, MERGE_R: tl.constexpr,
 ):
     col_tile = tl.program_id(0)
@@ -110,7 +112,8 @@ def _reduce_kernel(
     # Scalars in float64: tl.full keeps the interpreter's Python floats from becoming float32.
     scalars = (tl.full([], min_weight, tl.float64), tl.full([], max_count, tl.float64), tl.full([], eps, tl.float64),
                tl.full([], min_std, tl.float64), tl.full([], max_std, tl.float64), tl.full([], eps_on_std, tl.float64),
-               tl.full([], unbiased, tl.float64))
+               tl.full([], unbiased, tl.float64), tl.full([], scale_min_weight, tl.float64),
+               tl.full([], min_std_rel, tl.float64))
     if SPLIT:
         store_table(partials_ptr + split.to(tl.int64) * (_TABLE_ROWS * cols), c, col_ok, cols, n, mean, m2,
                     nonfinite_n, col_lo, col_hi)
@@ -121,37 +124,40 @@ def _reduce_kernel(
             n, mean, m2, nonfinite_n, col_lo, col_hi = merge_partials(partials_ptr, c, col_ok, cols, splits, BLOCK_C,
                                                                       MERGE_R)
             _finish(c, col_ok, cols, n, mean, m2, nonfinite_n, col_lo, col_hi, mean_ptr, var_ptr, count_ptr,
-                    diag_ptr, table_ptr, scalars, UPDATE, WITH_OUTPUT, BLOCK_C)
+                    diag_ptr, scale_ptr, table_ptr, scalars, HAS_SCALE, UPDATE, WITH_OUTPUT, BLOCK_C)
     else:
         _finish(c, col_ok, cols, n, mean, m2, nonfinite_n, col_lo, col_hi, mean_ptr, var_ptr, count_ptr, diag_ptr,
-                table_ptr, scalars, UPDATE, WITH_OUTPUT, BLOCK_C)
+                scale_ptr, table_ptr, scalars, HAS_SCALE, UPDATE, WITH_OUTPUT, BLOCK_C)
 
 
 @triton.jit
-def _finish(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, count_ptr, diag_ptr, table_ptr,
-            scalars, UPDATE: tl.constexpr, WITH_OUTPUT: tl.constexpr, BLOCK_C: tl.constexpr):
+def _finish(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, count_ptr, diag_ptr, scale_ptr,
+            table_ptr, scalars, HAS_SCALE: tl.constexpr, UPDATE: tl.constexpr, WITH_OUTPUT: tl.constexpr,
+            BLOCK_C: tl.constexpr):
     """What a column tile's batch moments become: the running update, or the call's table."""
     if UPDATE:
-        _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, count_ptr, diag_ptr, scalars,
-                WITH_OUTPUT, BLOCK_C)
+        _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, count_ptr, diag_ptr, scale_ptr,
+                scalars, HAS_SCALE, WITH_OUTPUT, BLOCK_C)
     else:
         store_table(table_ptr, c, col_ok, cols, n, mean, m2, nonfinite, lo, hi)
 
 
 @triton.jit
 def _merge_parts_kernel(
-    parts_ptr, num_parts, mean_ptr, var_ptr, count_ptr, diag_ptr, cols,
+    parts_ptr, num_parts, mean_ptr, var_ptr, count_ptr, diag_ptr, scale_ptr, cols,
     min_weight: tl.float64, max_count: tl.float64, eps: tl.float64, min_std: tl.float64, max_std: tl.float64,
-    eps_on_std: tl.float64, unbiased: tl.float64, WITH_OUTPUT: tl.constexpr, BLOCK_C: tl.constexpr,
+    eps_on_std: tl.float64, unbiased: tl.float64, scale_min_weight: tl.float64, min_std_rel: tl.float64,
+    HAS_SCALE: tl.constexpr, WITH_OUTPUT: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = c < cols
     n, mean, m2, nonfinite, lo, hi = merge_column_parts(parts_ptr, c, col_ok, cols, num_parts)
     scalars = (tl.full([], min_weight, tl.float64), tl.full([], max_count, tl.float64), tl.full([], eps, tl.float64),
                tl.full([], min_std, tl.float64), tl.full([], max_std, tl.float64), tl.full([], eps_on_std, tl.float64),
-               tl.full([], unbiased, tl.float64))
-    _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, count_ptr, diag_ptr, scalars,
-            WITH_OUTPUT, BLOCK_C)
+               tl.full([], unbiased, tl.float64), tl.full([], scale_min_weight, tl.float64),
+               tl.full([], min_std_rel, tl.float64))
+    _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, count_ptr, diag_ptr, scale_ptr,
+            scalars, HAS_SCALE, WITH_OUTPUT, BLOCK_C)
 
 
 @triton.jit
@@ -163,12 +169,13 @@ def _inverse_std(var, eps, eps_on_std, min_std, max_std):
 
 
 @triton.jit
-def _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, count_ptr, diag_ptr, scalars,
-            WITH_OUTPUT: tl.constexpr, BLOCK_C: tl.constexpr):
+def _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, count_ptr, diag_ptr, scale_ptr,
+            scalars, HAS_SCALE: tl.constexpr, WITH_OUTPUT: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merges a column tile's batch moments into the running statistics (update_running_stats of
     running_norm_math.h) and writes its diagnostics; scalars: min_weight, max_count, eps, min_std,
-    max_std, eps_on_std and unbiased (flags 0 or 1), float64."""
-    min_weight, max_count, eps, min_std, max_std, eps_on_std, unbiased = scalars
+    max_std, eps_on_std and unbiased (flags 0 or 1), scale_min_weight and min_std_rel, float64. With
+    HAS_SCALE, the long-run scale too (update_running_stats), and the relative floor bounds max |z|."""
+    min_weight, max_count, eps, min_std, max_std, eps_on_std, unbiased, scale_min_weight, min_std_rel = scalars
     # v_b = M2/n, or with unbiased M2/(n-1) and 0 for n = 1 (merged_batch_var); diag keeps M2/n.
     # w = max(min_weight, n_b / (min(count, max_count) + n_b)); mean' = mean + w d;
     # var' = (1 - w) var + w v_b + w (1 - w) d^2; columns without samples, or whose result would
@@ -179,7 +186,8 @@ def _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, 
     batch_var = m2 / tl.maximum(n, 1.0)
     merged_var = tl.where(unbiased != 0, tl.where(n > 1, m2 / tl.maximum(n - 1.0, 1.0), 0.0), batch_var)
     n_eff = tl.minimum(old_count, max_count)
-    w = tl.maximum(min_weight, n / tl.where(n > 0, n_eff + n, 1.0))
+    warm_weight = n / tl.where(n > 0, n_eff + n, 1.0)
+    w = tl.maximum(min_weight, warm_weight)
     d = mean - old_mean
     new_mean = old_mean + w * d
     new_var = (1.0 - w) * old_var + w * merged_var + (w * (1.0 - w) * d) * d  # 0, not 0 * inf, at w = 1
@@ -189,6 +197,14 @@ def _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, 
     tl.store(mean_ptr + c, new_mean, mask=col_ok)
     tl.store(var_ptr + c, new_var, mask=col_ok)
     tl.store(count_ptr + c, tl.where(keep, old_count + n, old_count), mask=col_ok)
+    floor = min_std
+    if HAS_SCALE:
+        # scale'^2 = (1 - w_s) scale^2 + w_s var' with w_s = max(scale_min_weight, n_b / (n_eff + n_b)).
+        old_scale = tl.load(scale_ptr + c, mask=col_ok, other=1.0)
+        w_s = tl.maximum(scale_min_weight, warm_weight)
+        new_scale = tl.where(keep, tl.sqrt((1.0 - w_s) * old_scale * old_scale + w_s * new_var), old_scale)
+        tl.store(scale_ptr + c, new_scale, mask=col_ok)
+        floor = tl.maximum(min_std, min_std_rel * new_scale)
 
     tl.store(diag_ptr + _D_COUNT * cols + c, n, mask=col_ok)
     tl.store(diag_ptr + _D_MEAN * cols + c, mean, mask=col_ok)
@@ -198,7 +214,7 @@ def _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, 
         # The normalize pass adds the clipped counts to 0. z is monotonic in x: the largest |z|
         # comes from the batch's min or max.
         spread = tl.maximum(hi - new_mean, new_mean - lo)
-        max_abs_z = tl.where(n > 0, spread * _inverse_std(new_var, eps, eps_on_std, min_std, max_std), 0.0)
+        max_abs_z = tl.where(n > 0, spread * _inverse_std(new_var, eps, eps_on_std, floor, max_std), 0.0)
         tl.store(diag_ptr + _D_CLIPPED * cols + c, tl.full([BLOCK_C], 0, tl.float64), mask=col_ok)
         tl.store(diag_ptr + _D_MAX_ABS_Z * cols + c, max_abs_z, mask=col_ok)
     else:
@@ -212,9 +228,10 @@ def _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, 
 @triton.jit
 def _normalize_kernel(
     x_ptr, x_row_stride, out_ptr, out_row_stride, mask_ptr, mask_cols, mask_group,
-    mean_ptr, var_ptr, diag_ptr, rows, cols, rows_per_split,
+    mean_ptr, var_ptr, diag_ptr, scale_ptr, rows, cols, rows_per_split,
     eps: tl.float64, min_std: tl.float64, max_std: tl.float64, clip: tl.float64, eps_on_std: tl.float64,
-    HAS_MASK: tl.constexpr, WITH_DIAG: tl.constexpr, ACC: tl.constexpr,
+    min_std_rel: tl.float64, HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr, WITH_DIAG: tl.constexpr,
+    ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     col_tile = tl.program_id(0)
@@ -230,8 +247,11 @@ def _normalize_kernel(
     mean = tl.load(mean_ptr + c, mask=col_ok, other=0.0)
     var = tl.load(var_ptr + c, mask=col_ok, other=1.0)
     # Scalars in float64: tl.full keeps the interpreter's Python floats from becoming float32.
-    scale = _inverse_std(var, tl.full([], eps, tl.float64), tl.full([], eps_on_std, tl.float64),
-                         tl.full([], min_std, tl.float64), tl.full([], max_std, tl.float64)).to(ACC)
+    floor = tl.full([], min_std, tl.float64)
+    if HAS_SCALE:  # the relative floor (std_floor)
+        floor = tl.maximum(floor, tl.full([], min_std_rel, tl.float64) * tl.load(scale_ptr + c, mask=col_ok, other=1.0))
+    scale = _inverse_std(var, tl.full([], eps, tl.float64), tl.full([], eps_on_std, tl.float64), floor,
+                         tl.full([], max_std, tl.float64)).to(ACC)
     mean_hi = mean.to(ACC)
     mean_lo = (mean - mean_hi.to(tl.float64)).to(ACC)
     hi = tl.full([], clip, tl.float64).to(ACC)
@@ -332,11 +352,15 @@ def _optional(value: Optional[float], default: float) -> float:
     return default if value is None else float(value)
 
 
-def _update_scalars(momentum, max_count, eps, min_std, max_std, eps_on_std, unbiased) -> tuple[float, ...]:
-    """min_weight (1 - momentum, 0 in cumulative mode), max_count, eps, min_std, max_std and the
-    flags eps_on_std and unbiased (0.0 or 1.0) as floats."""
-    return (1.0 - momentum if momentum is not None else 0.0, _optional(max_count, math.inf), float(eps),
-            _optional(min_std, 0.0), _optional(max_std, math.inf), float(eps_on_std), float(unbiased))
+def _update_scalars(momentum, max_count, eps, min_std, max_std, eps_on_std, unbiased,
+                    min_std_rel) -> tuple[float, ...]:
+    """min_weight (1 - momentum, 0 in cumulative mode), max_count, eps, min_std, max_std, the flags
+    eps_on_std and unbiased (0.0 or 1.0), the long-run scale's floor weight SCALE_WEIGHT_RATIO *
+    min_weight and min_std_rel (0 without) as floats."""
+    min_weight = 1.0 - momentum if momentum is not None else 0.0
+    return (min_weight, _optional(max_count, math.inf), float(eps), _optional(min_std, 0.0),
+            _optional(max_std, math.inf), float(eps_on_std), float(unbiased), SCALE_WEIGHT_RATIO * min_weight,
+            _optional(min_std_rel, 0.0))
 
 
 def _launch_reduce(x_rows, mask_rows, stats, table, *, with_output, scalars, blocks):
@@ -346,12 +370,13 @@ def _launch_reduce(x_rows, mask_rows, stats, table, *, with_output, scalars, blo
     grid = blocks.grid(rows, cols)
     partials, arrivals = split_scratch(grid[1], grid[0], cols, x_rows.device)
     mask_cols = mask_rows.shape[1] if mask_rows is not None else 1
-    mean, var, count, diag = stats if stats is not None else (None,) * 4
+    mean, var, count, diag, scale = stats if stats is not None else (None,) * 5
     wrap_triton(_reduce_kernel)[grid](
         x_rows, x_rows.stride(0), mask_rows, mask_cols, cols // mask_cols,
-        mean, var, count, diag, table, partials, arrivals, rows, cols, blocks.rows_per_split, *scalars,
-        HAS_MASK=mask_rows is not None, UPDATE=stats is not None, WITH_OUTPUT=with_output, SPLIT=grid[1] > 1,
-        ACC=acc_type(x_rows.dtype), BLOCK_R=blocks.rows, BLOCK_C=blocks.cols, MERGE_R=blocks.merge,
+        mean, var, count, diag, scale, table, partials, arrivals, rows, cols, blocks.rows_per_split, *scalars,
+        HAS_MASK=mask_rows is not None, HAS_SCALE=scale is not None, UPDATE=stats is not None,
+        WITH_OUTPUT=with_output, SPLIT=grid[1] > 1, ACC=acc_type(x_rows.dtype), BLOCK_R=blocks.rows,
+        BLOCK_C=blocks.cols, MERGE_R=blocks.merge,
         num_warps=blocks.num_warps,
     )
 
@@ -361,24 +386,25 @@ def launch_running_norm(
     count: torch.Tensor, out_rows: Optional[torch.Tensor], diag: torch.Tensor, *, momentum: Optional[float],
     max_count: Optional[float], eps: float, min_std: Optional[float], max_std: Optional[float],
     clip: Optional[float], blocks: Blocks, eps_on_std: bool = False, unbiased: bool = False,
+    scale: Optional[torch.Tensor] = None, min_std_rel: Optional[float] = None,
 ) -> None:
-    """Reduces x_rows (rows >= 1, cols), merges it into mean/var/count (float64, cols elements),
-    fills diag (6, cols) and, when out_rows is given, writes y into it. mask_rows: (rows, mask_cols)
-    uint8 or None."""
-    _launch_reduce(x_rows, mask_rows, (mean, var, count, diag), None, with_output=out_rows is not None,
-                   scalars=_update_scalars(momentum, max_count, eps, min_std, max_std, eps_on_std, unbiased),
-                   blocks=blocks)
+    """Reduces x_rows (rows >= 1, cols), merges it into mean/var/count (float64, cols elements) and
+    the long-run scale when given, fills diag (6, cols) and, when out_rows is given, writes y into
+    it. mask_rows: (rows, mask_cols) uint8 or None."""
+    _launch_reduce(x_rows, mask_rows, (mean, var, count, diag, scale), None, with_output=out_rows is not None,
+                   scalars=_update_scalars(momentum, max_count, eps, min_std, max_std, eps_on_std, unbiased,
+                                           min_std_rel), blocks=blocks)
     if out_rows is not None:
         _launch_normalize(x_rows, out_rows, mask_rows, mean, var, diag, eps=eps, min_std=min_std, max_std=max_std,
-                          clip=clip, eps_on_std=eps_on_std, blocks=blocks)
+                          clip=clip, eps_on_std=eps_on_std, scale=scale, min_std_rel=min_std_rel, blocks=blocks)
 
 
 def launch_batch_moments(x_rows: torch.Tensor, mask_rows: Optional[torch.Tensor], table: torch.Tensor, *,
                          blocks: Blocks) -> None:
     """The batch-moments table of x_rows (rows, cols) into table, float64 (6, cols): for the same
     blocks, exactly the moments launch_running_norm merges into the statistics."""
-    _launch_reduce(x_rows, mask_rows, None, table, with_output=False, scalars=(0.0, math.inf, 0.0, 0.0, math.inf, 0.0, 0.0),
-                   blocks=blocks)
+    _launch_reduce(x_rows, mask_rows, None, table, with_output=False,
+                   scalars=_update_scalars(None, None, 0.0, None, None, False, False, None), blocks=blocks)
 
 
 def launch_merge_normalize(
@@ -386,41 +412,45 @@ def launch_merge_normalize(
     var: torch.Tensor, count: torch.Tensor, out_rows: Optional[torch.Tensor], diag: torch.Tensor, *,
     momentum: Optional[float], max_count: Optional[float], eps: float, min_std: Optional[float],
     max_std: Optional[float], clip: Optional[float], blocks: Blocks, eps_on_std: bool = False,
-    unbiased: bool = False,
+    unbiased: bool = False, scale: Optional[torch.Tensor] = None, min_std_rel: Optional[float] = None,
 ) -> None:
-    """Merges the tables parts (P, 6, cols) in order into mean/var/count, fills diag and, when
-    out_rows is given, writes y for x_rows (rows >= 0, cols) into it."""
+    """Merges the tables parts (P, 6, cols) in order into mean/var/count (and scale when given),
+    fills diag and, when out_rows is given, writes y for x_rows (rows >= 0, cols) into it."""
     rows, cols = x_rows.shape
     wrap_triton(_merge_parts_kernel)[(triton.cdiv(cols, blocks.cols),)](
-        parts, parts.shape[0], mean, var, count, diag, cols,
-        *_update_scalars(momentum, max_count, eps, min_std, max_std, eps_on_std, unbiased),
-        WITH_OUTPUT=out_rows is not None, BLOCK_C=blocks.cols, num_warps=blocks.num_warps,
+        parts, parts.shape[0], mean, var, count, diag, scale, cols,
+        *_update_scalars(momentum, max_count, eps, min_std, max_std, eps_on_std, unbiased, min_std_rel),
+        HAS_SCALE=scale is not None, WITH_OUTPUT=out_rows is not None, BLOCK_C=blocks.cols,
+        num_warps=blocks.num_warps,
     )
     if out_rows is not None and rows > 0:
         _launch_normalize(x_rows, out_rows, mask_rows, mean, var, diag, eps=eps, min_std=min_std, max_std=max_std,
-                          clip=clip, eps_on_std=eps_on_std, blocks=blocks)
+                          clip=clip, eps_on_std=eps_on_std, scale=scale, min_std_rel=min_std_rel, blocks=blocks)
 
 
 def launch_normalize(
     x_rows: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, out_rows: torch.Tensor, *, eps: float,
     min_std: Optional[float], max_std: Optional[float], clip: Optional[float], blocks: Blocks,
-    eps_on_std: bool = False,
+    eps_on_std: bool = False, scale: Optional[torch.Tensor] = None, min_std_rel: Optional[float] = None,
 ) -> None:
-    """y = clamp((x - mean) / clamp(sqrt(var + eps), min_std, max_std), -clip, clip) into out_rows
-    (sqrt(var) + eps with eps_on_std)."""
+    """y = clamp((x - mean) / clamp(sqrt(var + eps), floor, max_std), -clip, clip) into out_rows
+    (sqrt(var) + eps with eps_on_std; floor max(min_std, min_std_rel * scale) with min_std_rel)."""
     _launch_normalize(x_rows, out_rows, None, mean, var, None, eps=eps, min_std=min_std, max_std=max_std,
-                      clip=clip, eps_on_std=eps_on_std, blocks=blocks)
+                      clip=clip, eps_on_std=eps_on_std, scale=scale, min_std_rel=min_std_rel, blocks=blocks)
 
 
 def _launch_normalize(x_rows, out_rows, mask_rows, mean, var, diag, *, eps, min_std, max_std, clip, eps_on_std,
-                      blocks):
-    """The normalize kernel; with diag, the clipped counts of the selected entries are added to it."""
+                      scale, min_std_rel, blocks):
+    """The normalize kernel; with diag, the clipped counts of the selected entries are added to it.
+    The relative floor applies with min_std_rel (scale then given)."""
     rows, cols = x_rows.shape
     mask_cols = mask_rows.shape[1] if mask_rows is not None else 1
+    relative = min_std_rel is not None
     wrap_triton(_normalize_kernel)[blocks.grid(rows, cols)](
         x_rows, x_rows.stride(0), out_rows, out_rows.stride(0), mask_rows, mask_cols, cols // mask_cols,
-        mean, var, diag, rows, cols, blocks.rows_per_split,
+        mean, var, diag, scale if relative else None, rows, cols, blocks.rows_per_split,
         float(eps), _optional(min_std, 0.0), _optional(max_std, math.inf), _optional(clip, math.inf),
-        float(eps_on_std), HAS_MASK=mask_rows is not None, WITH_DIAG=diag is not None, ACC=acc_type(x_rows.dtype), BLOCK_R=blocks.rows,
-        BLOCK_C=blocks.cols, num_warps=blocks.num_warps,
+        float(eps_on_std), _optional(min_std_rel, 0.0), HAS_MASK=mask_rows is not None, HAS_SCALE=relative,
+        WITH_DIAG=diag is not None, ACC=acc_type(x_rows.dtype), BLOCK_R=blocks.rows, BLOCK_C=blocks.cols,
+        num_warps=blocks.num_warps,
     )

@@ -60,13 +60,29 @@ struct TileGrid {
   }
 };
 
+// How a column's divisor is bounded: eps and its placement, min_std and max_std, and the relative
+// floor min_std_rel * scale[c] where scale is not null.
+struct StdBounds {
+  double eps;
+  bool eps_on_std;
+  double min_std, max_std;
+  const double* scale;
+  double min_std_rel;
+};
+
+StdBounds std_bounds(double eps, bool eps_on_std, std::optional<double> min_std, std::optional<double> max_std,
+                     const double* scale, std::optional<double> min_std_rel) {
+  return {eps, eps_on_std, min_std.value_or(0.0), max_std.value_or(kInf), min_std_rel ? scale : nullptr,
+          min_std_rel.value_or(0.0)};
+}
+
 // 1 / bounded std per column, in this thread's scratch (valid until its next call here).
-const double* inverse_std(const at::Tensor& var, double eps, bool eps_on_std, std::optional<double> min_std,
-                          std::optional<double> max_std) {
+const double* inverse_std(const at::Tensor& var, const StdBounds& b) {
   const double* v = var.data_ptr<double>();
   double* inv = thread_scratch<double, kInverseStdSlot>(var.numel());
   for (int64_t c = 0; c < var.numel(); ++c) {
-    inv[c] = 1.0 / bounded_std(v[c], eps, eps_on_std, min_std.value_or(0.0), max_std.value_or(kInf));
+    const double floor = b.scale ? std_floor(b.min_std, b.min_std_rel, b.scale[c]) : b.min_std;
+    inv[c] = 1.0 / bounded_std(v[c], b.eps, b.eps_on_std, floor, b.max_std);
   }
   return inv;
 }
@@ -151,8 +167,7 @@ void reduce_batch(const BatchRows& batch, double* moments) {
 void update_and_normalize(const BatchRows& batch, const RowsGeometry& g, const double* parts, int64_t num_parts,
                           at::Tensor& mean, at::Tensor& var, at::Tensor& count, const std::optional<at::Tensor>& out,
                           at::Tensor& diag, std::optional<double> momentum, std::optional<double> max_count,
-                          double eps, std::optional<double> min_std, std::optional<double> max_std,
-                          std::optional<double> clip, bool eps_on_std, bool unbiased) {
+                          const StdBounds& bounds, std::optional<double> clip, bool unbiased, double* scale) {
   const int64_t C = g.cols;
   double* d = diag.data_ptr<double>();
   double* batch_count = d + kBatchCount * C;
@@ -172,13 +187,13 @@ void update_and_normalize(const BatchRows& batch, const RowsGeometry& g, const d
     d[kNonFinite * C + c] = s.nonfinite;
     col_min[c] = s.min;
     col_max[c] = s.max;
-    update_running_stats(mean_ptr[c], var_ptr[c], count_ptr[c], s.moments, params);
+    update_running_stats(mean_ptr[c], var_ptr[c], count_ptr[c], s.moments, params, scale ? scale + c : nullptr);
   }
   if (!out) return;
 
   // Pass 2: normalize with the updated statistics. z is monotonic in x, so the max |z| of a
   // column comes from its min and max; only when it exceeds clip are clipped entries counted.
-  const double* inv_std = inverse_std(var, eps, eps_on_std, min_std, max_std);
+  const double* inv_std = inverse_std(var, bounds);
   bool any_clipped = false;
   for (int64_t c = 0; c < C; ++c) {
     max_abs_z[c] = batch_count[c] > 0
@@ -197,16 +212,19 @@ void running_norm_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask
                       at::Tensor& count, const std::optional<at::Tensor>& out, at::Tensor& diag,
                       std::optional<double> momentum, std::optional<double> max_count, double eps,
                       std::optional<double> min_std, std::optional<double> max_std, std::optional<double> clip,
-                      bool eps_on_std, bool unbiased) {
+                      bool eps_on_std, bool unbiased, const std::optional<at::Tensor>& scale,
+                      std::optional<double> min_std_rel) {
   const RowsGeometry g =
       check_running_norm_args(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip);
+  double* scale_ptr = check_scale_args(x, mean, scale, min_std_rel);
   reset_diag(diag, g.cols, out.has_value());
   if (g.cols == 0 || g.rows == 0) return;
   const BatchRows batch(x, mask, g);
   double* moments = thread_scratch<double, kMomentTableSlot>(kNumMomentRows * g.cols);
   reduce_batch(batch, moments);
-  update_and_normalize(batch, g, moments, 1, mean, var, count, out, diag, momentum, max_count, eps, min_std,
-                       max_std, clip, eps_on_std, unbiased);
+  update_and_normalize(batch, g, moments, 1, mean, var, count, out, diag, momentum, max_count,
+                       std_bounds(eps, eps_on_std, min_std, max_std, scale_ptr, min_std_rel), clip, unbiased,
+                       scale_ptr);
 }
 
 void batch_moments_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask, at::Tensor& moments) {
@@ -219,24 +237,29 @@ void merge_normalize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& m
                          at::Tensor& mean, at::Tensor& var, at::Tensor& count, const std::optional<at::Tensor>& out,
                          at::Tensor& diag, std::optional<double> momentum, std::optional<double> max_count, double eps,
                          std::optional<double> min_std, std::optional<double> max_std, std::optional<double> clip,
-                         bool eps_on_std, bool unbiased) {
+                         bool eps_on_std, bool unbiased, const std::optional<at::Tensor>& scale,
+                         std::optional<double> min_std_rel) {
   const RowsGeometry g = check_merge_normalize_args(x, mask, parts, mean, var, count, out, diag, momentum, max_count,
                                                     eps, min_std, max_std, clip);
+  double* scale_ptr = check_scale_args(x, mean, scale, min_std_rel);
   reset_diag(diag, g.cols, out.has_value());
   if (g.cols == 0) return;
   update_and_normalize(BatchRows(x, mask, g), g, parts.data_ptr<double>(), parts.size(0), mean, var, count, out, diag,
-                       momentum, max_count, eps, min_std, max_std, clip, eps_on_std, unbiased);
+                       momentum, max_count, std_bounds(eps, eps_on_std, min_std, max_std, scale_ptr, min_std_rel), clip,
+                       unbiased, scale_ptr);
 }
 
 void normalize_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, at::Tensor& out, double eps,
                    std::optional<double> min_std, std::optional<double> max_std, std::optional<double> clip,
-                   bool eps_on_std) {
+                   bool eps_on_std, const std::optional<at::Tensor>& scale, std::optional<double> min_std_rel) {
   const RowsGeometry g = check_normalize_args(x, mean, var, out, eps, min_std, max_std, clip);
+  const double* scale_ptr = check_scale_args(x, mean, scale, min_std_rel);
   if (g.rows == 0 || g.cols == 0) return;
   const at::Tensor x_rows = readable_rows(x, g);
   const at::Tensor out_rows = writable_rows(out, g);
   normalize_rows(TileGrid(g.rows, g.cols), x_rows, out_rows, nullptr, mean,
-                 inverse_std(var, eps, eps_on_std, min_std, max_std), clip, nullptr);
+                 inverse_std(var, std_bounds(eps, eps_on_std, min_std, max_std, scale_ptr, min_std_rel)), clip,
+                 nullptr);
   finish_writable_rows(out, out_rows);
 }
 

@@ -233,6 +233,11 @@ __device__ __forceinline__ ColumnSummary merge_partials(const KernelArgs& a, con
   return s;
 }
 
+// The lower bound of column c's divisor (std_floor): min_std, or the relative floor where larger.
+__device__ __forceinline__ double column_floor(const Problem& p, int64_t c) {
+  return p.scale != nullptr ? std_floor(p.min_std, p.min_std_rel, p.scale[c]) : p.min_std;
+}
+
 // With the batch's state of column c: the diagnostics, the running update and the bound on |z|
 // (from the extreme values, z being monotonic in x) that later decides whether clipped entries are
 // counted, as the C++ CPU kernel does.
@@ -244,12 +249,12 @@ __device__ __forceinline__ void finish_column(const Problem& p, int64_t c, const
   diag[kBatchVar * p.cols] = m.count > 0.0 ? m.m2 / m.count : 0.0;
   diag[kNonFinite * p.cols] = s.nonfinite;
   double mean = p.mean[c], var = p.var[c], count = p.count[c];
-  update_running_stats(mean, var, count, m, p.update);
+  update_running_stats(mean, var, count, m, p.update, p.scale ? p.scale + c : nullptr);
   p.mean[c] = mean;
   p.var[c] = var;
   p.count[c] = count;
   if (p.with_output) {
-    const double inv_std = 1.0 / bounded_std(var, p.eps, p.eps_on_std, p.min_std, p.max_std);
+    const double inv_std = 1.0 / bounded_std(var, p.eps, p.eps_on_std, column_floor(p, c), p.max_std);
     diag[kClipped * p.cols] = 0.0;
     diag[kMaxAbsZ * p.cols] = m.count > 0.0 ? fmax(s.max - mean, mean - s.min) * inv_std : 0.0;
   } else {
@@ -323,7 +328,7 @@ __device__ __forceinline__ void normalize_thread_rows(const Problem& p, const La
   for (int j = 0; j < V; ++j) {
     const int64_t c = l.has_columns ? l.col + j : 0;
     mean[j] = split_mean<acc_t>(p.mean[c]);
-    scale[j] = static_cast<acc_t>(1.0 / bounded_std(p.var[c], p.eps, p.eps_on_std, p.min_std, p.max_std));
+    scale[j] = static_cast<acc_t>(1.0 / bounded_std(p.var[c], p.eps, p.eps_on_std, column_floor(p, c), p.max_std));
     can_clip |= l.has_columns && p.diag != nullptr && p.diag[kMaxAbsZ * p.cols + c] > p.clip;
   }
   if (__any_sync(kAllLanes, can_clip)) {

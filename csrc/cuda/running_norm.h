@@ -38,6 +38,8 @@ struct Problem {
   double* moments;                     // batch_moments: the batch's table (kNumMomentRows, cols)
   const double* parts;                 // merge_normalize: num_parts tables (kNumMomentRows, cols) in a row
   int64_t num_parts;
+  double* scale;       // (cols) float64 long-run scale, updated with the statistics; nullptr: not tracked
+  double min_std_rel;  // the relative floor min_std_rel * scale (0: none; scale must be set otherwise)
 };
 
 // How the kernels cover a problem: chosen from its sizes, its layout and the device, never from

@@ -46,6 +46,12 @@ Problem problem_of(const at::Tensor& x_rows, const at::Tensor& mean, const at::T
   return p;
 }
 
+// The long-run scale (checked: check_scale_args) and the relative floor.
+void set_scale(Problem& p, double* scale, std::optional<double> min_std_rel) {
+  p.scale = scale;
+  p.min_std_rel = min_std_rel.value_or(0.0);
+}
+
 void set_output(Problem& p, const at::Tensor& out_rows) {
   p.with_output = true;
   p.out = out_rows.data_ptr();
@@ -74,9 +80,11 @@ void running_norm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& mas
                        at::Tensor& count, const std::optional<at::Tensor>& out, at::Tensor& diag,
                        std::optional<double> momentum, std::optional<double> max_count, double eps,
                        std::optional<double> min_std, std::optional<double> max_std, std::optional<double> clip,
-                       bool eps_on_std, bool unbiased) {
+                       bool eps_on_std, bool unbiased, const std::optional<at::Tensor>& scale,
+                       std::optional<double> min_std_rel) {
   const RowsGeometry g =
       check_running_norm_args(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip);
+  double* scale_ptr = check_scale_args(x, mean, scale, min_std_rel);
   if (g.cols == 0) return;
   const c10::cuda::CUDAGuard device_guard(x.device());
   const at::Tensor x_rows = readable_rows(x, g);
@@ -87,6 +95,7 @@ void running_norm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& mas
   if (out) set_output(p, out_rows);
   if (mask) set_mask(p, mask_2d, g);
   set_update(p, count, diag, momentum, max_count, unbiased);
+  set_scale(p, scale_ptr, min_std_rel);
 
   const LaunchPlan plan = plan_running_norm(p);
   const at::Tensor workspace = workspace_for(x, plan.workspace_bytes);
@@ -115,9 +124,11 @@ void merge_normalize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& 
                           at::Tensor& mean, at::Tensor& var, at::Tensor& count, const std::optional<at::Tensor>& out,
                           at::Tensor& diag, std::optional<double> momentum, std::optional<double> max_count,
                           double eps, std::optional<double> min_std, std::optional<double> max_std,
-                          std::optional<double> clip, bool eps_on_std, bool unbiased) {
+                          std::optional<double> clip, bool eps_on_std, bool unbiased,
+                          const std::optional<at::Tensor>& scale, std::optional<double> min_std_rel) {
   const RowsGeometry g = check_merge_normalize_args(x, mask, parts, mean, var, count, out, diag, momentum, max_count,
                                                     eps, min_std, max_std, clip);
+  double* scale_ptr = check_scale_args(x, mean, scale, min_std_rel);
   if (g.cols == 0) return;
   const c10::cuda::CUDAGuard device_guard(x.device());
   const at::Tensor x_rows = readable_rows(x, g);
@@ -128,6 +139,7 @@ void merge_normalize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& 
   if (out) set_output(p, out_rows);
   if (mask) set_mask(p, mask_2d, g);
   set_update(p, count, diag, momentum, max_count, unbiased);
+  set_scale(p, scale_ptr, min_std_rel);
   p.parts = parts.data_ptr<double>();
   p.num_parts = parts.size(0);
 
@@ -138,14 +150,16 @@ void merge_normalize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& 
 
 void normalize_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, at::Tensor& out, double eps,
                     std::optional<double> min_std, std::optional<double> max_std, std::optional<double> clip,
-                    bool eps_on_std) {
+                    bool eps_on_std, const std::optional<at::Tensor>& scale, std::optional<double> min_std_rel) {
   const RowsGeometry g = check_normalize_args(x, mean, var, out, eps, min_std, max_std, clip);
+  double* scale_ptr = check_scale_args(x, mean, scale, min_std_rel);
   if (g.rows == 0 || g.cols == 0) return;
   const c10::cuda::CUDAGuard device_guard(x.device());
   const at::Tensor x_rows = readable_rows(x, g);
   const at::Tensor out_rows = writable_rows(out, g);
   Problem p = problem_of(x_rows, mean, var, eps, min_std, max_std, clip, eps_on_std);
   set_output(p, out_rows);
+  set_scale(p, scale_ptr, min_std_rel);
   launch_normalize(p, plan_normalize(p), at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   finish_writable_rows(out, out_rows);

@@ -13,6 +13,8 @@ on a value), so it can run every step; ``as_floats`` turns them into Python floa
     max_abs_z                  largest |z| before the clamp
     clipped_fraction           fraction of the selected entries that the clamp changed
     floor_fraction             fraction of all columns whose std is held at min_std
+    rel_floor_fraction         fraction of all columns whose std is held at the relative floor
+                               min_std_rel * scale (above min_std); NaN without min_std_rel
     nonfinite_count            selected entries that were NaN or +-inf (left out of the statistics)
     min_count                  smallest running count of any column
     update_weight              the largest weight w with which this update moved a column's
@@ -36,7 +38,8 @@ from fastnorm import reference
 
 DIAGNOSTIC_NAMES = (
     "raw_std_min", "raw_std_max", "norm_mean", "norm_std", "norm_mean_max_abs", "max_abs_z",
-    "clipped_fraction", "floor_fraction", "nonfinite_count", "min_count", "update_weight", "steps",
+    "clipped_fraction", "floor_fraction", "rel_floor_fraction", "nonfinite_count", "min_count", "update_weight",
+    "steps",
 )
 
 
@@ -53,6 +56,8 @@ def running_norm_diagnostics(
     min_std: Optional[float],
     max_std: Optional[float],
     eps_on_std: bool = False,
+    min_std_rel: Optional[float] = None,
+    scale: Optional[Tensor] = None,
 ) -> dict[str, Tensor]:
     """The named diagnostics (see the module docstring) from the (6, C) ``diag`` of the last
     update and the statistics after it; 0-dim float64 tensors (``steps``: int64), no host sync."""
@@ -64,7 +69,8 @@ def running_norm_diagnostics(
     n = torch.where(updated, n, 0.0)
     total = n.sum()
 
-    std = reference.bounded_std(var, eps, min_std, max_std, eps_on_std)
+    std = reference.bounded_std(var, eps, min_std, max_std, eps_on_std, min_std_rel,
+                                None if scale is None else scale.reshape(-1))
     # z = (x - mean) / std has per column mean (m - mean) / std and variance v / std^2; pooled over
     # the columns by the law of total variance: Var = E[Var_c] + Var[E_c] (no E[z^2] - E[z]^2).
     z_mean = torch.where(updated, (m - mean) / std, 0.0)
@@ -85,6 +91,12 @@ def running_norm_diagnostics(
         weight = weight.clamp(min=1.0 - momentum)
 
     at_floor = std <= min_std if min_std is not None else torch.zeros_like(std, dtype=torch.bool)
+    if min_std_rel is not None:
+        rel_floor = min_std_rel * scale.reshape(-1)
+        at_rel_floor = (std == rel_floor) & (rel_floor > (min_std or 0.0))
+        rel_floor_fraction = at_rel_floor.double().mean()
+    else:
+        rel_floor_fraction = nan
 
     def where_updated(value: Tensor) -> Tensor:
         return torch.where(any_updated, value, nan)
@@ -98,6 +110,7 @@ def running_norm_diagnostics(
         "max_abs_z": where_updated(torch.where(updated, max_abs_z, -math.inf).amax()),
         "clipped_fraction": torch.where(updated, clipped, 0.0).sum() / total,
         "floor_fraction": at_floor.double().mean(),
+        "rel_floor_fraction": rel_floor_fraction,
         "nonfinite_count": nonfinite.sum(),
         "min_count": count.amin(),
         "update_weight": where_updated(torch.where(updated, weight, 0.0).amax()),

@@ -18,6 +18,8 @@ normalization-stability-analysis.md):
     loss_explosion                |*policy_loss|, |*value_loss| > 10   warning
     normalized_std_out_of_range   *norm_std outside (0.5, 2.0)         warning
     normalized_mean_out_of_range  *norm_mean outside (-3, 3)           warning
+    relative_floor_widespread     *rel_floor_fraction > 0.5            warning   (RunningNorm(min_std_rel=...):
+                                  most columns' spread collapsed below min_std_rel times their long-run std)
     frozen_statistics             *update_weight < 1e-3 while the same
                                   prefix's norm_mean_max_abs > 0.5     warning
     non_finite                    any tag NaN or +-inf                 critical
@@ -233,6 +235,8 @@ DEFAULT_RULES: tuple[Rule, ...] = (
                   "normalized data far from unit std"),
     ThresholdRule("normalized_mean_out_of_range", ("*norm_mean",), "outside", (-3.0, 3.0), "warning",
                   "normalized data far from zero mean"),
+    ThresholdRule("relative_floor_widespread", ("*rel_floor_fraction",), "above", 0.5, "warning",
+                  "most columns held at the relative std floor: their spread collapsed against their long-run std"),
     FrozenStatisticsRule(),
     NonFiniteRule(),
 )
