@@ -7,7 +7,7 @@ the group's columns) at the seed's steps, with the seed's verdict 0.5 < std < 2.
 with fixed savings ratios and spending shares (bench/stability.py), so it has no reward: the data
 are the same for every setting and only the normalization differs.
 
-    python bench/relative_floor.py [--steps 10100] [--values 0.01,0.1,0.3] [--min-std 1e-2]
+    python bench/relative_floor.py [--steps 10100] [--values 0.01,0.1,0.3] [--min-std 1e-2] [--eps 1e-4]
 """
 
 from __future__ import annotations
@@ -68,12 +68,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=max(WATCHED))
     parser.add_argument("--values", default="0.01,0.1,0.3", help="min_std_rel values besides off")
     parser.add_argument("--min-std", type=float, default=1e-2)
+    parser.add_argument("--eps", type=float, default=1e-4)
     args = parser.parse_args()
-    settings = {"off": dict(min_std=args.min_std)}
+    settings = {"off": dict(min_std=args.min_std, eps=args.eps)}
     for value in args.values.split(","):
-        settings[f"min_std_rel={value}"] = dict(min_std=args.min_std, min_std_rel=float(value))
+        settings[f"min_std_rel={value}"] = dict(min_std=args.min_std, eps=args.eps, min_std_rel=float(value))
     result = measure(settings, args.steps)
-    print(f"\nmax |y| over {args.steps} steps (min_std={args.min_std}): "
+    print(f"\nmax |y| over {args.steps} steps (min_std={args.min_std}, eps={args.eps}): "
           + ", ".join(f"{name} {r['max_abs']:.2f}" for name, r in result.items()))
     print("\nnormalized std per feature group (verdict 0.5 < std < 2); held: share of columns at the relative floor\n")
     print("| step | setting | " + " | ".join(GROUPS) + " | held |")

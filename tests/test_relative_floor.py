@@ -10,6 +10,7 @@ import torch
 
 from fastnorm import Monitor, RunningNorm, reference
 from fastnorm.backends import BACKENDS
+from fastnorm.triton_backend import INTERPRETED
 from helpers import STAT_TOL, Y_TOL, assert_diag_close, assert_stats_close, expected_step, op_hyper, random_mask, randn
 
 
@@ -26,6 +27,13 @@ def plus_minus(rows, std, device, mean=0.0):
     """A batch of rows alternating mean +- std in every column: batch mean and std exactly as given."""
     signs = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(rows // 2)
     return (mean + std * signs).to(device)
+
+
+def skip_interpreted(backend):
+    """The properties below take hundreds of updates: seconds each on a kernel, minutes under Triton's
+    interpreter. Triton follows the reference there as everywhere (test_matches_reference)."""
+    if backend == "triton" and INTERPRETED:
+        pytest.skip("hundreds of updates under the Triton interpreter; test_matches_reference covers triton")
 
 
 def divisor(norm):
@@ -104,25 +112,26 @@ def test_floor_binds_exactly_when_it_should(backend, device):
 
 
 def test_collapsed_variance_keeps_the_divisor_up_and_the_scale_decays_no_faster_than_stated(backend, device):
+    skip_interpreted(backend)
     # The issue's wealth feature: long-run std 1e3, then the agents converge to a spread of 1.
-    momentum, rel = 0.9, 0.1
+    momentum, rel = 0.8, 0.1
     w_s = reference.SCALE_WEIGHT_RATIO * (1 - momentum)
     norm = RunningNorm((1,), momentum=momentum, min_std_rel=rel, backend=backend, device=device)
     plain = RunningNorm((1,), momentum=momentum, backend=backend, device=device)
-    for _ in range(200):  # count >> n_b / w_s: the scale's weight is at its floor w_s
+    for _ in range(60):  # count > n_b / w_s: the scale's weight is at its floor w_s
         batch = plus_minus(64, 1e3, device, mean=1e4)[:, None]
         norm(batch)
         plain(batch)
     scale_0 = float(norm.scale)
     assert abs(scale_0 - 1e3) < 1.0
     move = torch.tensor([[1e4 + 100.0]], dtype=torch.float64, device=device)
-    for k in range(1, 151):
+    for k in range(1, 71):  # the running var falls 0.8x an update, to ~1 after 62
         batch = plus_minus(64, 1.0, device, mean=1e4)[:, None]
         norm(batch)
         plain(batch)
         assert float(norm.scale) >= scale_0 * (1 - w_s) ** (k / 2) * (1 - 1e-12)
     assert float(divisor(norm)) >= rel * float(norm.scale) * (1 - 1e-12)
-    # A move of 100 in a feature whose long-run std is 1e3 (the scale still ~500 after 150 updates):
+    # A move of 100 in a feature whose long-run std is 1e3 (the scale still ~500 after 70 updates):
     # 100 / (0.1 * scale) ~ 2, where the plain floor divides by ~1 and clamps.
     y = float(norm.normalize(move))
     assert y == pytest.approx(100.0 / (rel * float(norm.scale)), rel=1e-9) and y < 2.5
@@ -130,12 +139,13 @@ def test_collapsed_variance_keeps_the_divisor_up_and_the_scale_decays_no_faster_
 
 
 def test_scale_follows_a_step_change_within_stated_updates(backend, device):
+    skip_interpreted(backend)
     # README: scale^2 closes 90% of a step in the variance within N = ln(100/9) / -ln(1 - w_s) updates.
-    momentum = 0.9
+    momentum = 0.8
     w_s = reference.SCALE_WEIGHT_RATIO * (1 - momentum)
     n = math.ceil(math.log(100 / 9) / -math.log(1 - w_s))
     norm = RunningNorm((1,), momentum=momentum, min_std_rel=0.1, backend=backend, device=device)
-    for _ in range(150):
+    for _ in range(60):  # count > n_b / w_s: the scale's weight is at its floor w_s
         norm(plus_minus(32, 1.0, device)[:, None])
     before = float(norm.scale) ** 2
     assert abs(before - 1.0) < 1e-3
@@ -217,6 +227,7 @@ def test_corrupted_scale_is_rejected(device, gen, value, message):
 
 
 def test_monitor_warns_when_most_columns_are_held(backend, device):
+    skip_interpreted(backend)
     norm = RunningNorm((4,), momentum=0.9, min_std_rel=0.1, backend=backend, device=device)
     for _ in range(50):
         norm(plus_minus(16, 10.0, device)[:, None].expand(16, 4))
