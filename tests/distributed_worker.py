@@ -23,6 +23,7 @@ STATS_SHAPE = (3, 4)
 STEPS = 50
 RESUME_STEPS = 8
 MOMENTA = (0.99, None)
+RELATIVE_FLOOR = dict(momentum=0.9, min_std_rel=1.2)  # binds in the first ~30 steps, then the drift outgrows it
 ADVANTAGE_CALLS = 6  # call c has the shards shard_sizes(c, world): an empty rank 0 and an empty last rank
 # name: (adv's shape after the batch dim, dim, mask dims (0: no mask), dtype)
 ADVANTAGE_CASES = {
@@ -145,6 +146,8 @@ def run(rank: int, world: int, port: int, out_dir: str, seed: int, backends: lis
 
 def run_steps(rank: int, world: int, seed: int, backends: list[str]) -> dict:
     norms = {(b, m): RunningNorm(STATS_SHAPE, momentum=m, backend=b, sync=True) for b in backends for m in MOMENTA}
+    norms.update({(b, "relative floor"): RunningNorm(STATS_SHAPE, **RELATIVE_FLOOR, backend=b, sync=True)
+                  for b in backends})
     ys = {key: [] for key in norms}
     for step in range(STEPS):
         xs, masks = step_data(seed, step, world)

@@ -85,7 +85,7 @@ def test_every_rank_holds_the_same_bits(world):
         first = ranks[0]["runs"][key]
         for other in ranks[1:]:
             run = other["runs"][key]
-            for name in STATE_KEYS:
+            for name in STATE_KEYS + (("scale",) if "scale" in first["state"] else ()):
                 assert torch.equal(run["state"][name], first["state"][name]), (key, name)
             assert torch.equal(run["diag"], first["diag"]), key  # the diagnostics of the group's batch
 
@@ -103,6 +103,26 @@ def test_statistics_are_those_of_the_concatenated_batch(world, momentum):
             for step, expected in enumerate(expected_ys):
                 rows = worker.shard_sizes(step, size)
                 mine = expected.split(rows)[rank]
+                torch.testing.assert_close(run["ys"][step], mine, **Y_TOL[torch.float32])
+
+
+def test_relative_floor_tracks_the_scale_of_the_concatenated_batch(world):
+    size, ranks = world
+    norm = RunningNorm(worker.STATS_SHAPE, **worker.RELATIVE_FLOOR, backend="reference")
+    expected_ys = []
+    for step in range(worker.STEPS):
+        xs, masks = worker.step_data(SESSION_SEED, step, size)
+        expected_ys.append(norm(torch.cat(xs), mask=torch.cat(masks)))
+    scale = math.exp(0.03 * worker.STEPS)
+    for backend in CPU_BACKENDS:
+        for rank, result in enumerate(ranks):
+            run = result["runs"][(backend, "relative floor")]
+            assert_state_matches(run["state"], norm, scale=scale, calls=worker.STEPS)
+            tol = STAT_TOL[torch.float32]
+            torch.testing.assert_close(run["state"]["scale"], norm.scale, rtol=tol["rtol"] * 10,
+                                       atol=tol["atol"] * 10 * scale)
+            for step, expected in enumerate(expected_ys):
+                mine = expected.split(worker.shard_sizes(step, size))[rank]
                 torch.testing.assert_close(run["ys"][step], mine, **Y_TOL[torch.float32])
 
 
