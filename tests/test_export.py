@@ -83,12 +83,13 @@ def eager_outputs(policy: Policy, x: torch.Tensor):
         return policy(x)
 
 
-def test_torch_export_holds_aten_ops_only(gen):
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_torch_export_holds_aten_ops_only(gen, strict):
     policy = trained_policy(gen)
     x = test_inputs(gen)
     check_preconditions(policy, x)
     batch = torch.export.Dim("batch", min=2)
-    program = torch.export.export(policy, (x[:8],), dynamic_shapes={"obs": {0: batch}})
+    program = torch.export.export(policy, (x[:8],), dynamic_shapes={"obs": {0: batch}}, strict=strict)
     ops = {node.target for node in program.graph.nodes if node.op == "call_function"}
     assert ops and all(getattr(op, "namespace", None) == "aten" for op in ops), ops
     for module in (program.module(), program.run_decompositions().module()):
