@@ -101,7 +101,7 @@ def measured(prediction: dict, bench: dict) -> str:
         found = [f"{dtype}: {_describe(_fastnorm_rows(rows, shape=[int(s) for s in shape.groups()], dtype=dtype))}"
                  for dtype in DTYPES[prediction["dtype"]]]
         found = [f for f in found if not f.endswith(": ")]
-        return " | ".join(found) or "not measured (bench/run.py --quick runs fewer shapes; the full run has it)"
+        return " | ".join(found) or "not measured by --quick (the full bench/run.py has it)"
     case = re.fullmatch(r"advantages (global|per agent|masked rows) ([\d/M ]+) fp32", prediction.get("case", ""))
     if case:
         rows = sections.get("advantages", {}).get("rows", [])
@@ -110,7 +110,11 @@ def measured(prediction: dict, bench: dict) -> str:
             got = _fastnorm_rows(rows, layout=case.group(1), numel=int(size[:-1]) * 2**20)
             found.append(f"{size}: {_describe(got)}" if got else f"{size}: not measured by --quick")
         return " | ".join(found)
-    return "no benchmark row matches this prediction: measure it with the command its section names"
+    return "no bench/run.py row matches: the command in its NOTES section measures it"
+
+
+def _short(prediction: str, width: int = 60) -> str:
+    return prediction if len(prediction) <= width else prediction[:width - 3] + "..."
 
 
 def prediction_lines(notes_path: str, out: str) -> list[str]:
@@ -120,8 +124,8 @@ def prediction_lines(notes_path: str, out: str) -> list[str]:
     for row in notes_predictions(notes_path):
         what = row.get("case") or f"running_norm {row.get('shape')} {row.get('dtype')}"
         predicted = next((v for k, v in row.items() if k.startswith("predicted")), "?")
-        lines.append(f"- {what}: predicted {predicted[:70]}{'...' if len(predicted) > 70 else ''}")
-        lines.append(f"    measured: {measured(row, bench) if bench else 'no bench.json: the benchmark did not finish'}")
+        got = measured(row, bench) if bench else "no bench.json: the benchmark did not finish"
+        lines.append(f"- {what}: predicted {_short(predicted)} | measured: {got}")
     return lines
 
 
