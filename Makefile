@@ -2,6 +2,8 @@
 #   make bench   the benchmark on the default device (cuda when available, else cpu)
 #   make test    the test suite
 #   make check-cuda   compiles the CUDA sources without a GPU (CI runs it before make test)
+#   make check-cuda-build   builds, links and loads the CUDA extension against a CUDA torch, no GPU
+#   make gpu-check OUT=dir  on a GPU machine: build, tests and benchmark on cuda (.ci/gpu_check.py)
 # Each creates .venv if missing (reusing a torch that $(PYTHON) already has, else installing
 # $(TORCH_SPEC)), installs what it needs and builds the extension; both are idempotent.
 
@@ -17,7 +19,7 @@ SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.c
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: test bench build clean check-cuda
+.PHONY: test bench build clean check-cuda check-cuda-build gpu-check gpu-check-rehearsal
 
 # The second run tests the Triton kernels on the CPU through Triton's interpreter (the tests of
 # the triton backend only: -k triton).
@@ -50,10 +52,12 @@ $(DEPS_STAMP): $(PY) setup.py
 	touch $@
 
 # The editable install registers the package (without compiling); build_ext then builds the
-# extension in place, incrementally.
+# extension in place, incrementally, quietly: its output goes to $(BUILD_LOG), printed if it fails.
+BUILD_LOG := $(VENV)/build.log
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 	FASTNORM_NO_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
-	$(PY) setup.py -q build_ext --inplace
+	@echo "building fastnorm._C (log: $(BUILD_LOG))"
+	@.ci/quiet $(BUILD_LOG) $(PY) setup.py build_ext --inplace
 	touch $@
 
 # Every .cu under csrc/ through nvcc for sm_90 with torch's half-precision flags, and the CUDA torch
@@ -75,6 +79,45 @@ check-cuda: $(DEPS_STAMP)
 	  for f in $$(find csrc/cuda -name '*.cpp'); do echo "$(CXX) -fsyntax-only $$f"; \
 	    $(CXX) -std=c++20 -fsyntax-only -Wall -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE $$torch_inc -I$(CUDA_HOME)/include $$f || exit 1; done; \
 	else echo "check-cuda: no CUDA headers under $(CUDA_HOME) or torch without c10/cuda headers: bindings not checked"; fi
+
+# The CUDA extension as `pip install` builds it on a GPU machine, here without a GPU: an sdist of
+# this tree (what MANIFEST.in ships), installed into its own venv $(CUDA_VENV) holding a CUDA build
+# of torch ($(CUDA_TORCH_SPEC): CUDA 13.0, as nvcc here), for the architectures users have; then,
+# from outside the tree, every op must have a CUDA kernel, the cuda backend must lack only a device,
+# and the extension must hold machine code for each architecture (.ci/check_cuda_build.py).
+CUDA_VENV ?= .venv-cuda
+CUDA_TORCH_SPEC ?= torch==2.14.1
+CUDA_ARCHS ?= 8.0 8.6 8.9 9.0
+MAX_JOBS ?= $(shell nproc)
+CUDA_PY := $(CUDA_VENV)/bin/python
+CUDA_DEPS_STAMP := $(CUDA_VENV)/.fastnorm-deps
+
+$(CUDA_DEPS_STAMP):
+	test -x $(CUDA_PY) || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_PY) -m pip install -q "$(CUDA_TORCH_SPEC)" "setuptools>=64" wheel ninja numpy
+	@$(CUDA_PY) -c "import sys, torch; sys.exit(torch.version.cuda is None and \
+	  'torch ' + torch.__version__ + ' in $(CUDA_VENV) is not a CUDA build; set CUDA_TORCH_SPEC')"
+	touch $@
+
+check-cuda-build: $(CUDA_DEPS_STAMP)
+	rm -rf $(CUDA_VENV)/sdist
+	@.ci/quiet $(CUDA_VENV)/sdist.log env FASTNORM_NO_EXTENSION=1 $(CUDA_PY) setup.py sdist -d $(CUDA_VENV)/sdist
+	@echo "building the sdist's extension for $(CUDA_ARCHS) (log: $(CUDA_VENV)/build.log)"
+	@.ci/quiet $(CUDA_VENV)/build.log env CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" \
+	  MAX_JOBS=$(MAX_JOBS) $(CUDA_PY) -m pip install -v --no-build-isolation --no-deps --force-reinstall --no-cache-dir \
+	  $(CUDA_VENV)/sdist/fastnorm-*.tar.gz
+	cd /tmp && CUDA_HOME=$(CUDA_HOME) $(abspath $(CUDA_PY)) $(CURDIR)/.ci/check_cuda_build.py $(CUDA_ARCHS)
+
+# Everything a GPU loan must verify, in one command (.ci/gpu_check.py: build with CUDA for sm_90,
+# the tests on cuda, bench/run.py --quick, a summary against bench/NOTES.md), with the python that
+# holds the machine's CUDA torch. gpu-check-rehearsal runs each stage tiny on this CPU (CI does).
+GPU_PYTHON ?= python3
+OUT ?= gpu-check-out
+gpu-check:
+	$(GPU_PYTHON) .ci/gpu_check.py --out $(OUT)
+
+gpu-check-rehearsal: $(BUILD_STAMP)
+	$(PY) .ci/gpu_check.py --cpu-rehearsal --out $(VENV)/gpu-check-rehearsal
 
 # The frameworks the integrations are tested in, and the export tests' ONNX tools: the tests need
 # them all (none is skipped in CI), so a failed install fails here.

@@ -198,8 +198,12 @@ BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
 
 
 def backends() -> dict[str, list[str]]:
-    """Each backend's name and the reasons it is unavailable here (an empty list: available)."""
-    return {name: backend.unavailable_reasons() for name, backend in BACKENDS.items()}
+    """Each backend's name and the reasons it is unavailable here (an empty list: available). The
+    cuda backend built but without a visible GPU says that alone."""
+    reasons = {name: backend.unavailable_reasons() for name, backend in BACKENDS.items()}
+    if not reasons["cuda"] and not torch.cuda.is_available():
+        reasons["cuda"] = ["built with its CUDA kernels, but no CUDA device is visible here"]
+    return reasons
 
 
 def check_backend_name(name: str) -> str:

@@ -11,6 +11,7 @@ import torch
 
 import fastnorm
 from fastnorm import RunningNorm
+from fastnorm.backends import BACKENDS
 from helpers import randn
 
 
@@ -99,6 +100,13 @@ def test_explicit_backend_that_cannot_run_lists_its_reasons(gen):
     x = randn((4, 3), gen)
     with pytest.raises(RuntimeError, match=r"backend 'cuda' cannot run this input: .*x is on cpu"):
         norm(x)
+
+
+def test_backends_say_when_the_cuda_kernels_lack_only_a_device(monkeypatch):
+    # A CUDA build of the extension on a machine without a GPU (make check-cuda-build's case).
+    monkeypatch.setattr(BACKENDS["cuda"], "_unavailable", [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert fastnorm.backends()["cuda"] == ["built with its CUDA kernels, but no CUDA device is visible here"]
 
 
 def test_state_round_trip(backend, device, gen):

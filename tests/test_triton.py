@@ -1,5 +1,6 @@
 """The Triton backend's own machinery: the ops (opcheck, argument checks), the split-rows path
-through them, what "auto" picks, and the kernels compiling and tracing for a GPU without one.
+through them, what "auto" picks, and the kernels tracing for a GPU without one
+(their compiling for sm_80 and sm_90 is in tests/test_triton_compile.py).
 The split paths forced with tiny blocks are in tests/test_triton_splits.py.
 
 make test runs this file twice: natively (the tests that need the backend run where it runs, i.e.
@@ -332,68 +333,6 @@ def test_concurrent_streams_each_use_their_own_counters(gen):
     for y, norm, want in zip(ys, norms, expected):
         torch.testing.assert_close(y, want.y, **Y_TOL[torch.float32])
         assert_stats_close((norm.mean, norm.var, norm.count), want, torch.float32, scale=2.0)
-
-
-@needs_triton
-@pytest.mark.skipif(INTERPRETED, reason="compiled in the run without TRITON_INTERPRET")
-def test_kernels_compile_for_sm90(tmp_path):
-    """Every kernel, in a few variants, through Triton's whole pipeline to sm_90 machine code,
-    without a GPU (a kernel that only ever ran in the interpreter may not compile)."""
-    script = textwrap.dedent("""
-        import triton, triton.language as tl
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-        from fastnorm.triton_kernels import advantages as a, running_norm as k
-
-        POINTERS = {"x_ptr": "*{x}", "out_ptr": "*{x}", "mask_ptr": "*u8", "arrivals_ptr": "*i32"}
-        SIZES = {"x_row_stride", "out_row_stride", "mask_cols", "mask_group", "rows", "cols", "rows_per_split",
-                 "num_parts", "outer", "groups", "inner", "i_blocks", "steps", "steps_per_split"}
-
-        def compile_kernel(kernel, x, constants):
-            signature, values = {}, {}
-            for p in kernel.params:
-                if p.is_constexpr or constants.get(p.name, 0) is None:
-                    signature[p.name], values[p.name] = "constexpr", constants[p.name]
-                elif p.name.endswith("_ptr"):
-                    signature[p.name] = POINTERS.get(p.name, "*fp64").format(x=x)
-                elif p.name in SIZES:
-                    signature[p.name] = "i32"
-                else:  # a float: Triton would pass a Python float as float32 without the annotation
-                    assert p.annotation_type == "fp64", (kernel.fn.__name__, p.name, p.annotation_type)
-                    signature[p.name] = "fp64"
-            return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=values),
-                                  target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-
-        split = dict(HAS_MASK=True, SPLIT=True, ACC=tl.float32, BLOCK_R=32, BLOCK_C=64, MERGE_R=16)
-        reduce = dict(split, UPDATE=True, WITH_OUTPUT=True, table_ptr=None)
-        ptx = compile_kernel(k._reduce_kernel, "fp32", reduce)
-        assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx
-        compile_kernel(k._reduce_kernel, "bf16", dict(reduce, mask_ptr=None, HAS_MASK=False, WITH_OUTPUT=False))
-        compile_kernel(k._reduce_kernel, "fp64", dict(reduce, ACC=tl.float64, BLOCK_C=32, SPLIT=False,
-                                                      partials_ptr=None, arrivals_ptr=None))
-        compile_kernel(k._reduce_kernel, "fp16", dict(split, UPDATE=False, WITH_OUTPUT=False, mean_ptr=None,
-                                                      var_ptr=None, count_ptr=None, diag_ptr=None))
-        compile_kernel(k._merge_parts_kernel, "fp64", dict(WITH_OUTPUT=True, BLOCK_C=128))
-        normalize = dict(HAS_MASK=True, WITH_DIAG=True, ACC=tl.float32, BLOCK_R=16, BLOCK_C=128)
-        assert "red.global.gpu.relaxed.add.f64" in compile_kernel(k._normalize_kernel, "fp16", normalize)
-        compile_kernel(k._normalize_kernel, "fp64", dict(normalize, mask_ptr=None, diag_ptr=None, HAS_MASK=False,
-                                                         WITH_DIAG=False, ACC=tl.float64, BLOCK_C=32, BLOCK_R=64))
-        blocks = dict(ACC=tl.float32, BLOCK_O=4, BLOCK_G=8, BLOCK_I=64)
-        stats = dict(blocks, HAS_MASK=True, MOMENTS=False, SPLIT=True, MERGE_R=64, table_ptr=None)
-        ptx = compile_kernel(a._reduce_kernel, "bf16", stats)
-        assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx
-        compile_kernel(a._reduce_kernel, "fp64", dict(stats, ACC=tl.float64, mask_ptr=None, HAS_MASK=False,
-                                                      SPLIT=False, partials_ptr=None, arrivals_ptr=None))
-        compile_kernel(a._reduce_kernel, "fp32", dict(blocks, HAS_MASK=True, MOMENTS=True, SPLIT=True, MERGE_R=64,
-                                                      stats_ptr=None))
-        compile_kernel(a._merge_parts_kernel, "fp32", dict(BLOCK_G=256))
-        compile_kernel(a._normalize_kernel, "fp16", blocks)
-        print("ok")
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
 @needs_triton

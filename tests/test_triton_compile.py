@@ -1,0 +1,111 @@
+"""The Triton kernels through Triton's whole pipeline (TTIR, TTGIR, LLVM, PTX, ptxas) to machine
+code for the GPUs users have, without a GPU: a kernel that only ever ran in the interpreter may
+not compile. For sm_80 (A100) and sm_90 (H100, H200): every kernel in every dtype of x, with the
+blocks its launcher chooses for a large x and every optional input present, and the variants
+the launchers also take (no mask, no split, moments only, no diagnostics).
+
+One subprocess per architecture (Triton's compiler must not see TRITON_INTERPRET, and each run
+gets its own empty cache, so nothing is served from an earlier compile).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fastnorm.triton_backend import INTERPRETED, TRITON_ERROR
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    import torch, triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fastnorm.triton_kernels import advantages as a, running_norm as k
+
+    ARCH = int(sys.argv[1])
+    DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+    POINTERS = {"x_ptr": "*{x}", "out_ptr": "*{x}", "mask_ptr": "*u8", "arrivals_ptr": "*i32"}
+    SIZES = {"x_row_stride", "out_row_stride", "mask_cols", "mask_group", "rows", "cols", "rows_per_split",
+             "num_parts", "outer", "groups", "inner", "i_blocks", "steps", "steps_per_split"}
+
+    def compile_kernel(kernel, x, constants, num_warps=4):
+        '''The PTX of kernel for x's dtype (a Triton type name) on ARCH; constants: the constexprs,
+        and None for each pointer the variant passes as None.'''
+        signature, values = {}, {}
+        for p in kernel.params:
+            if p.is_constexpr or constants.get(p.name, 0) is None:
+                signature[p.name], values[p.name] = "constexpr", constants[p.name]
+            elif p.name.endswith("_ptr"):
+                signature[p.name] = POINTERS.get(p.name, "*fp64").format(x=x)
+            elif p.name in SIZES:
+                signature[p.name] = "i32"
+            else:  # a float: Triton would pass a Python float as float32 without the annotation
+                assert p.annotation_type == "fp64", (kernel.fn.__name__, p.name, p.annotation_type)
+                signature[p.name] = "fp64"
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=values),
+                                  target=GPUTarget("cuda", ARCH, 32), options={"num_warps": num_warps})
+        assert f".target sm_{ARCH}" in compiled.asm["ptx"], (kernel.fn.__name__, x)
+        assert compiled.asm["cubin"], (kernel.fn.__name__, x)
+        return compiled.asm["ptx"]
+
+    def every_kernel_in(x):
+        '''Every kernel with the blocks its launcher picks for x of dtype x (65536 rows of 512 columns;
+        (4096, 16, 16) advantages), split over 264 programs, with every optional input present.'''
+        size = DTYPES[x].itemsize
+        acc = k.acc_type(DTYPES[x])
+        b = k.choose_blocks(65536, 512, size, programs=264)
+        tiles = dict(ACC=acc, BLOCK_R=b.rows, BLOCK_C=b.cols)
+        ptx = compile_kernel(k._reduce_kernel, x, dict(tiles, HAS_MASK=True, UPDATE=True, WITH_OUTPUT=True,
+                                                       SPLIT=True, MERGE_R=b.merge, table_ptr=None), b.num_warps)
+        assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx, x
+        ptx = compile_kernel(k._normalize_kernel, x, dict(tiles, HAS_MASK=True, WITH_DIAG=True), b.num_warps)
+        assert "red.global.gpu.relaxed.add.f64" in ptx, x
+        g = a.choose_advantage_blocks(4096, 16, 16, size, programs=264)
+        blocks = dict(ACC=acc, BLOCK_O=g.outer, BLOCK_G=g.groups, BLOCK_I=g.inner)
+        ptx = compile_kernel(a._reduce_kernel, x, dict(blocks, HAS_MASK=True, MOMENTS=False, SPLIT=True,
+                                                       MERGE_R=g.merge, table_ptr=None), g.num_warps)
+        assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx, x
+        compile_kernel(a._normalize_kernel, x, blocks, g.num_warps)
+        return b, g
+
+    for x in DTYPES:
+        b, g = every_kernel_in(x)
+    # The merge kernels read and write float64 tables only: one compile each.
+    compile_kernel(k._merge_parts_kernel, "fp64", dict(WITH_OUTPUT=True, BLOCK_C=b.cols))
+    compile_kernel(a._merge_parts_kernel, "fp64", dict(BLOCK_G=g.groups))
+
+    # The variants, with small blocks.
+    split = dict(HAS_MASK=True, SPLIT=True, ACC=tl.float32, BLOCK_R=32, BLOCK_C=64, MERGE_R=16)
+    reduce = dict(split, UPDATE=True, WITH_OUTPUT=True, table_ptr=None)
+    compile_kernel(k._reduce_kernel, "bf16", dict(reduce, mask_ptr=None, HAS_MASK=False, WITH_OUTPUT=False))
+    compile_kernel(k._reduce_kernel, "fp64", dict(reduce, ACC=tl.float64, BLOCK_C=32, SPLIT=False,
+                                                  partials_ptr=None, arrivals_ptr=None))
+    compile_kernel(k._reduce_kernel, "fp16", dict(split, UPDATE=False, WITH_OUTPUT=False, mean_ptr=None,
+                                                  var_ptr=None, count_ptr=None, diag_ptr=None))
+    compile_kernel(k._merge_parts_kernel, "fp64", dict(WITH_OUTPUT=False, BLOCK_C=128))
+    normalize = dict(HAS_MASK=True, WITH_DIAG=True, ACC=tl.float32, BLOCK_R=16, BLOCK_C=128)
+    compile_kernel(k._normalize_kernel, "fp64", dict(normalize, mask_ptr=None, diag_ptr=None, HAS_MASK=False,
+                                                     WITH_DIAG=False, ACC=tl.float64, BLOCK_C=32, BLOCK_R=64))
+    blocks = dict(ACC=tl.float32, BLOCK_O=4, BLOCK_G=8, BLOCK_I=64)
+    stats = dict(blocks, HAS_MASK=True, MOMENTS=False, SPLIT=True, MERGE_R=64, table_ptr=None)
+    compile_kernel(a._reduce_kernel, "fp64", dict(stats, ACC=tl.float64, mask_ptr=None, HAS_MASK=False,
+                                                  SPLIT=False, partials_ptr=None, arrivals_ptr=None))
+    compile_kernel(a._reduce_kernel, "fp32", dict(blocks, HAS_MASK=True, MOMENTS=True, SPLIT=True, MERGE_R=64,
+                                                  stats_ptr=None))
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(TRITON_ERROR is not None, reason=str(TRITON_ERROR))
+@pytest.mark.skipif(INTERPRETED, reason="compiled in the run without TRITON_INTERPRET")
+@pytest.mark.parametrize("arch", [80, 90], ids=["sm80", "sm90"])
+def test_every_kernel_compiles_in_every_dtype(tmp_path, arch):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(arch)], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
