@@ -65,6 +65,20 @@ def test_checkpoint_round_trip(gen, direction):
     torch.testing.assert_close(reader.count, writer.count, rtol=0, atol=0)
 
 
+def test_dict_observations_script_and_match_rl_games(gen):
+    # rl_games' own RunningMeanStdObs does not compile with torch.jit.script (it indexes its
+    # ModuleDict by a variable key), so its eager module is the reference here.
+    shapes = {"a": (3,), "b": (2, 2)}
+    host, ours = running_mean_std.RunningMeanStdObs(shapes), torch.jit.script(
+        fastnorm_rl_games.RunningMeanStdObs(shapes))
+    for _ in range(3):
+        x = {"a": torch.randn(9, 3, generator=gen) + 4, "b": 2 * torch.randn(9, 2, 2, generator=gen)}
+        y, expected = ours(x), host(x)
+        for key in shapes:
+            torch.testing.assert_close(y[key], expected[key], **F32)
+    host.load_state_dict(ours.state_dict())  # strict: the same keys
+
+
 @pytest.mark.parametrize("scripted", [True, False], ids=["scripted", "eager"])
 def test_bad_input_leaves_the_statistics_unchanged(gen, scripted):
     ours = make(fastnorm_rl_games.RunningMeanStd, (4,), scripted=scripted)

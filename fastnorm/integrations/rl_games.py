@@ -11,7 +11,7 @@ rl_games' models build their normalizers themselves (``BaseModelNetwork`` script
 """
 
 # No `from __future__ import annotations`: TorchScript reads the annotations of the methods it compiles.
-from typing import Any, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -171,8 +171,12 @@ class RunningMeanStdObs(nn.Module):
         self.running_mean_std = nn.ModuleDict(
             {k: RunningMeanStd(v, epsilon, per_channel, norm_only, **options) for k, v in insize.items()})
 
-    def forward(self, input: dict[str, Tensor], denorm: bool = False) -> dict[str, Tensor]:
-        return {k: self.running_mean_std[k](v, denorm) for k, v in input.items()}
+    def forward(self, input: Dict[str, Tensor], denorm: bool = False) -> Dict[str, Tensor]:
+        # Iterating the ModuleDict, not indexing it by a variable key: TorchScript compiles only that.
+        out: Dict[str, Tensor] = {}
+        for key, norm in self.running_mean_std.items():
+            out[key] = norm(input[key], denorm)
+        return out
 
 
 def _with_fastnorm_normalizers(model_class: type, options: dict[str, Any]) -> type:
