@@ -7,6 +7,7 @@ under torch.compile and never synchronize with a GPU.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -21,12 +22,26 @@ def check_x(x: Tensor, shape: torch.Size, device: torch.device, name: str = "x")
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    k = len(shape)
-    if x.dim() < k or tuple(x.shape[x.dim() - k :]) != tuple(shape):
+    if not _ends_with(x, shape):
         raise ValueError(f"{name} must have shape (*batch, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but the statistics are on {device}")
-    return x.dim() - k
+    return x.dim() - len(shape)
+
+
+def _ends_with(x: Tensor, shape: torch.Size) -> bool:
+    if torch.jit.is_tracing():
+        # The tracer hands out sizes as tensors and warns when they become bools; the check is
+        # about static sizes the trace fixes anyway.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return _ends_with_sizes(x, shape)
+    return _ends_with_sizes(x, shape)
+
+
+def _ends_with_sizes(x: Tensor, shape: torch.Size) -> bool:
+    k = len(shape)
+    return x.dim() >= k and tuple(x.shape[x.dim() - k :]) == tuple(shape)
 
 
 def check_mask(mask: Optional[Tensor], x: Tensor, batch_dims: int) -> None:

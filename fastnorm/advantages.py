@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from fastnorm import _checks, distributed
+from fastnorm import _checks, distributed, export
 from fastnorm.advantages_reference import MOMENT_ROWS, STAT_ROWS, broadcast_mask
 from fastnorm.backends import check_backend_name, select_backend
 
@@ -91,6 +91,10 @@ def normalize_advantages(
     without the reduced dims); the reduced dims may differ in size, down to an empty adv, and a
     rank whose mask selects nothing still takes part.
     """
+    if export.exporting():
+        raise RuntimeError("normalize_advantages is not for deployment: it normalizes a batch of advantages by "
+                           "that batch's own statistics, a training step with no place in an exported policy. "
+                           "Leave it out of the model you trace or export.")
     _check_call(adv, mask, min_std, unbiased, out, sync, process_group)
     dims = reduced_dims(dim, adv.dim())
     backend = check_backend_name(backend)

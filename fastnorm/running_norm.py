@@ -10,7 +10,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from fastnorm import _checks, distributed, reference
+from fastnorm import _checks, distributed, export, reference
 from fastnorm.backends import check_backend_name, select_backend
 from fastnorm.monitoring.diagnostics import as_floats, running_norm_diagnostics
 from fastnorm.reference import DIAG_ROWS, MOMENT_ROWS
@@ -63,9 +63,18 @@ class RunningNorm(nn.Module):
     fully masked x) and start from the same state (``fastnorm.distributed.broadcast_state``).
     Normalizing without updating needs no communication. Under sync, ``steps`` counts the group's
     updating calls, and the diagnostics describe the group's batch, identical on every rank.
+    
+    In eval mode (or with ``update=False``) a model holding RunningNorm exports through
+    torch.jit.trace, torch.jit.script, torch.export and torch.onnx.export (dynamo or not) as
+    standard ops with the statistics as buffers, so the file runs without fastnorm
+    (``fastnorm.export``); exporting an update is an error.
     """
 
     BROADCAST_BUFFERS = ("mean", "var", "count", "steps")  # the state broadcast_state re-seeds
+    # Whether forward() updates the statistics in training mode. An adapter whose forward only
+    # normalizes (its host updates through update()) sets it False, so that torch.jit.script of
+    # it works in training mode too, as trace and export do.
+    forward_updates: bool = True
 
     def __init__(
         self,
@@ -147,8 +156,7 @@ class RunningNorm(nn.Module):
     def denormalize(self, y: Tensor) -> Tensor:
         """x = y * std + mean (the inverse of normalize where no clamp was hit), in y's dtype."""
         _checks.check_x(y, self.shape, self.mean.device, name="y")
-        std = reference.bounded_std(self.var, self.eps, self.min_std, self.max_std)
-        return (y.double() * std + self.mean).to(y.dtype)
+        return (y.double() * self._divisor() + self.mean).to(y.dtype)
 
     def reset(self) -> None:
         """Back to the initial statistics: mean 0, var 1, count 0, no update steps."""
@@ -180,7 +188,30 @@ class RunningNorm(nn.Module):
     def _output_bounds(self) -> dict[str, Any]:
         return dict(eps=self.eps, min_std=self.min_std, max_std=self.max_std, clip=self.clip)
 
+    def _divisor(self) -> Tensor:
+        """The float64 divisor of the normalization, as denormalize and every export compute it
+        (the kernels compute the same from _output_bounds)."""
+        return reference.bounded_std(self.var, self.eps, self.min_std, self.max_std)
+
+    def frozen(self) -> export.FrozenRunningNorm:
+        """This module's eval-mode transform as a TorchScript-compatible module of standard ops,
+        with the statistics of now (copies): see fastnorm.export."""
+        frozen = export.FrozenRunningNorm(self.mean.clone(), self._divisor(), self.clip, self.forward_updates)
+        return frozen.train(self.training)
+
+    def __prepare_scriptable__(self) -> export.FrozenRunningNorm:
+        # torch.jit.script compiles what this returns in place of the module (and puts it in the
+        # scripted tree's parent: script a copy of a model that keeps training).
+        if self.training and self.forward_updates:
+            raise RuntimeError("torch.jit.script compiles RunningNorm's eval-mode transform only, and this RunningNorm "
+                               "is in training mode, where its forward updates the statistics. Call model.eval() "
+                               "before scripting (an adapter whose forward never updates sets forward_updates = False).")
+        return self.frozen()
+
     def _normalize(self, x: Tensor, out: Optional[Tensor]) -> Tensor:
+        if export.exporting():
+            y = export.normalize(x, self.mean, self._divisor(), self.clip)
+            return y if out is None else out.copy_(y)
         y = out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
         select_backend(self.backend, x).normalize(x, self.mean, self.var, y, **self._output_bounds())
         return y
@@ -191,6 +222,10 @@ class RunningNorm(nn.Module):
         _checks.check_out(out, x)
 
     def _update(self, x: Tensor, mask: Optional[Tensor], y: Optional[Tensor]) -> None:
+        if export.exporting():
+            raise RuntimeError("RunningNorm cannot update its statistics inside an exported model (a call in training "
+                               "mode or with update=True while being traced or exported). Call model.eval() before "
+                               "exporting, or pass update=False.")
         if self.sync:
             self._synced_update(x, mask, y)
             return
@@ -241,6 +276,13 @@ class RunningNorm(nn.Module):
             details = ", ".join(f"{k}: saved {saved!r}, module {own!r}" for k, (saved, own) in differing.items())
             warnings.warn(f"RunningNorm state was saved with other hyper-parameters ({details}); keeping the module's. "
                           "Use RunningNorm.from_state_dict to restore the saved ones.", stacklevel=4)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if torch.onnx.is_in_onnx_export():
+            # The TorchScript-based ONNX exporter traces every state_dict value as a tensor
+            # (torch.jit._unique_state_dict); the extra state is a dict, and no graph reads it.
+            del destination[prefix + "_extra_state"]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
