@@ -48,6 +48,9 @@ class EmpiricalNormalization(nn.Module):
     statistics. The RunningNorm holding the statistics is ``.norm`` (``diagnostics()``, ``health()``).
     """
 
+    # Python-side views of the statistics; a scripted export needs forward only.
+    __jit_unused_properties__ = ["mean", "std", "_mean", "_var", "_std", "count"]
+
     def __init__(self, shape: Union[int, tuple[int, ...], list[int]], eps: float = 1e-2,
                  until: Optional[int] = None, *, fixes: bool = False, sync: Optional[bool] = None,
                  backend: str = "auto", device: Optional[Union[str, torch.device]] = None) -> None:
