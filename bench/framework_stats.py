@@ -63,7 +63,8 @@ def torchrl_own(decay: float) -> Feeder:
     vecnorm = VecNormV2(in_keys=["observation"], decay=decay, reduce_batch_dims=True)
 
     def step(x):
-        return vecnorm(TensorDict({"observation": x}, batch_size=[x.shape[0]]))["observation"]
+        data = TensorDict({"observation": x}, batch_size=[x.shape[0]])
+        return vecnorm._step(data, data)["observation"]  # what a TransformedEnv's step calls
 
     def std():
         _, scale = vecnorm._get_loc_scale()
@@ -79,7 +80,8 @@ def torchrl_fastnorm(**options) -> Feeder:
     transform = RunningNormTransform(in_keys=["observation"], shape=(1,), **options)
 
     def step(x):
-        return transform(TensorDict({"observation": x}, batch_size=[x.shape[0]]))["observation"]
+        data = TensorDict({"observation": x}, batch_size=[x.shape[0]])
+        return transform._step(data, data)["observation"]
     return step, lambda: math.sqrt(float(transform.norm.var.reshape(-1)[0]))
 
 

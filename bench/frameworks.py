@@ -67,7 +67,7 @@ def torchrl_vecnorm_case(x, stats_shape):
 
     vecnorm = VecNormV2(in_keys=["observation"], reduce_batch_dims=True)
     data = TensorDict({"observation": x}, batch_size=[x.shape[0]], device=x.device)
-    return lambda: vecnorm(data.clone(False))
+    return lambda: vecnorm._step(data, data.clone(False))  # what a TransformedEnv's step calls
 
 
 def torchrl_fastnorm_case(x, stats_shape):
@@ -77,7 +77,7 @@ def torchrl_fastnorm_case(x, stats_shape):
 
     transform = RunningNormTransform(in_keys=["observation"], shape=stats_shape).to(x.device)
     data = TensorDict({"observation": x}, batch_size=[x.shape[0]], device=x.device)
-    return lambda: transform(data.clone(False))
+    return lambda: transform._step(data, data.clone(False))
 
 
 def host(module: str, name: str):
