@@ -9,7 +9,8 @@ One training step of each normalizer as its framework calls it, on the framework
   makes the same two calls);
 - rl_games: ``forward(x)`` in training mode of the module scripted with ``torch.jit.script``, as
   rl_games' models build it (update + normalize);
-- skrl: ``scaler(x, train=True)``;
+- skrl: ``scaler(x, train=True)`` (on the 3-d batch skrl keeps statistics per feature, shared by the
+  agents: its preprocessor reduces the first two dims);
 - torchrl: the transform called on a TensorDict holding x (VecNormV2 with ``reduce_batch_dims=True``,
   statistics over the env dim).
 A framework not installed, or whose fastnorm class is not on this branch, is reported as such.
@@ -57,7 +58,8 @@ def rl_games_case(cls, x, stats_shape):
 
 
 def skrl_case(cls, x, stats_shape):
-    scaler = cls(list(stats_shape), device=x.device)
+    # skrl reduces a 3-d batch over its first two dims: statistics per feature, shared by the agents.
+    scaler = cls(stats_shape[-1], device=x.device)
     return lambda: scaler(x, train=True)
 
 
@@ -103,7 +105,9 @@ def pairs():
 def build(maker, x, stats_shape):
     """(step, why it cannot run)."""
     try:
-        return maker(x, stats_shape), ""
+        step = maker(x, stats_shape)
+        step()  # a step that cannot run fails here, not in the timed rounds
+        return step, ""
     except ImportError as error:
         missing = getattr(error, "name", "") or ""
         return None, ("not on this branch" if missing.startswith("fastnorm.integrations") else f"not installed ({missing})")

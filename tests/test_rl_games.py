@@ -8,14 +8,14 @@ import math
 import gymnasium
 import pytest
 import torch
+from rl_games.algos_torch import running_mean_std
+from rl_games.common import env_configurations, vecenv
+from rl_games.common.ivecenv import IVecEnv
+from rl_games.torch_runner import Runner
 
 from fastnorm.integrations import rl_games as fastnorm_rl_games
 
-running_mean_std = pytest.importorskip("rl_games.algos_torch.running_mean_std")  # installed by make test
-from rl_games.common import env_configurations, vecenv  # noqa: E402
-from rl_games.common.ivecenv import IVecEnv  # noqa: E402
-from rl_games.torch_runner import Runner  # noqa: E402
-
+# Nothing here is skipped: make test installs rl_games (fastnorm[integrations]).
 HostRMS = running_mean_std.RunningMeanStd
 F32 = dict(rtol=1e-5, atol=1e-5)  # rl_games normalizes in float32 from float32 casts of its statistics
 STATS = dict(rtol=2e-6, atol=2e-6)  # fastnorm's float64 statistics of one batch sliced two ways (float32 blocks)
