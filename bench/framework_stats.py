@@ -77,12 +77,12 @@ def torchrl_fastnorm(**options) -> Feeder:
 
     from fastnorm.integrations.torchrl import RunningNormTransform
 
-    transform = RunningNormTransform(in_keys=["observation"], shape=(1,), **options)
+    transform = RunningNormTransform(in_keys=["observation"], **options)  # fastnorm's defaults (decay 0.99)
 
     def step(x):
         data = TensorDict({"observation": x}, batch_size=[x.shape[0]])
         return transform._step(data, data)["observation"]
-    return step, lambda: math.sqrt(float(transform.norm.var.reshape(-1)[0]))
+    return step, lambda: math.sqrt(float(transform.norm("observation").var.reshape(-1)[0]))
 
 
 def rows() -> list[tuple[str, str, Callable[[], Feeder]]]:

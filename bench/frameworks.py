@@ -1,7 +1,7 @@
 """Each RL framework's normalizer beside fastnorm's drop-in class for it: a section of bench/run.py,
 and a standalone table.
 
-    python bench/frameworks.py [--device cpu|cuda] [--quick]
+    python bench/frameworks.py [--device cpu|cuda] [--quick] [--threads N]
 
 One training step of each normalizer as its framework calls it, on the frameworks' typical shapes:
 4096 envs x 48 features, and 8192 envs x 4 agents x 18 features (statistics per agent and feature):
@@ -77,7 +77,7 @@ def torchrl_fastnorm_case(x, stats_shape):
 
     from fastnorm.integrations.torchrl import RunningNormTransform
 
-    transform = RunningNormTransform(in_keys=["observation"], shape=stats_shape).to(x.device)
+    transform = RunningNormTransform(in_keys=["observation"])  # statistics shape from the first data
     data = TensorDict({"observation": x}, batch_size=[x.shape[0]], device=x.device)
     return lambda: transform._step(data, data.clone(False))
 
@@ -145,7 +145,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 on a CPU shared with "
+                        "other jobs, where threads waiting for each other dominate every time")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"{torch.get_num_threads()} CPU threads, load average {os.getloadavg()[0]:.1f}")
     for table in run(torch.device(args.device), args.quick).tables:
         print(as_text(table))
 
