@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 def exporting() -> bool:
     """Whether the caller is being traced or exported: torch.jit.trace, torch.export (strict or
-    not) or torch.onnx.export (dynamo or the TorchScript-based exporter)."""
-    return torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+    not) or torch.onnx.export (its dynamo exporter runs torch.export, the other one traces).
+    Two flag reads: it runs on every call of RunningNorm (torch.onnx.is_in_onnx_export costs µs)."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
 
 
 def normalize(x: Tensor, mean: Tensor, divisor: Tensor, clip: Optional[float]) -> Tensor:

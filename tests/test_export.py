@@ -140,6 +140,17 @@ def test_torchscript_files_run_without_fastnorm(gen, tmp_path):
         assert_like_eager(outputs[str(path)], expected)
 
 
+def test_trace_and_torch_export_on_the_test_device(gen, device):
+    if device.type == "cpu":
+        pytest.skip("the tests above export on the CPU")
+    policy = trained_policy(gen).to(device)  # trained on the CPU, normalizing with the device's kernel
+    x = test_inputs(gen).to(device)
+    check_preconditions(policy, x)
+    expected = eager_outputs(policy, x)
+    assert_like_eager(torch.jit.trace(policy, x)(x), expected)
+    assert_like_eager(torch.export.export(policy, (x,)).module()(x), expected)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_trace_keeps_the_dtype_and_the_eager_output(gen, dtype):
     norm = trained_policy(gen).norm
