@@ -110,7 +110,8 @@ def build(maker, x, stats_shape):
         return step, ""
     except ImportError as error:
         missing = getattr(error, "name", "") or ""
-        return None, ("not on this branch" if missing.startswith("fastnorm.integrations") else f"not installed ({missing})")
+        on_branch = not missing.startswith("fastnorm.integrations")
+        return None, (f"not installed ({missing})" if on_branch else "not on this branch")
     except Exception as error:  # a class whose constructor differs: say so rather than stop the run
         return None, f"failed: {type(error).__name__}: {error}"
 

@@ -110,7 +110,8 @@ def test_nan_rows_and_masked_rows_stay_out_of_the_statistics(gen, scripted):
 
 def test_fixes_switch_drops_the_prior(gen):
     x = 1000 + 0.01 * torch.randn(64, 2, generator=gen, dtype=torch.float64)
-    exact, fixed = make(fastnorm_rl_games.RunningMeanStd, (2,)), make(fastnorm_rl_games.RunningMeanStd, (2,), fixes=True)
+    exact = make(fastnorm_rl_games.RunningMeanStd, (2,))
+    fixed = make(fastnorm_rl_games.RunningMeanStd, (2,), fixes=True)
     exact(x.float()), fixed(x.float())
     # The prior (mean 0, var 1, count 1) adds about mean^2 / count to the variance; no prior, no bias.
     assert float(exact.running_var.min()) > 1000**2 / 65 * 0.9
