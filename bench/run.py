@@ -37,8 +37,9 @@ SECTIONS = [
     "advantages",
     "rollout",
     "stability",
+    "frameworks",
 ]
-PEER_PACKAGES = ("numpy", "stable-baselines3", "rsl-rl-lib", "rl-games", "torchrl", "tensordict", "matplotlib")
+PEER_PACKAGES = ("numpy", "stable-baselines3", "rsl-rl-lib", "rl-games", "skrl", "torchrl", "tensordict", "matplotlib")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
