@@ -18,6 +18,7 @@ from torchrl.objectives import ClipPPOLoss as TorchRLClipPPOLoss
 from torchrl.objectives import ValueEstimators
 
 from fastnorm.integrations.torchrl import ClipPPOLoss, RunningNormTransform
+from gloo_world import gloo_world_of_one  # noqa: F401 (a fixture)
 from torchrl_toy_env import ToyMultiAgentEnv
 
 OBS, OBS_N, ACTIVE = ("agents", "observation"), ("agents", "obs_n"), ("agents", "active")
@@ -188,3 +189,23 @@ def test_advantage_floor_where_torchrl_divides_by_a_vanishing_std(gen):
     assert y.abs().max() <= 0.01 and loss.advantage_stats.std_below_floor.all()
     valid = td["shifted_valid"]
     torch.testing.assert_close(loss.advantage_stats.count, valid.sum().double().expand(3))
+
+
+def test_sync_needs_a_process_group(gen):
+    env = make_env(seed_of(gen), sync=True)
+    with pytest.raises(RuntimeError, match="needs torch.distributed to be initialized"):
+        env.rollout(2)
+
+
+def test_sync_in_a_world_of_one_equals_the_local_statistics(gen, gloo_world_of_one):
+    seed = seed_of(gen)
+    synced, local = make_env(seed, sync=True), make_env(seed)
+    synced.rollout(5, break_when_any_done=False)
+    local.rollout(5, break_when_any_done=False)
+    for name in ("mean", "var", "count", "steps"):
+        torch.testing.assert_close(getattr(synced.transform.norm(OBS), name), getattr(local.transform.norm(OBS), name))
+    _, _, loss = make_policy_critic_loss(advantage_sync=True)
+    advantage = torch.randn(8, 5, 3, 1, generator=gen)
+    torch.testing.assert_close(loss._standardize_advantage(advantage, TensorDict({}, batch_size=(8, 5))),
+                               (advantage - advantage.mean((0, 1, 3), keepdim=True))
+                               / advantage.std((0, 1, 3), keepdim=True), rtol=1e-5, atol=1e-5)
