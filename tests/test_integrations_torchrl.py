@@ -17,7 +17,7 @@ from torchrl.modules import ProbabilisticActor, TanhNormal
 from torchrl.objectives import ClipPPOLoss as TorchRLClipPPOLoss
 from torchrl.objectives import ValueEstimators
 
-from fastnorm.integrations.torchrl import ClipPPOLoss, RunningNormTransform
+from fastnorm.integrations.torchrl import ClipPPOLoss, KLPENPPOLoss, PPOLoss, RunningNormTransform
 from gloo_world import gloo_world_of_one  # noqa: F401 (a fixture)
 from torchrl_toy_env import ToyMultiAgentEnv
 
@@ -135,14 +135,14 @@ def test_integer_entries_are_refused_at_spec_time():
         TransformedEnv(env, RunningNormTransform([ACTIVE])).observation_spec
 
 
-def make_policy_critic_loss(**loss_kwargs):
+def make_policy_critic_loss(loss_class=ClipPPOLoss, **loss_kwargs):
     actor_net = TensorDictModule(nn.Sequential(nn.Linear(4, 2), NormalParamExtractor()), in_keys=[OBS_N],
                                  out_keys=[("agents", "loc"), ("agents", "scale")])
     policy = ProbabilisticActor(actor_net, in_keys=[("agents", "loc"), ("agents", "scale")],
                                 out_keys=[("agents", "action")], distribution_class=TanhNormal,
                                 return_log_prob=True, log_prob_key=("agents", "sample_log_prob"))
     critic = TensorDictModule(nn.Linear(4, 1), in_keys=[OBS_N], out_keys=[("agents", "state_value")])
-    loss = ClipPPOLoss(policy, critic, normalize_advantage=True, normalize_advantage_exclude_dims=(-2,), **loss_kwargs)
+    loss = loss_class(policy, critic, normalize_advantage=True, normalize_advantage_exclude_dims=(-2,), **loss_kwargs)
     loss.set_keys(reward=("agents", "reward"), action=("agents", "action"), value=("agents", "state_value"),
                   sample_log_prob=("agents", "sample_log_prob"), done=("agents", "done"),
                   terminated=("agents", "terminated"), advantage=("agents", "advantage"),
@@ -181,8 +181,9 @@ def test_collector_and_clip_ppo_loss_on_a_multi_agent_batch(gen):
     torch.testing.assert_close(loss.advantage_stats.mean, advantage.double().mean((0, 1, 3)))
 
 
-def test_advantage_floor_where_torchrl_divides_by_a_vanishing_std(gen):
-    _, _, loss = make_policy_critic_loss(advantage_min_std=1e-3)
+@pytest.mark.parametrize("loss_class", [ClipPPOLoss, PPOLoss, KLPENPPOLoss])
+def test_advantage_floor_where_torchrl_divides_by_a_vanishing_std(gen, loss_class):
+    _, _, loss = make_policy_critic_loss(loss_class, advantage_min_std=1e-3)
     advantage = 2.0 + 1e-6 * torch.randn(8, 5, 3, 1, generator=gen)
     td = TensorDict({"shifted_valid": torch.rand(8, 5, generator=gen) < 0.8}, batch_size=(8, 5))
     y = loss._standardize_advantage(advantage, td)

@@ -1,5 +1,6 @@
-"""TorchRL: ``RunningNormTransform``, a TorchRL ``Transform`` over fastnorm's RunningNorm, and a
-``ClipPPOLoss`` whose advantage normalization goes through ``fastnorm.normalize_advantages``.
+"""TorchRL: ``RunningNormTransform``, a TorchRL ``Transform`` over fastnorm's RunningNorm, and the
+PPO losses (``ClipPPOLoss``, ``PPOLoss``, ``KLPENPPOLoss``) with their advantage normalization
+through ``fastnorm.normalize_advantages``.
 
     env = TransformedEnv(base_env, RunningNormTransform(in_keys=[("agents", "observation")],
                                                         mask_key=("agents", "active")))
@@ -30,9 +31,9 @@ from torchrl.envs.common import EnvBase  # noqa: E402
 from torchrl.envs.transforms import Transform  # noqa: E402
 from torchrl.envs.transforms.utils import _set_missing_tolerance  # noqa: E402
 from torchrl.envs.utils import ExplorationType, exploration_type  # noqa: E402
-from torchrl.objectives import ClipPPOLoss as _TorchRLClipPPOLoss  # noqa: E402
+from torchrl import objectives  # noqa: E402
 
-__all__ = ["ClipPPOLoss", "RunningNormTransform"]
+__all__ = ["ClipPPOLoss", "FastnormAdvantages", "KLPENPPOLoss", "PPOLoss", "RunningNormTransform"]
 
 KEY_SEP = "/"  # joins a nested key into a module name ("." is not allowed there)
 
@@ -216,13 +217,13 @@ class RunningNormTransform(Transform):
         return f"{type(self).__name__}(in_keys={self.in_keys}, out_keys={self.out_keys}, mask_key={self.mask_key!r})"
 
 
-class ClipPPOLoss(_TorchRLClipPPOLoss):
-    """TorchRL's ``ClipPPOLoss`` whose ``normalize_advantage=True`` goes through
-    :func:`fastnorm.normalize_advantages`: the same groups (``normalize_advantage_exclude_dims``
-    keeps e.g. the agents dim apart: per-agent statistics) and the same ``"shifted_valid"`` mask,
-    with Bessel's correction as TorchRL's, and a divisor never below ``advantage_min_std`` (TorchRL
+class FastnormAdvantages:
+    """Mixin for TorchRL's PPO losses: ``normalize_advantage=True`` goes through
+    :func:`fastnorm.normalize_advantages`, with the same groups (``normalize_advantage_exclude_dims``
+    keeps e.g. the agents dim apart: per-agent statistics), the same ``"shifted_valid"`` mask and
+    Bessel's correction as TorchRL's, and a divisor never below ``advantage_min_std`` (TorchRL
     clamps at 1e-6, or 1e-4 with a mask). The statistics of the last normalization are in
-    ``advantage_stats`` (an :class:`fastnorm.AdvantageStats`, on device). ``advantage_sync=True``
+    ``advantage_stats`` (an :class:`fastnorm.AdvantageStats`, on device); ``advantage_sync=True``
     takes them across the ranks of ``advantage_process_group``. Every other argument is TorchRL's.
     """
 
@@ -246,6 +247,18 @@ class ClipPPOLoss(_TorchRLClipPPOLoss):
             advantage, mask=mask, dim=reduced, min_std=self.advantage_min_std, unbiased=True,
             sync=self.advantage_sync, process_group=self.advantage_process_group)
         return normalized
+
+
+class ClipPPOLoss(FastnormAdvantages, objectives.ClipPPOLoss):
+    """TorchRL's ``ClipPPOLoss`` with its advantages through fastnorm (see :class:`FastnormAdvantages`)."""
+
+
+class PPOLoss(FastnormAdvantages, objectives.PPOLoss):
+    """TorchRL's ``PPOLoss`` with its advantages through fastnorm (see :class:`FastnormAdvantages`)."""
+
+
+class KLPENPPOLoss(FastnormAdvantages, objectives.KLPENPPOLoss):
+    """TorchRL's ``KLPENPPOLoss`` with its advantages through fastnorm (see :class:`FastnormAdvantages`)."""
 
 
 def _key_list(keys: Union[NestedKey, Sequence[NestedKey]]) -> list[NestedKey]:
