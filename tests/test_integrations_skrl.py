@@ -77,8 +77,8 @@ def test_same_statistics_and_outputs_as_skrl(gen):
 
 
 def test_constructor_and_state_dict_keys_match_skrl():
-    ours = RunningStandardScaler(size=gymnasium.spaces.Box(-1, 1, (2, 3)), epsilon=1e-6, clip_threshold=3.0, device="cpu")
-    theirs = SkrlScaler(size=gymnasium.spaces.Box(-1, 1, (2, 3)), epsilon=1e-6, clip_threshold=3.0, device="cpu")
+    kwargs = dict(size=gymnasium.spaces.Box(-1, 1, (2, 3)), epsilon=1e-6, clip_threshold=3.0, device="cpu")
+    ours, theirs = RunningStandardScaler(**kwargs), SkrlScaler(**kwargs)
     assert list(ours.state_dict()) == list(theirs.state_dict()) == list(STATS)
     assert (ours.epsilon, ours.clip_threshold, ours.device) == (theirs.epsilon, theirs.clip_threshold, theirs.device)
     assert ours.running_mean.shape == theirs.running_mean.shape == (6,)
@@ -104,8 +104,8 @@ def test_checkpoint_round_trip_with_skrl(gen, direction):
 
 def test_fixes_remove_the_prior_bias(gen):
     # The data: x = 1000 + 0.01 N(0, 1), true std 0.01; skrl's count-1 prior at 0 inflates it.
-    default, fixed, theirs = (RunningStandardScaler(4, device="cpu"), RunningStandardScaler(4, device="cpu", fixes=True),
-                              SkrlScaler(4, device="cpu"))
+    default, theirs = RunningStandardScaler(4, device="cpu"), SkrlScaler(4, device="cpu")
+    fixed = RunningStandardScaler(4, device="cpu", fixes=True)
     for _ in range(60):
         x = 1000.0 + 0.01 * torch.randn(64, 4, generator=gen, dtype=torch.float64)
         for scaler in (default, fixed, theirs):
@@ -186,7 +186,8 @@ def make_agent(env, agent_class, scaler_class, discount_factor=0.99, **scaler_kw
               "value": deterministic_model(**spaces, network=network, output="ONE")}
     cfg = PPO_CFG(rollouts=8, learning_epochs=2, mini_batches=2, discount_factor=discount_factor,
                   observation_preprocessor=scaler_class,
-                  observation_preprocessor_kwargs={"size": env.observation_space, "device": env.device, **scaler_kwargs},
+                  observation_preprocessor_kwargs={"size": env.observation_space, "device": env.device,
+                                                   **scaler_kwargs},
                   value_preprocessor=scaler_class,
                   value_preprocessor_kwargs={"size": 1, "device": env.device, **scaler_kwargs})
     cfg.experiment.write_interval = 0
