@@ -20,6 +20,7 @@ from skrl.trainers.torch import SequentialTrainer
 from skrl.utils.model_instantiators.torch import deterministic_model, gaussian_model
 
 from fastnorm.integrations.skrl import PPO, RunningStandardScaler
+from gloo_world import gloo_world_of_one  # noqa: F401 (a fixture)
 
 STATS = ("running_mean", "running_variance", "current_count")
 
@@ -158,6 +159,20 @@ def test_gradients_are_refused_where_skrl_would_backpropagate():
     assert scaler(x) is not None and scaler(None) is None
     with pytest.raises(NotImplementedError, match="no_grad=False"):
         scaler(x, no_grad=False)
+
+
+def test_sync_needs_a_process_group(gen):
+    scaler = RunningStandardScaler(3, device="cpu", sync=True)
+    with pytest.raises(RuntimeError, match="needs torch.distributed to be initialized"):
+        scaler(torch.randn(4, 3, generator=gen), train=True)
+    assert scaler.current_count == 1
+
+
+def test_sync_in_a_world_of_one_equals_the_local_statistics(gen, gloo_world_of_one):
+    synced, local = RunningStandardScaler(5, device="cpu", sync=True), RunningStandardScaler(5, device="cpu")
+    for x in batches(gen, 5, 4, loc=1.0):
+        torch.testing.assert_close(synced(x, train=True), local(x, train=True))
+    assert_same_state(synced, local, exact=True)
 
 
 class DriftEnv(gymnasium.Env):
