@@ -4,8 +4,9 @@ and advantages."""
 
 from __future__ import annotations
 
-import copy
+import importlib
 import io
+import sys
 
 import gymnasium
 import numpy as np
@@ -283,3 +284,10 @@ def test_ppo_advantages_match_skrl_and_keep_a_floor(gen):
     assert theirs.memory.get_tensor_by_name("advantages").abs().max() > 1
     assert ours.memory.get_tensor_by_name("advantages").abs().max() < 0.05
     assert ours.advantage_stats.std_below_floor.all()
+
+
+def test_missing_skrl_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "skrl", None)
+    monkeypatch.delitem(sys.modules, "fastnorm.integrations.skrl")
+    with pytest.raises(ImportError, match=r"pip install 'fastnorm\[skrl\]'"):
+        importlib.import_module("fastnorm.integrations.skrl")

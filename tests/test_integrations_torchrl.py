@@ -3,7 +3,9 @@ ClipPPOLoss on a multi-agent batch; its specs, state dict, masks, evaluation and
 
 from __future__ import annotations
 
+import importlib
 import io
+import sys
 
 import pytest
 import torch
@@ -210,3 +212,10 @@ def test_sync_in_a_world_of_one_equals_the_local_statistics(gen, gloo_world_of_o
     torch.testing.assert_close(loss._standardize_advantage(advantage, TensorDict({}, batch_size=(8, 5))),
                                (advantage - advantage.mean((0, 1, 3), keepdim=True))
                                / advantage.std((0, 1, 3), keepdim=True), rtol=1e-5, atol=1e-5)
+
+
+def test_missing_torchrl_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchrl", None)
+    monkeypatch.delitem(sys.modules, "fastnorm.integrations.torchrl")
+    with pytest.raises(ImportError, match=r"pip install 'fastnorm\[torchrl\]'"):
+        importlib.import_module("fastnorm.integrations.torchrl")
