@@ -132,6 +132,17 @@ def test_nan_rows_stay_out_of_the_statistics(gen):
     assert y[bad_rows].isnan().all() and y[keep].isfinite().all()
 
 
+def test_a_single_row_merges_a_variance_of_zero_where_skrl_turns_nan(gen):
+    ours, theirs = RunningStandardScaler(3, device="cpu"), SkrlScaler(3, device="cpu")
+    x = torch.randn(1, 3, generator=gen)
+    with pytest.warns(UserWarning, match="degrees of freedom"):
+        theirs(x, train=True)
+    ours(x, train=True)
+    assert theirs.running_variance.isnan().all()
+    torch.testing.assert_close(ours.running_variance, 0.5 * torch.ones(3, dtype=torch.float64)
+                               + 0.25 * x[0].double() ** 2)  # (1 * 1 + 1 * 0) / 2 + d^2 / 4, d = x
+
+
 def test_wrong_shape_device_and_checkpoints_raise_and_change_nothing(gen):
     scaler = RunningStandardScaler(3, device="cpu")
     scaler(torch.randn(10, 3, generator=gen), train=True)

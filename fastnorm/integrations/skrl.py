@@ -55,8 +55,8 @@ class RunningStandardScaler(RunningNorm):
     frozen by its count) and the std floor ``min_std=1e-2``; the clamp stays ``clip_threshold``.
     ``sync=True`` (which skrl lacks) merges each update across the ranks of ``process_group``.
 
-    The count is stored as one number, as skrl's: the most any feature reached (features differ
-    only where non-finite entries were kept out). ``no_grad=False`` with an input that requires
+    The state dict holds the count as one number, as skrl's: the most any feature reached (the
+    features' counts differ only where non-finite entries were kept out). ``no_grad=False`` with an input that requires
     grad is refused: fastnorm's kernels do not backpropagate (skrl's agents never ask for it).
     """
 

@@ -114,7 +114,7 @@ class RunningNormTransform(Transform):
         return self
 
     def unfreeze(self) -> "RunningNormTransform":
-        """Updates the statistics again in training mode."""
+        """Updates the statistics again during data collection."""
         self.frozen = False
         return self
 
