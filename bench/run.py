@@ -37,6 +37,7 @@ SECTIONS = [
     "advantages",
     "rollout",
     "stability",
+    "wrappers",
 ]
 PEER_PACKAGES = ("numpy", "stable-baselines3", "rsl-rl-lib", "rl-games", "torchrl", "tensordict", "matplotlib")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
