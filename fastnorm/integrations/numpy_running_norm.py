@@ -120,24 +120,24 @@ class NumpyRunningNorm:
     def update(self, x: np.ndarray) -> None:
         """Merges the batch x ``(*batch, *shape)`` into the statistics. The same pass normalizes x
         with the updated statistics: a ``normalize`` of this very array next returns that."""
-        x_tensor, y = _with_output(x)
+        x_tensor, y, y_array = _with_output(x)
         self._running_norm(x_tensor, y)
-        self._kept = (x, y.numpy())
+        self._kept = (x, y_array)
 
     def update_normalize(self, x: np.ndarray) -> np.ndarray:
         """Updates the statistics with x, then normalizes x with them (one fused pass)."""
-        x, y = _with_output(x)
+        x, y, y_array = _with_output(x)
         self._running_norm(x, y)
-        return y.numpy()
+        return y_array
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
         """x normalized with the current statistics, in x's float dtype (float32 for integers)."""
         kept, self._kept = self._kept, None
         if kept is not None and kept[0] is x:
             return kept[1]
-        x, y = _with_output(x)
+        x, y, y_array = _with_output(x)
         self._backend.normalize(x, self._statistics[0], self._statistics[1], y, **self._bounds)
-        return y.numpy()
+        return y_array
 
     def denormalize(self, y: np.ndarray) -> np.ndarray:
         """y * std + mean: the inverse of normalize where no clip was hit."""
@@ -150,7 +150,8 @@ class NumpyRunningNorm:
             self.last_nonfinite = 0
             return
         self._steps += 1
-        self.last_nonfinite = int(self._nonfinite_row.sum())
+        # count_nonzero is the cheapest look at a small array; the sum only when there is something.
+        self.last_nonfinite = int(self._nonfinite_row.sum()) if np.count_nonzero(self._nonfinite_row) else 0
         if self.last_nonfinite:
             self.nonfinite_count += self.last_nonfinite
             warnings.warn("fastnorm: non-finite inputs were left out of the running statistics (counted in "
@@ -189,14 +190,20 @@ class NumpyRunningNorm:
 
 def _as_tensor(x) -> torch.Tensor:
     """A CPU tensor sharing x's memory where it can (float x, contiguous, writable)."""
+    return torch.from_numpy(_as_float_array(x))
+
+
+def _as_float_array(x) -> np.ndarray:
     x = np.asarray(x)
     if x.dtype.kind != "f" or x.dtype == np.float16:
-        x = x.astype(np.float32)
-    elif not (x.flags.c_contiguous and x.flags.writeable):
-        x = x.copy()
-    return torch.from_numpy(x)
+        return x.astype(np.float32)
+    if not (x.flags.c_contiguous and x.flags.writeable):
+        return x.copy()
+    return x
 
 
-def _with_output(x) -> tuple[torch.Tensor, torch.Tensor]:
-    x = _as_tensor(x)
-    return x, torch.empty_like(x)
+def _with_output(x) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """x as a tensor, and a fresh output as a tensor and as the numpy array it shares memory with."""
+    x = _as_float_array(x)
+    y = np.empty_like(x)
+    return torch.from_numpy(x), torch.from_numpy(y), y
