@@ -64,7 +64,8 @@ class NumpyRunningNorm:
 
     @property
     def norm(self) -> RunningNorm:
-        """The RunningNorm that holds the statistics (its ``steps`` brought up to date)."""
+        """The RunningNorm that holds the statistics. Its ``steps`` is counted here and written into
+        it when read: change the statistics through this object (the setters, load_statistics)."""
         self._norm.steps.fill_(self._steps)
         return self._norm
 
