@@ -38,6 +38,7 @@ SECTIONS = [
     "rollout",
     "stability",
     "frameworks",
+    "wrappers",
 ]
 PEER_PACKAGES = ("numpy", "stable-baselines3", "rsl-rl-lib", "rl-games", "skrl", "torchrl", "tensordict", "matplotlib")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
