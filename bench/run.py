@@ -37,8 +37,9 @@ SECTIONS = [
     "advantages",
     "rollout",
     "stability",
+    "vmas_rollout",
 ]
-PEER_PACKAGES = ("numpy", "stable-baselines3", "rsl-rl-lib", "rl-games", "torchrl", "tensordict", "matplotlib")
+PEER_PACKAGES = ("numpy", "stable-baselines3", "rsl-rl-lib", "rl-games", "torchrl", "tensordict", "vmas", "matplotlib")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
