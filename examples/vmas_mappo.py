@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--envs", type=int, default=60, help="parallel envs; a batch is envs x --steps frames")
     p.add_argument("--steps", type=int, default=100, help="env steps per batch (= the episode length)")
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--epochs", type=int, default=30, help="passes over each batch")
+    p.add_argument("--epochs", type=int, default=10, help="passes over each batch (TorchRL's tutorial: 30)")
     p.add_argument("--minibatch", type=int, default=400, help="env steps (of all agents) per gradient step")
     p.add_argument("--normalizer", choices=("fastnorm", "seed", "none"), default="fastnorm")
     p.add_argument("--seed", type=int, default=0)
@@ -139,8 +139,9 @@ def explained_variance(value: torch.Tensor, target: torch.Tensor) -> float:
 
 def train(args: argparse.Namespace, on_iteration: Optional[Callable] = None) -> list[dict[str, float]]:
     """Trains for ``args.iters`` iterations; returns each iteration's scalars. ``on_iteration(i,
-    batch, scalars)``, if given, sees each batch (normalized observations included) after the update.
-    Stops early when the run diverges (a non-finite loss or gradient)."""
+    batch, scalars, norm)``, if given, sees each batch (normalized observations included) and the
+    observation normalizer after the update. Stops early when the run diverges (a checkpoint that
+    would hold NaN or inf)."""
     torch.manual_seed(args.seed)
     env, norm = make_env(args)
     actor, critic = make_actor_critic(env, args.device)
@@ -179,7 +180,7 @@ def train(args: argparse.Namespace, on_iteration: Optional[Callable] = None) -> 
               f"  grad norm {scalars['train/grad_norm']:8.3g}  ev {scalars['train/explained_variance']:6.3f}"
               f"  ({time.perf_counter() - start:.0f} s)", flush=True)
         if on_iteration is not None:
-            on_iteration(i, batch, scalars)
+            on_iteration(i, batch, scalars, norm)
         state = {"actor": actor.state_dict(), "critic": critic.state_dict(), "optim": optim.state_dict(), "iteration": i}
         if isinstance(norm, fastnorm.RunningNorm):
             state["obs_norm"] = norm.state_dict()
