@@ -15,14 +15,17 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(fastnorm, m) {
   // Reduces the batch, merges it into the float64 running statistics (mean, var, count), writes
   // y into out when given, and fills diag (6, C) with the per-column diagnostics (DiagRow).
+  // eps_on_std: the divisor is sqrt(var) + eps instead of sqrt(var + eps); unbiased: the batch
+  // variance merged into var is M2/(n-1) (0 for n = 1) instead of M2/n (diag's batch_var stays M2/n).
   m.def(
       "running_norm(Tensor x, Tensor? mask, Tensor(a!) mean, Tensor(b!) var, Tensor(c!) count, "
       "Tensor(d!)? out, Tensor(e!) diag, float? momentum, float? max_count, float eps, float? min_std, "
-      "float? max_std, float? clip) -> ()");
-  // y = clamp((x - mean) / clamp(sqrt(var + eps), min_std, max_std), -clip, clip) into out.
+      "float? max_std, float? clip, bool eps_on_std=False, bool unbiased=False) -> ()");
+  // y = clamp((x - mean) / clamp(sqrt(var + eps), min_std, max_std), -clip, clip) into out
+  // (sqrt(var) + eps with eps_on_std).
   m.def(
       "normalize(Tensor x, Tensor mean, Tensor var, Tensor(a!) out, float eps, float? min_std, "
-      "float? max_std, float? clip) -> ()");
+      "float? max_std, float? clip, bool eps_on_std=False) -> ()");
   // running_norm split in two halves, so that the batch moments of several processes can be
   // combined in between (RunningNorm(sync=True) all-gathers them). Running both halves on one
   // batch with parts = moments[None] gives exactly what running_norm gives.
@@ -42,7 +45,7 @@ TORCH_LIBRARY(fastnorm, m) {
   m.def(
       "merge_normalize(Tensor x, Tensor? mask, Tensor parts, Tensor(a!) mean, Tensor(b!) var, Tensor(c!) count, "
       "Tensor(d!)? out, Tensor(e!) diag, float? momentum, float? max_count, float eps, float? min_std, "
-      "float? max_std, float? clip) -> ()");
+      "float? max_std, float? clip, bool eps_on_std=False, bool unbiased=False) -> ()");
   // x (O, G, I) reduced over dims 0 and 2: for each group g, over its selected finite entries
   // (mask[k / (N / mask.numel())] for flat index k, no mask: all), writes stats (4, G) (rows:
   // AdvantageStatRow) and y = (x - mean) / max(std_raw, min_std) into out (0 for an empty group).

@@ -118,13 +118,23 @@ FASTNORM_HD ColumnSummary merge_column_parts(const double* parts, int64_t num_pa
 }
 
 // Hyper-parameters of the running update. min_weight = 1 - momentum (0 in cumulative mode);
-// max_count = +inf when unbounded.
+// max_count = +inf when unbounded; unbiased: the batch variance merged is M2/(n-1) (0 for n = 1)
+// instead of M2/n.
 struct UpdateParams {
   double min_weight;
   double max_count;
+  bool unbiased;
 };
 
-// The running update of one column with the batch moments (the contract in README.md):
+// The batch variance the running update merges: M2/n, or M2/(n-1) when unbiased, 0 for a single
+// sample (not NaN). n >= 1.
+FASTNORM_HD double merged_batch_var(const Moments& batch, bool unbiased) {
+  const double dof = unbiased ? batch.count - 1.0 : batch.count;
+  return dof > 0.0 ? batch.m2 / dof : 0.0;
+}
+
+// The running update of one column with the batch moments (the contract in README.md), v_b =
+// merged_batch_var(batch, unbiased):
 //   w = max(min_weight, n_b / (min(count, max_count) + n_b))
 //   mean' = mean + w d,  var' = (1-w) var + w v_b + w (1-w) d^2,  count' = count + n_b
 // With min_weight = 0 this is exactly the Chan merge of the two populations; with momentum it is
@@ -138,16 +148,18 @@ FASTNORM_HD void update_running_stats(double& mean, double& var, double& count, 
   const double d = batch.mean - mean;
   const double new_mean = mean + w * d;
   // (w (1-w) d) d rather than w (1-w) d^2: 0, not 0 * inf, at w = 1 with |d| > 1e154.
-  const double new_var = (1.0 - w) * var + w * (batch.m2 / batch.count) + (w * (1.0 - w) * d) * d;
+  const double new_var = (1.0 - w) * var + w * merged_batch_var(batch, p.unbiased) + (w * (1.0 - w) * d) * d;
   if (!isfinite(new_mean) || !isfinite(new_var)) return;
   mean = new_mean;
   var = new_var;
   count += batch.count;
 }
 
-// The divisor of the normalization: sqrt(var + eps) bounded to [min_std, max_std].
-FASTNORM_HD double bounded_std(double var, double eps, double min_std, double max_std) {
-  return fmin(fmax(sqrt(var + eps), min_std), max_std);
+// The divisor of the normalization: sqrt(var + eps), or sqrt(var) + eps when eps_on_std (rsl_rl's
+// and skrl's placement), bounded to [min_std, max_std].
+FASTNORM_HD double bounded_std(double var, double eps, bool eps_on_std, double min_std, double max_std) {
+  const double std = eps_on_std ? sqrt(var) + eps : sqrt(var + eps);
+  return fmin(fmax(std, min_std), max_std);
 }
 
 // Clamp that keeps NaN as NaN (fmin/fmax and std::clamp would return a bound for NaN).

@@ -74,6 +74,13 @@ def check_optional_number(name: str, value, *, minimum: float = 0.0, inclusive: 
     return value
 
 
+def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    """One of the strings choices; returns it."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
 def check_out_overlap(out: Tensor, x: Tensor) -> None:
     """What at::assert_no_internal_overlap(out) and at::assert_no_partial_overlap(out, x) check in
     the C++ ops, from the layouts alone (no data is read, so fake tensors pass through): out may be

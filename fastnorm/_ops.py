@@ -27,11 +27,12 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 if EXTENSION_ERROR is None:
 
     @torch.library.register_fake("fastnorm::running_norm")
-    def _running_norm_fake(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip):
+    def _running_norm_fake(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip,
+                           eps_on_std=False, unbiased=False):
         torch._check(diag.shape == (6, mean.numel()), lambda: "diag must have shape (6, C)")
 
     @torch.library.register_fake("fastnorm::normalize")
-    def _normalize_fake(x, mean, var, out, eps, min_std, max_std, clip):
+    def _normalize_fake(x, mean, var, out, eps, min_std, max_std, clip, eps_on_std=False):
         torch._check(out.shape == x.shape, lambda: "out must have x's shape")
 
     @torch.library.register_fake("fastnorm::batch_moments")
@@ -40,7 +41,7 @@ if EXTENSION_ERROR is None:
 
     @torch.library.register_fake("fastnorm::merge_normalize")
     def _merge_normalize_fake(x, mask, parts, mean, var, count, out, diag, momentum, max_count, eps, min_std,
-                              max_std, clip):
+                              max_std, clip, eps_on_std=False, unbiased=False):
         torch._check(parts.shape[1:] == (6, *mean.shape), lambda: "parts must have shape (P, 6, *mean.shape)")
         torch._check(diag.shape == (6, mean.numel()), lambda: "diag must have shape (6, C)")
 

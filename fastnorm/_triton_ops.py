@@ -179,7 +179,7 @@ def _writable_rows(out: Tensor, rows: int, cols: int) -> tuple[Tensor, bool]:
 def running_norm_triton(
     x: Tensor, mask: Optional[Tensor], mean: Tensor, var: Tensor, count: Tensor, out: Optional[Tensor],
     diag: Tensor, momentum: Optional[float], max_count: Optional[float], eps: float, min_std: Optional[float],
-    max_std: Optional[float], clip: Optional[float],
+    max_std: Optional[float], clip: Optional[float], eps_on_std: bool = False, unbiased: bool = False,
 ) -> None:
     """fastnorm::running_norm on the Triton kernels."""
     rows, cols = _check_update(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip)
@@ -191,7 +191,7 @@ def running_norm_triton(
     out_rows, scratch = _writable_rows(out, rows, cols) if out is not None else (None, False)
     launch_running_norm(_readable_rows(x, rows, cols), _mask_rows(mask, rows), mean, var, count, out_rows, diag,
                         momentum=momentum, max_count=max_count, eps=eps, min_std=min_std, max_std=max_std, clip=clip,
-                        blocks=blocks_for(x, cols))
+                        eps_on_std=eps_on_std, unbiased=unbiased, blocks=blocks_for(x, cols))
     if scratch:
         out.copy_(out_rows.view(out.shape))
 
@@ -199,7 +199,7 @@ def running_norm_triton(
 @_define("fastnorm::normalize_triton", ("out",))
 def normalize_triton(
     x: Tensor, mean: Tensor, var: Tensor, out: Tensor, eps: float, min_std: Optional[float],
-    max_std: Optional[float], clip: Optional[float],
+    max_std: Optional[float], clip: Optional[float], eps_on_std: bool = False,
 ) -> None:
     """fastnorm::normalize on the Triton kernels."""
     rows, cols = _check_statistics(x, mean, (var, "var"))
@@ -209,7 +209,7 @@ def normalize_triton(
         return
     out_rows, scratch = _writable_rows(out, rows, cols)
     launch_normalize(_readable_rows(x, rows, cols), mean, var, out_rows, eps=eps, min_std=min_std, max_std=max_std,
-                     clip=clip, blocks=blocks_for(x, cols))
+                     clip=clip, eps_on_std=eps_on_std, blocks=blocks_for(x, cols))
     if scratch:
         out.copy_(out_rows.view(out.shape))
 
@@ -234,7 +234,8 @@ def batch_moments_triton(x: Tensor, mask: Optional[Tensor], moments: Tensor) -> 
 def merge_normalize_triton(
     x: Tensor, mask: Optional[Tensor], parts: Tensor, mean: Tensor, var: Tensor, count: Tensor,
     out: Optional[Tensor], diag: Tensor, momentum: Optional[float], max_count: Optional[float], eps: float,
-    min_std: Optional[float], max_std: Optional[float], clip: Optional[float],
+    min_std: Optional[float], max_std: Optional[float], clip: Optional[float], eps_on_std: bool = False,
+    unbiased: bool = False,
 ) -> None:
     """fastnorm::merge_normalize on the Triton kernels."""
     rows, cols = _check_update(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip)
@@ -248,7 +249,7 @@ def merge_normalize_triton(
     out_rows, scratch = _writable_rows(out, rows, cols) if out is not None else (None, False)
     launch_merge_normalize(_readable_rows(x, rows, cols), _mask_rows(mask, rows), parts, mean, var, count, out_rows,
                            diag, momentum=momentum, max_count=max_count, eps=eps, min_std=min_std, max_std=max_std,
-                           clip=clip, blocks=blocks_for(x, cols))
+                           clip=clip, eps_on_std=eps_on_std, unbiased=unbiased, blocks=blocks_for(x, cols))
     if scratch and rows > 0:
         out.copy_(out_rows.view(out.shape))
 

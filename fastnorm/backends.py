@@ -7,8 +7,9 @@ folds them away.
 
 Every backend implements the same calls, mutating their output arguments in place:
   running_norm(x, mask, mean, var, count, out, diag, *, momentum, max_count, eps, min_std,
-               max_std, clip)     reduce + merge into (mean, var, count) + y into out (if given)
-  normalize(x, mean, var, out, *, eps, min_std, max_std, clip)
+               max_std, clip, eps_on_std, unbiased)
+                  reduce + merge into (mean, var, count) + y into out (if given)
+  normalize(x, mean, var, out, *, eps, min_std, max_std, clip, eps_on_std)
   normalize_advantages(x, mask, out, stats, *, min_std, unbiased)
                   x (O, G, I), mask flat (see csrc/ops.cpp); stats (4, G) rows STAT_ROWS
 and running_norm split in two for RunningNorm(sync=True), which combines the halves across ranks
@@ -94,10 +95,10 @@ class ExtensionBackend:
         return []
 
     def running_norm(self, x, mask, mean, var, count, out, diag, *, momentum, max_count, eps, min_std, max_std,
-                     clip) -> None:
+                     clip, eps_on_std=False, unbiased=False) -> None:
         # The overload, positionally: keyword arguments cost a few microseconds per call.
         torch.ops.fastnorm.running_norm.default(x, mask, mean, var, count, out, diag, momentum, max_count, eps,
-                                                min_std, max_std, clip)
+                                                min_std, max_std, clip, eps_on_std, unbiased)
 
     def normalize(self, x, mean, var, out, **hyper) -> None:
         torch.ops.fastnorm.normalize(x, mean, var, out, **hyper)

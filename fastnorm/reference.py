@@ -5,13 +5,14 @@ baseline, and the "reference" backend runs it where no kernel is built. Function
 they return new statistics instead of mutating their arguments.
 
 The contract (README.md, "The running update"): for each column c, over the selected entries of
-the batch (mask true and value finite) with batch count n_b, mean m_b and population variance v_b,
-d = m_b - mean and n_eff = min(count, max_count):
+the batch (mask true and value finite) with batch count n_b, mean m_b and variance v_b (M2/n_b, or
+with unbiased M2/(n_b - 1) and 0 for n_b = 1), d = m_b - mean and n_eff = min(count, max_count):
 
     w = n_b / (n_eff + n_b);  with momentum: w = max(1 - momentum, w)
     mean' = mean + w d;  var' = (1 - w) var + w v_b + w (1 - w) d^2;  count' = count + n_b
 
-and y = clamp((x - mean) / clamp(sqrt(var + eps), min_std, max_std), -clip, clip).
+and y = clamp((x - mean) / clamp(std, min_std, max_std), -clip, clip) with std = sqrt(var + eps),
+or sqrt(var) + eps with eps_on_std.
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ def batch_moments(x_rows: Tensor, selected: Tensor) -> tuple[Tensor, Tensor, Ten
     return n, m, v, nonfinite
 
 
+def unbiased_var(n: Tensor, v: Tensor) -> Tensor:
+    """The population variance v of n samples rescaled to M2/(n - 1); 0 for n <= 1 (not NaN)."""
+    return torch.where(n > 1, v * n / (n - 1).clamp(min=1), 0.0)
+
+
 def merge_running(
     mean: Tensor,
     var: Tensor,
@@ -72,8 +78,8 @@ def merge_running(
     momentum: Optional[float],
     max_count: Optional[float],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The running update of the contract; columns with n_b = 0, or whose result would not be
-    finite, keep their statistics."""
+    """The running update of the contract with the batch variance v_b as given; columns with
+    n_b = 0, or whose result would not be finite, keep their statistics."""
     n_eff = count if max_count is None else count.clamp(max=max_count)
     w = n_b / (n_eff + n_b).clamp(min=1e-300)
     if momentum is not None:
@@ -89,9 +95,11 @@ def merge_running(
     )
 
 
-def bounded_std(var: Tensor, eps: float, min_std: Optional[float], max_std: Optional[float]) -> Tensor:
-    """sqrt(var + eps) bounded to [min_std, max_std] (None: unbounded)."""
-    std = torch.sqrt(var + eps)
+def bounded_std(var: Tensor, eps: float, min_std: Optional[float], max_std: Optional[float],
+                eps_on_std: bool = False) -> Tensor:
+    """sqrt(var + eps), or sqrt(var) + eps with eps_on_std, bounded to [min_std, max_std] (None:
+    unbounded)."""
+    std = torch.sqrt(var) + eps if eps_on_std else torch.sqrt(var + eps)
     if min_std is None and max_std is None:
         return std
     return std.clamp(min=min_std, max=max_std)
@@ -106,9 +114,10 @@ def normalize(
     min_std: Optional[float],
     max_std: Optional[float],
     clip: Optional[float],
+    eps_on_std: bool = False,
 ) -> Tensor:
     """y = clamp((x - mean) / bounded_std, -clip, clip) in float64, returned in x's dtype."""
-    z = (x.double() - mean) / bounded_std(var, eps, min_std, max_std)
+    z = (x.double() - mean) / bounded_std(var, eps, min_std, max_std, eps_on_std)
     y = z if clip is None else z.clamp(-clip, clip)
     return y.to(x.dtype)
 
@@ -126,19 +135,23 @@ def running_norm(
     min_std: Optional[float],
     max_std: Optional[float],
     clip: Optional[float],
+    eps_on_std: bool = False,
+    unbiased: bool = False,
     with_output: bool = True,
 ) -> RunningNormResult:
-    """Updates the statistics with the batch x and normalizes x with the updated statistics."""
+    """Updates the statistics with the batch x and normalizes x with the updated statistics. diag's
+    batch_var row is the population variance, also when unbiased."""
     shape = mean.shape
     x_rows = as_rows(x, shape)
     selected = selection(x_rows, mask)
     n_b, m_b, v_b, nonfinite = batch_moments(x_rows, selected)
     new_mean, new_var, new_count = merge_running(
-        mean.reshape(-1), var.reshape(-1), count.reshape(-1), n_b, m_b, v_b, momentum=momentum, max_count=max_count
+        mean.reshape(-1), var.reshape(-1), count.reshape(-1), n_b, m_b, unbiased_var(n_b, v_b) if unbiased else v_b,
+        momentum=momentum, max_count=max_count,
     )
     if with_output:
         y_rows, abs_z, clipped = _output_rows(x_rows, selected, new_mean, new_var, eps=eps, min_std=min_std,
-                                              max_std=max_std, clip=clip)
+                                              max_std=max_std, clip=clip, eps_on_std=eps_on_std)
         max_abs_z = abs_z.amax(0) if x_rows.shape[0] > 0 else torch.zeros_like(n_b)
         y = y_rows.to(x.dtype).reshape(x.shape)
     else:
@@ -149,11 +162,11 @@ def running_norm(
 
 
 def _output_rows(x_rows: Tensor, selected: Tensor, mean: Tensor, var: Tensor, *, eps: float,
-                 min_std: Optional[float], max_std: Optional[float],
-                 clip: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+                 min_std: Optional[float], max_std: Optional[float], clip: Optional[float],
+                 eps_on_std: bool) -> tuple[Tensor, Tensor, Tensor]:
     """y as float64 rows, |z| of the selected finite entries (0 elsewhere), and the per-column
     count of those with |z| > clip."""
-    z = (x_rows - mean) / bounded_std(var, eps, min_std, max_std)
+    z = (x_rows - mean) / bounded_std(var, eps, min_std, max_std, eps_on_std)
     abs_z = torch.where(selected & torch.isfinite(x_rows), z.abs(), 0.0)
     clipped = (abs_z > clip).sum(0, dtype=torch.float64) if clip is not None else torch.zeros_like(mean)
     y_rows = z if clip is None else z.clamp(-clip, clip)
@@ -211,6 +224,8 @@ def merge_normalize(
     min_std: Optional[float],
     max_std: Optional[float],
     clip: Optional[float],
+    eps_on_std: bool = False,
+    unbiased: bool = False,
     with_output: bool = True,
 ) -> RunningNormResult:
     """What fastnorm::merge_normalize computes: the running update with the merged tables parts
@@ -219,14 +234,17 @@ def merge_normalize(
     shape = mean.shape
     n_b, m_b, m2_b, nonfinite, lo, hi = merge_moment_tables(parts).reshape(len(MOMENT_ROWS), -1)
     v_b = torch.where(n_b > 0, m2_b / n_b.clamp(min=1), 0.0)
+    merged_v_b = torch.where(n_b > 1, m2_b / (n_b - 1).clamp(min=1), 0.0) if unbiased else v_b
     new_mean, new_var, new_count = merge_running(
-        mean.reshape(-1), var.reshape(-1), count.reshape(-1), n_b, m_b, v_b, momentum=momentum, max_count=max_count
+        mean.reshape(-1), var.reshape(-1), count.reshape(-1), n_b, m_b, merged_v_b, momentum=momentum,
+        max_count=max_count,
     )
     if with_output:
         x_rows = as_rows(x, shape)
         y_rows, _, clipped = _output_rows(x_rows, selection(x_rows, mask), new_mean, new_var, eps=eps,
-                                          min_std=min_std, max_std=max_std, clip=clip)
-        spread = torch.maximum(hi - new_mean, new_mean - lo) / bounded_std(new_var, eps, min_std, max_std)
+                                          min_std=min_std, max_std=max_std, clip=clip, eps_on_std=eps_on_std)
+        spread = torch.maximum(hi - new_mean, new_mean - lo) / bounded_std(new_var, eps, min_std, max_std,
+                                                                            eps_on_std)
         max_abs_z = torch.where(n_b > 0, spread, 0.0)
         y = y_rows.to(x.dtype).reshape(x.shape)
     else:

@@ -16,7 +16,12 @@ from fastnorm.monitoring.diagnostics import as_floats, running_norm_diagnostics
 from fastnorm.reference import DIAG_ROWS, MOMENT_ROWS
 
 FORMAT_VERSION = 1
-HYPER_PARAMETERS = ("momentum", "max_count", "eps", "min_std", "max_std", "clip", "warmup")
+HYPER_PARAMETERS = ("momentum", "max_count", "eps", "min_std", "max_std", "clip", "warmup", "eps_placement",
+                    "batch_var")
+# Hyper-parameters added after format 1 was fixed, with the value a state saved without them had.
+LATER_DEFAULTS = {"eps_placement": "var", "batch_var": "population"}
+EPS_PLACEMENTS = ("var", "std")
+BATCH_VARS = ("population", "unbiased")
 
 
 class RunningNorm(nn.Module):
@@ -24,7 +29,8 @@ class RunningNorm(nn.Module):
 
     Statistics (float64 buffers ``mean``, ``var``, ``count`` of ``shape``) start at 0, 1, 0.
     Each update reduces all batch dims over the selected entries (``mask`` true, value finite):
-    batch count ``n_b``, mean ``m_b``, population variance ``v_b``; with ``d = m_b - mean`` and
+    batch count ``n_b``, mean ``m_b``, variance ``v_b`` (population ``M2 / n_b``, or with
+    ``batch_var="unbiased"`` ``M2 / (n_b - 1)``, 0 for a single sample); with ``d = m_b - mean`` and
     ``n_eff = min(count, max_count)``::
 
         w = n_b / (n_eff + n_b);  with momentum: w = max(1 - momentum, w)
@@ -34,7 +40,9 @@ class RunningNorm(nn.Module):
     with weight ``1 - momentum`` (never frozen); ``momentum=None`` is the exact cumulative
     (Chan) merge. The output, with the updated statistics when updating::
 
-        y = clamp((x - mean) / clamp(sqrt(var + eps), min_std, max_std), -clip, clip)
+        y = clamp((x - mean) / clamp(std, min_std, max_std), -clip, clip)
+
+    with ``std = sqrt(var + eps)`` (``eps_placement="var"``) or ``sqrt(var) + eps`` (``"std"``).
 
     Non-finite inputs never enter the statistics; NaN stays NaN in y and +-inf becomes +-clip.
 
@@ -42,10 +50,15 @@ class RunningNorm(nn.Module):
         shape: the per-agent statistics shape, e.g. ``(num_agents, num_features)``.
         momentum: EMA momentum in [0, 1], or None for the exact cumulative mode.
         max_count: cap on the count used for the weight (None: uncapped).
-        eps: added to the variance before the square root.
+        eps: added to the variance before the square root (or to the std, see eps_placement).
         min_std, max_std: hard bounds on the divisor (None: unbounded).
         clip: the output is clamped to [-clip, clip] (None: no clamp).
         warmup: number of updates after which ``ready`` becomes true.
+        eps_placement: "var": divisor sqrt(var + eps) (default); "std": sqrt(var) + eps, as rsl_rl's
+            EmpiricalNormalization and skrl's RunningStandardScaler.
+        batch_var: the batch variance merged into var: "population" (M2 / n, default) or "unbiased"
+            (M2 / (n - 1), as torch.var and skrl; a single sample gives 0, not NaN). The
+            diagnostics' raw batch std is the population one either way.
         backend: "auto", "cpu", "cuda", "triton" or "reference" (see ``fastnorm.backends()``).
         device: where the statistics live.
         sync: combine each update's batch across the ranks of ``process_group`` (see below).
@@ -78,6 +91,8 @@ class RunningNorm(nn.Module):
         max_std: Optional[float] = None,
         clip: Optional[float] = 10.0,
         warmup: int = 0,
+        eps_placement: str = "var",
+        batch_var: str = "population",
         backend: str = "auto",
         device: Optional[Union[str, torch.device]] = None,
         sync: bool = False,
@@ -103,6 +118,8 @@ class RunningNorm(nn.Module):
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
         self.warmup = warmup
+        self.eps_placement = _checks.check_choice("eps_placement", eps_placement, EPS_PLACEMENTS)
+        self.batch_var = _checks.check_choice("batch_var", batch_var, BATCH_VARS)
         self.backend = check_backend_name(backend)
         if not isinstance(sync, bool):
             raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
@@ -147,7 +164,7 @@ class RunningNorm(nn.Module):
     def denormalize(self, y: Tensor) -> Tensor:
         """x = y * std + mean (the inverse of normalize where no clamp was hit), in y's dtype."""
         _checks.check_x(y, self.shape, self.mean.device, name="y")
-        std = reference.bounded_std(self.var, self.eps, self.min_std, self.max_std)
+        std = reference.bounded_std(self.var, self.eps, self.min_std, self.max_std, self.eps_placement == "std")
         return (y.double() * std + self.mean).to(y.dtype)
 
     def reset(self) -> None:
@@ -165,6 +182,7 @@ class RunningNorm(nn.Module):
         return running_norm_diagnostics(
             self._diag, self.mean, self.var, self.count, self.steps, momentum=self.momentum,
             max_count=self.max_count, eps=self.eps, min_std=self.min_std, max_std=self.max_std,
+            eps_on_std=self.eps_placement == "std",
         )
 
     def health(self, prefix: str = "") -> dict[str, float]:
@@ -178,7 +196,8 @@ class RunningNorm(nn.Module):
         return self.steps >= self.warmup
 
     def _output_bounds(self) -> dict[str, Any]:
-        return dict(eps=self.eps, min_std=self.min_std, max_std=self.max_std, clip=self.clip)
+        return dict(eps=self.eps, min_std=self.min_std, max_std=self.max_std, clip=self.clip,
+                    eps_on_std=self.eps_placement == "std")
 
     def _normalize(self, x: Tensor, out: Optional[Tensor]) -> Tensor:
         y = out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -196,7 +215,8 @@ class RunningNorm(nn.Module):
             return
         select_backend(self.backend, x).running_norm(
             x, mask, self.mean, self.var, self.count, y, self._diag,
-            momentum=self.momentum, max_count=self.max_count, **self._output_bounds(),
+            momentum=self.momentum, max_count=self.max_count, unbiased=self.batch_var == "unbiased",
+            **self._output_bounds(),
         )
         if x.numel() > 0:  # an empty batch is no update step
             self.steps.add_(1)
@@ -210,7 +230,8 @@ class RunningNorm(nn.Module):
         parts = distributed.all_gather_moments(moments, self.process_group)
         backend.merge_normalize(
             x, mask, parts, self.mean, self.var, self.count, y, self._diag,
-            momentum=self.momentum, max_count=self.max_count, **self._output_bounds(),
+            momentum=self.momentum, max_count=self.max_count, unbiased=self.batch_var == "unbiased",
+            **self._output_bounds(),
         )
         distributed.sum_counts(self._diag[DIAG_ROWS.index("clipped")], self.process_group)
         self.steps.add_(1)  # a step of the group, whatever this rank's shard
@@ -236,6 +257,7 @@ class RunningNorm(nn.Module):
         return {"format_version": FORMAT_VERSION, "shape": list(self.shape), **self.hyper_parameters()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        state = {**LATER_DEFAULTS, **state}
         differing = {k: (state[k], getattr(self, k)) for k in HYPER_PARAMETERS if k in state and state[k] != getattr(self, k)}
         if differing:
             details = ", ".join(f"{k}: saved {saved!r}, module {own!r}" for k, (saved, own) in differing.items())
@@ -264,7 +286,8 @@ class RunningNorm(nn.Module):
         if extra is None:
             raise KeyError("state_dict has no '_extra_state': it was not saved by RunningNorm")
         _check_extra_state(extra, None, "")
-        params = {k: extra[k] for k in HYPER_PARAMETERS}
+        saved = {**LATER_DEFAULTS, **extra}
+        params = {k: saved[k] for k in HYPER_PARAMETERS}
         params.update(kwargs)
         norm = cls(extra["shape"], **params)
         norm.load_state_dict(state_dict)

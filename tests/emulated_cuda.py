@@ -36,7 +36,7 @@ def cuda_include_dir():
 
 
 class UpdateParams(ctypes.Structure):
-    _fields_ = [("min_weight", ctypes.c_double), ("max_count", ctypes.c_double)]
+    _fields_ = [("min_weight", ctypes.c_double), ("max_count", ctypes.c_double), ("unbiased", ctypes.c_bool)]
 
 
 class Problem(ctypes.Structure):
@@ -49,7 +49,8 @@ class Problem(ctypes.Structure):
                 ("mean", ctypes.c_void_p), ("var", ctypes.c_void_p), ("count", ctypes.c_void_p),
                 ("diag", ctypes.c_void_p), ("update", UpdateParams),
                 ("eps", ctypes.c_double), ("min_std", ctypes.c_double), ("max_std", ctypes.c_double),
-                ("clip", ctypes.c_double), ("moments", ctypes.c_void_p), ("parts", ctypes.c_void_p),
+                ("clip", ctypes.c_double), ("eps_on_std", ctypes.c_bool), ("moments", ctypes.c_void_p),
+                ("parts", ctypes.c_void_p),
                 ("num_parts", ctypes.c_int64)]
 
 
@@ -150,11 +151,12 @@ def make_problem(x_rows, mean, var, hyper, *, out_rows=None, mask_rows=None, cou
     if hyper is not None:
         momentum, max_count = hyper.get("momentum"), hyper.get("max_count")
         p.update = UpdateParams(0.0 if momentum is None else 1.0 - momentum,
-                                math.inf if max_count is None else max_count)
+                                math.inf if max_count is None else max_count, hyper.get("unbiased", False))
         p.eps = hyper["eps"]
         p.min_std = hyper["min_std"] or 0.0
         p.max_std = math.inf if hyper["max_std"] is None else hyper["max_std"]
         p.clip = math.inf if hyper["clip"] is None else hyper["clip"]
+        p.eps_on_std = hyper.get("eps_on_std", False)
     return p
 
 

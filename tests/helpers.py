@@ -43,12 +43,29 @@ def random_mask(shape: Sequence[int], gen: torch.Generator, device="cpu", p=0.7)
     return (torch.rand(tuple(shape), generator=gen) < p).to(device)
 
 
+# RunningNorm's non-default divisor and batch-variance options, with an eps large enough that its
+# placement moves y far beyond the tolerances (sqrt(v + 0.3) against sqrt(v) + 0.3).
+OPTION_CASES = [
+    dict(eps_placement="std", eps=0.3),
+    dict(batch_var="unbiased"),
+    dict(eps_placement="std", batch_var="unbiased", eps=0.3, min_std=None),
+]
+
+
+def option_id(options: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in options.items())
+
+
+def op_hyper(norm) -> dict:
+    """The keyword arguments of the running_norm and merge_normalize ops (backends, reference) for norm."""
+    return dict(momentum=norm.momentum, max_count=norm.max_count, eps=norm.eps, min_std=norm.min_std,
+                max_std=norm.max_std, clip=norm.clip, eps_on_std=norm.eps_placement == "std",
+                unbiased=norm.batch_var == "unbiased")
+
+
 def expected_step(norm, x, mask=None, with_output=True) -> reference.RunningNormResult:
     """What the reference computes for norm(x, mask) from norm's current statistics."""
-    return reference.running_norm(
-        x, mask, norm.mean, norm.var, norm.count, momentum=norm.momentum, max_count=norm.max_count,
-        eps=norm.eps, min_std=norm.min_std, max_std=norm.max_std, clip=norm.clip, with_output=with_output,
-    )
+    return reference.running_norm(x, mask, norm.mean, norm.var, norm.count, with_output=with_output, **op_hyper(norm))
 
 
 def assert_stats_close(norm, expected: reference.RunningNormResult, dtype, scale: float = 1.0,

@@ -64,6 +64,25 @@ def test_matches_reference(emulator, gen, dtype, path, mask_kind):
 
 
 @pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("options", [dict(eps_on_std=True, eps=0.3), dict(unbiased=True),
+                                     dict(eps_on_std=True, unbiased=True, eps=0.3, min_std=None)], ids=str)
+def test_eps_on_std_and_unbiased_match_reference(emulator, gen, path, options):
+    device, rows, shape = PATHS[path]
+    stats = fresh_stats(shape, gen)
+    hyper = {**HYPER, **options}
+    for batch_rows in (rows, 1):  # one row: an unbiased batch variance of 0
+        x = randn((batch_rows, *shape), gen, mean=1.0, scale=2.0)
+        check_step(emulator, device, x, make_mask("rows", batch_rows, shape, gen), stats, hyper, scale=2.0)
+    x = randn((rows, *shape), gen, scale=4.0)
+    out = torch.full_like(x, float("nan"))
+    problem = make_problem(x.reshape(rows, -1), stats[0], stats[1], hyper, out_rows=out.reshape(rows, -1))
+    emulator.emulated_normalize(device, ctypes.byref(problem), ctypes.byref(Plan()))
+    expected = reference.normalize(x, stats[0], stats[1], eps=hyper["eps"], min_std=hyper["min_std"], max_std=None,
+                                   clip=hyper["clip"], eps_on_std=hyper.get("eps_on_std", False))
+    torch.testing.assert_close(out, expected, **Y_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 def test_scalar_path_for_unaligned_rows(emulator, gen, path):
     device, rows, shape = PATHS[path]
     stats = fresh_stats(shape, gen)

@@ -83,12 +83,13 @@ def test_one_part_gives_running_norms_bits(emulator, gen, dtype, path, mask_kind
             assert torch.equal(y.nan_to_num(7.0), y_fused.nan_to_num(7.0))
 
 
-@pytest.mark.parametrize("momentum", [0.99, None])
+@pytest.mark.parametrize("momentum,options", [(0.99, {}), (None, {}), (0.9, dict(eps_on_std=True, eps=0.3)),
+                                              (None, dict(eps_on_std=True, unbiased=True, eps=0.3))], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
-def test_parts_merge_to_the_concatenated_batch(emulator, gen, momentum, dtype):
+def test_parts_merge_to_the_concatenated_batch(emulator, gen, momentum, options, dtype):
     # Four "ranks": unequal shards, one empty, one fully masked; each merges the same tables. The
     # largest shard takes the split reduce and normalize on the emulated H100.
-    sizes, hyper = (29, 0, 7, 2600), dict(HYPER, momentum=momentum)
+    sizes, hyper = (29, 0, 7, 2600), dict(HYPER, momentum=momentum, **options)
     states = [fresh_stats(gen)]
     states += [[t.clone() for t in states[0]] for _ in sizes[1:]]
     for step in range(2):

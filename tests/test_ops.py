@@ -74,6 +74,22 @@ def test_opcheck_merge_normalize(device, gen, with_out):
 
 
 @needs_extension
+def test_opcheck_with_eps_on_std_and_unbiased(device, gen):
+    skip_without_kernel("merge_normalize", device)
+    options = dict(eps_on_std=True, unbiased=True)
+    args = op_args(gen, device)
+    torch.library.opcheck(torch.ops.fastnorm.running_norm.default, args, {**HYPER, **options})
+    x, mask, mean, var, count, out, diag = op_args(gen, device)
+    torch.library.opcheck(torch.ops.fastnorm.normalize.default, (x, mean, var, out),
+                          dict(eps=1e-4, min_std=1e-2, max_std=None, clip=5.0, eps_on_std=True))
+    parts = torch.empty(2, 6, 4, 3, dtype=torch.float64, device=device)
+    for part in parts:
+        torch.ops.fastnorm.batch_moments(randn((1, 4, 3), gen, device=device), None, part)  # single samples
+    torch.library.opcheck(torch.ops.fastnorm.merge_normalize.default, (x, mask, parts, mean, var, count, out, diag),
+                          {**HYPER, **options})
+
+
+@needs_extension
 def test_split_ops_reject_bad_arguments_directly(device, gen):
     skip_without_kernel("batch_moments", device)
     skip_without_kernel("merge_normalize", device)

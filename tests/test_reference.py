@@ -43,6 +43,23 @@ def test_first_update_is_the_batch_exactly_in_ema_mode():
     torch.testing.assert_close(result.var, x.var(0, unbiased=False), rtol=1e-12, atol=1e-12)
 
 
+def test_unbiased_batch_var_is_torch_var_and_zero_for_one_sample():
+    x = torch.randn(9, 4, dtype=torch.float64) * 2 + 1
+    result = run([x], momentum=None, unbiased=True)
+    torch.testing.assert_close(result.var, x.var(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(result.diag[2], x.var(0, unbiased=False), rtol=1e-12, atol=1e-12)  # diag: population
+    one = run([x[:1]], momentum=None, unbiased=True)  # torch.var gives NaN here
+    assert torch.equal(one.var, torch.zeros(4, dtype=torch.float64)) and torch.equal(one.mean, x[0])
+
+
+def test_eps_on_std_adds_eps_after_the_square_root():
+    var = torch.tensor([0.0, 0.25, 4.0], dtype=torch.float64)
+    torch.testing.assert_close(reference.bounded_std(var, 0.1, None, None, eps_on_std=True),
+                               torch.tensor([0.1, 0.6, 2.1], dtype=torch.float64), rtol=1e-15, atol=0)
+    torch.testing.assert_close(reference.bounded_std(var, 0.1, 0.2, 1.0, eps_on_std=True),
+                               torch.tensor([0.2, 0.6, 1.0], dtype=torch.float64), rtol=1e-15, atol=0)
+
+
 def test_ema_weight_bottoms_out_at_one_minus_momentum():
     # After count >> n_b / (1 - momentum) the weight is 1 - momentum: a jump moves the mean by 1%.
     batches = [torch.randn(100, 2, dtype=torch.float64) for _ in range(200)]

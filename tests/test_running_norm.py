@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fastnorm import RunningNorm, reference
-from helpers import (DTYPES, Y_TOL, assert_diag_close, assert_stats_close, expected_step, random_mask,
-                     randn)
+from helpers import (DTYPES, OPTION_CASES, Y_TOL, assert_diag_close, assert_stats_close, expected_step, option_id,
+                     random_mask, randn)
 
 # (batch shape, statistics shape): odd sizes, primes, 1 to 3 batch dims, wide and narrow.
 SHAPES = [
@@ -54,6 +54,86 @@ def test_matches_reference(backend, device, gen, dtype, batch, stats, mask_kind,
         torch.testing.assert_close(y, expected.y, **Y_TOL[dtype])
         assert_stats_close(norm, expected, dtype, scale=3.0)
         assert_diag_close(norm._diag, expected.diag, dtype, scale=3.0)
+
+
+@pytest.mark.parametrize("options", OPTION_CASES, ids=option_id)
+@pytest.mark.parametrize("dtype,batch,stats,mask_kind,momentum", [
+    (torch.float32, (37,), (5,), "rows", 0.99),
+    (torch.bfloat16, (64, 3), (7, 11), "agents", None),
+    (torch.float64, (1,), (3, 2), "none", None),  # one sample: an unbiased batch variance of 0
+    (torch.float16, (300,), (257,), "full", 0.9),
+], ids=str)
+def test_options_match_reference(backend, device, gen, options, dtype, batch, stats, mask_kind, momentum):
+    norm = RunningNorm(stats, momentum=momentum, backend=backend, device=device, **options)
+    for _ in range(3):
+        x = randn(batch + stats, gen, dtype=dtype, device=device, mean=2.0, scale=3.0)
+        mask = make_mask(mask_kind, batch, stats, gen, device)
+        expected = expected_step(norm, x, mask)
+        y = norm(x, mask=mask, out=poisoned_like(x))
+        torch.testing.assert_close(y, expected.y, **Y_TOL[dtype])
+        assert_stats_close(norm, expected, dtype, scale=3.0)
+        assert_diag_close(norm._diag, expected.diag, dtype, scale=3.0)
+        torch.testing.assert_close(norm.normalize(x), reference.normalize(x, norm.mean, norm.var, eps=norm.eps,
+                                   min_std=norm.min_std, max_std=None, clip=norm.clip,
+                                   eps_on_std=norm.eps_placement == "std"), **Y_TOL[dtype])
+
+
+def test_skrl_running_standard_scaler_math(backend, device, gen):
+    # skrl 2.1.1's RunningStandardScaler: count 1, mean 0, var 1 to start, the exact parallel merge
+    # with torch.var's unbiased batch variance, y = clamp((x - mean) / (sqrt(var) + eps), -5, 5).
+    eps = 1e-8
+    norm = RunningNorm((6,), momentum=None, eps=eps, min_std=None, clip=5.0, eps_placement="std",
+                       batch_var="unbiased", backend=backend, device=device)
+    norm.count.fill_(1.0)
+    mean = torch.zeros(6, dtype=torch.float64)
+    var = torch.ones(6, dtype=torch.float64)
+    count = 1.0
+    for n in (32, 1, 7, 64):
+        x = randn((n, 6), gen, dtype=torch.float64, device=device, mean=3.0, scale=2.0)
+        xd = x.cpu()
+        batch_mean, batch_var = xd.mean(0), xd.var(0) if n > 1 else torch.zeros(6, dtype=torch.float64)
+        delta, total = batch_mean - mean, count + n
+        m2 = var * count + batch_var * n + delta**2 * count * n / total
+        mean, var, count = mean + delta * n / total, m2 / total, total
+        y = norm(x)
+        torch.testing.assert_close(norm.mean.cpu(), mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(norm.var.cpu(), var, rtol=1e-12, atol=1e-12)
+        assert torch.equal(norm.count.cpu(), torch.full((6,), count, dtype=torch.float64))
+        expected_y = ((xd - mean) / (var.sqrt() + eps)).clamp(-5.0, 5.0)
+        torch.testing.assert_close(y.cpu(), expected_y, **Y_TOL[torch.float64])
+
+
+def test_skrl_class_itself_gives_the_same(backend, device, gen):
+    skrl = pytest.importorskip("skrl.resources.preprocessors.torch")
+    scaler = skrl.RunningStandardScaler(4, device="cpu")
+    norm = RunningNorm((4,), momentum=None, eps=scaler.epsilon, min_std=None, clip=scaler.clip_threshold,
+                       eps_placement="std", batch_var="unbiased", backend=backend, device=device)
+    norm.count.fill_(1.0)
+    for n in (16, 3, 40):
+        x = randn((n, 4), gen, device="cpu", mean=-2.0, scale=4.0)
+        want = scaler(x, train=True)
+        got = norm(x.to(device))
+        # float32 x: the kernels accumulate blocks in float32, skrl reduces in float32 too.
+        torch.testing.assert_close(norm.mean.cpu(), scaler.running_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(norm.var.cpu(), scaler.running_variance, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.cpu(), want, **Y_TOL[torch.float32])  # skrl divides in float32
+
+
+def test_rsl_rl_empirical_normalization_math(backend, device, gen):
+    # rsl_rl 5.5.1's EmpiricalNormalization(shape, eps): count 0, the exact merge with the population
+    # batch variance, y = (x - mean) / (sqrt(var) + eps), no floor, no clamp; float32 statistics.
+    rsl = pytest.importorskip("rsl_rl.modules.normalization")
+    reference_norm = rsl.EmpiricalNormalization(5, eps=1e-2)
+    norm = RunningNorm((5,), momentum=None, eps=1e-2, min_std=None, clip=None, eps_placement="std",
+                       backend=backend, device=device)
+    for n in (64, 9, 1, 128):
+        x = randn((n, 5), gen, device="cpu", mean=1.0, scale=0.5)
+        reference_norm.update(x)
+        want = reference_norm(x)
+        got = norm(x.to(device))
+        torch.testing.assert_close(norm.mean.cpu().float(), reference_norm.mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(norm.var.cpu().float(), reference_norm._var.squeeze(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

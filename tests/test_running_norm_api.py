@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -79,6 +80,10 @@ def test_bad_update_call_changes_nothing(backend, device, gen):
     (dict(warmup=1.5), ValueError, "warmup must be"),
     (dict(backend="gpu"), ValueError, "backend must be one of"),
     (dict(shape=(3, 0)), ValueError, "shape must be positive ints"),
+    (dict(eps_placement="sqrt"), ValueError, r"eps_placement must be one of 'var', 'std', got 'sqrt'"),
+    (dict(eps_placement=None), ValueError, r"eps_placement must be one of 'var', 'std', got None"),
+    (dict(batch_var="sample"), ValueError, r"batch_var must be one of 'population', 'unbiased', got 'sample'"),
+    (dict(batch_var=True), ValueError, r"batch_var must be one of 'population', 'unbiased', got True"),
 ])
 def test_bad_hyper_parameters(kwargs, error, message):
     kwargs = dict(kwargs)
@@ -170,3 +175,54 @@ def test_moves_with_the_module_and_keeps_float64(device):
 def test_repr_names_the_hyper_parameters():
     text = repr(RunningNorm((2, 3), momentum=None))
     assert "shape=(2, 3)" in text and "momentum=None" in text and "clip=10.0" in text
+
+
+def test_options_are_hyper_parameters_in_the_state_and_repr(device, gen):
+    norm = RunningNorm((3,), eps_placement="std", batch_var="unbiased", momentum=None, device=device)
+    norm(randn((10, 3), gen, device=device))
+    assert norm.hyper_parameters()["eps_placement"] == "std" and norm.hyper_parameters()["batch_var"] == "unbiased"
+    text = repr(norm)
+    assert "eps_placement=std" in text and "batch_var=unbiased" in text
+    state = norm.state_dict()
+    assert state["_extra_state"]["eps_placement"] == "std" and state["_extra_state"]["batch_var"] == "unbiased"
+    rebuilt = RunningNorm.from_state_dict(state, device=device)
+    assert rebuilt.hyper_parameters() == norm.hyper_parameters()
+    x = randn((10, 3), gen, device=device)
+    assert torch.equal(rebuilt.normalize(x), norm.normalize(x))
+    with pytest.warns(UserWarning, match=r"eps_placement: saved 'std', module 'var'"):
+        RunningNorm((3,), batch_var="unbiased", momentum=None, device=device).load_state_dict(state)
+
+
+def test_state_saved_before_the_options_loads_with_their_defaults(device, gen):
+    norm = RunningNorm((3,), device=device)
+    norm(randn((10, 3), gen, device=device))
+    state = norm.state_dict()
+    for key in ("eps_placement", "batch_var"):  # what fastnorm wrote before these options existed
+        del state["_extra_state"][key]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the defaults match: no warning
+        RunningNorm((3,), device=device).load_state_dict(state)
+    with pytest.warns(UserWarning, match=r"eps_placement: saved 'var', module 'std'"):
+        RunningNorm((3,), eps_placement="std", device=device).load_state_dict(state)
+    rebuilt = RunningNorm.from_state_dict(state, device=device)
+    assert rebuilt.eps_placement == "var" and rebuilt.batch_var == "population"
+    assert torch.equal(rebuilt.var, norm.var)
+
+
+def test_denormalize_inverts_normalize_with_eps_on_the_std(device, gen):
+    norm = RunningNorm((4,), eps=0.5, eps_placement="std", min_std=None, device=device)
+    norm(randn((50, 4), gen, dtype=torch.float64, device=device, scale=2.0))
+    x = randn((7, 4), gen, dtype=torch.float64, device=device)
+    y = norm.normalize(x)
+    torch.testing.assert_close(y, (x - norm.mean) / (norm.var.sqrt() + 0.5), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(norm.denormalize(y), x, rtol=1e-12, atol=1e-12)
+
+
+def test_floor_fraction_reads_the_divisor_of_the_placement(device, gen):
+    # std 0.1: sqrt(0.01 + 0.02) = 0.17 is above a 0.15 floor, sqrt(0.01) + 0.02 = 0.12 below it.
+    x = torch.tensor([[-0.1], [0.1]], dtype=torch.float64, device=device).expand(2, 4)
+    on_var = RunningNorm((4,), eps=0.02, min_std=0.15, device=device)
+    on_std = RunningNorm((4,), eps=0.02, min_std=0.15, eps_placement="std", device=device)
+    on_var(x)
+    on_std(x)
+    assert on_var.health()["floor_fraction"] == 0.0 and on_std.health()["floor_fraction"] == 1.0

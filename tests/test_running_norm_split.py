@@ -12,7 +12,8 @@ import torch
 
 from fastnorm import RunningNorm, reference
 from fastnorm.backends import BACKENDS
-from helpers import DTYPES, STAT_TOL, Y_TOL, assert_diag_close, random_mask, randn
+from helpers import (DTYPES, OPTION_CASES, STAT_TOL, Y_TOL, assert_diag_close, op_hyper, option_id, random_mask,
+                     randn)
 from test_running_norm import MASK_KINDS, make_mask, poisoned_like
 
 SHAPES = [((37,), (5,)), ((64, 3), (7, 11)), ((5, 4, 3), (2, 3)), ((40,), (257,))]
@@ -24,11 +25,6 @@ def fresh_state(stats, device):
     return [torch.zeros(stats, **f64), torch.ones(stats, **f64), torch.zeros(stats, **f64)]
 
 
-def hyper(norm):
-    return dict(momentum=norm.momentum, max_count=norm.max_count, eps=norm.eps, min_std=norm.min_std,
-                max_std=norm.max_std, clip=norm.clip)
-
-
 def moments_of(backend, x, mask, stats):
     moments = torch.full((NUM_MOMENT_ROWS, *stats), math.nan, dtype=torch.float64, device=x.device)
     BACKENDS[backend].batch_moments(x, mask, moments)
@@ -38,7 +34,7 @@ def moments_of(backend, x, mask, stats):
 def split_step(backend, x, mask, parts, state, diag, norm, with_output=True):
     """merge_normalize on x with the tables parts: y (poisoned first) or None; updates state."""
     out = poisoned_like(x) if with_output else None
-    BACKENDS[backend].merge_normalize(x, mask, parts, *state, out, diag, **hyper(norm))
+    BACKENDS[backend].merge_normalize(x, mask, parts, *state, out, diag, **op_hyper(norm))
     return out
 
 
@@ -70,6 +66,26 @@ def test_one_part_is_the_fused_op(split_backend, device, gen, dtype, batch, stat
         assert torch.equal(diag.nan_to_num(-1.0), norm._diag.nan_to_num(-1.0))
         if with_output:
             assert torch.equal(y, y_fused)
+
+
+@pytest.mark.parametrize("options", OPTION_CASES, ids=option_id)
+@pytest.mark.parametrize("batch", [(1,), (37,)], ids=str)
+def test_one_part_is_the_fused_op_with_options(split_backend, device, gen, options, batch):
+    stats = (2, 3)
+    norm = RunningNorm(stats, momentum=0.9, backend=split_backend, device=device, **options)
+    state = fresh_state(stats, device)
+    diag = torch.full_like(norm._diag, math.nan)
+    for _ in range(3):
+        x = randn(batch + stats, gen, device=device, mean=2.0, scale=3.0)
+        mask = make_mask("rows", batch, stats, gen, device) if batch != (1,) else None
+        y = split_step(split_backend, x, mask, moments_of(split_backend, x, mask, stats)[None], state, diag, norm)
+        expected = reference.running_norm(x, mask, norm.mean, norm.var, norm.count, **op_hyper(norm))
+        y_fused = norm(x, mask=mask)
+        torch.testing.assert_close(y_fused, expected.y, **Y_TOL[torch.float32])
+        tol = dict(rtol=1e-12, atol=1e-12) if split_backend == "reference" else dict(rtol=0, atol=0)
+        for got, want in zip(state, (norm.mean, norm.var, norm.count)):
+            torch.testing.assert_close(got, want, **tol)
+        torch.testing.assert_close(y, y_fused, **(Y_TOL[torch.float32] if split_backend == "reference" else tol))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -106,12 +122,13 @@ def test_empty_and_fully_masked_batches_give_empty_tables(split_backend, device,
         assert torch.equal(table, empty_row[:, None, None].expand_as(table))
 
 
-@pytest.mark.parametrize("momentum", [0.99, None])
+@pytest.mark.parametrize("momentum,options", [(0.99, {}), (None, {}), (0.99, OPTION_CASES[0]), (None, OPTION_CASES[1]),
+                                              (0.9, OPTION_CASES[2])], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_parts_merge_to_the_concatenated_batch(split_backend, device, gen, momentum, dtype):
+def test_parts_merge_to_the_concatenated_batch(split_backend, device, gen, momentum, options, dtype):
     # Four "ranks": unequal shards, one empty, one fully masked; every part merges the same tables.
     stats, sizes = (4, 3), (29, 0, 7, 64)
-    norm = RunningNorm(stats, momentum=momentum, backend="reference", device=device)  # the oracle
+    norm = RunningNorm(stats, momentum=momentum, backend="reference", device=device, **options)  # the oracle
     states = [fresh_state(stats, device) for _ in sizes]
     diags = [torch.full_like(norm._diag, math.nan) for _ in sizes]
     for step in range(4):
@@ -122,7 +139,7 @@ def test_parts_merge_to_the_concatenated_batch(split_backend, device, gen, momen
         parts = torch.stack([moments_of(split_backend, xp, mp, stats) for xp, mp in zip(xs, masks)])
         ys = [split_step(split_backend, xp, mp, parts, st, dg, norm)
               for xp, mp, st, dg in zip(xs, masks, states, diags)]
-        expected = reference.running_norm(x, mask, norm.mean, norm.var, norm.count, **hyper(norm))
+        expected = reference.running_norm(x, mask, norm.mean, norm.var, norm.count, **op_hyper(norm))
         norm(x, mask=mask)
         for p in range(1, len(sizes)):  # the same parts, the same bits
             assert all(torch.equal(a, b) for a, b in zip(states[p], states[0]))

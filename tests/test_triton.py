@@ -25,7 +25,7 @@ from conftest import BACKENDS_UNDER_TEST, DEVICE
 from fastnorm import RunningNorm, reference
 from fastnorm.backends import BACKENDS, select_backend
 from fastnorm.triton_backend import INTERPRETED, TRITON_ERROR
-from helpers import DTYPES, STAT_TOL, Y_TOL, assert_diag_close, random_mask, randn
+from helpers import DTYPES, STAT_TOL, Y_TOL, assert_diag_close, op_hyper, random_mask, randn
 
 needs_triton_backend = pytest.mark.skipif("triton" not in BACKENDS_UNDER_TEST,
                                           reason=f"the triton backend is not under test on {DEVICE}")
@@ -49,8 +49,9 @@ def fresh_stats(gen, shape, device):
 
 
 @needs_triton_backend
-@pytest.mark.parametrize("bounds", [dict(min_std=0.0071, max_std=None), dict(min_std=None, max_std=0.0031)],
-                         ids=["min_std", "max_std"])
+@pytest.mark.parametrize("bounds", [dict(min_std=0.0071, max_std=None), dict(min_std=None, max_std=0.0031),
+                                    dict(min_std=None, max_std=None, eps_placement="std", batch_var="unbiased")],
+                         ids=["min_std", "max_std", "eps_on_std"])
 def test_hyper_parameters_reach_the_kernels_in_float64(device, gen, bounds):
     # Triton passes Python floats as float32 unless told otherwise. With float64 data whose std
     # (~1e-3) sits near eps, a bound that binds, a clip that cuts and a weight at its floor
@@ -60,7 +61,7 @@ def test_hyper_parameters_reach_the_kernels_in_float64(device, gen, bounds):
     for _ in range(12):  # from the 10th step on, w = 1 - momentum
         x = 5.0 + 1e-3 * randn((16, 3), gen, dtype=torch.float64, device=device)
         x[0] += 0.1  # clipped
-        expected = reference.running_norm(x, None, norm.mean, norm.var, norm.count, **hyper_of(norm))
+        expected = reference.running_norm(x, None, norm.mean, norm.var, norm.count, **op_hyper(norm))
         y = norm(x)
         torch.testing.assert_close(y, expected.y, **Y_TOL[torch.float64])
         assert_stats_close((norm.mean, norm.var, norm.count), expected, torch.float64)
@@ -76,7 +77,7 @@ def test_split_rows_through_the_ops(device, gen):
     assert blocks_for(x, 15).grid(5000, 15)[1] > 1
     norm = RunningNorm((3, 5), backend="triton", device=device)
     for _ in range(2):
-        expected = reference.running_norm(x, None, norm.mean, norm.var, norm.count, **hyper_of(norm))
+        expected = reference.running_norm(x, None, norm.mean, norm.var, norm.count, **op_hyper(norm))
         torch.testing.assert_close(norm(x), expected.y, **Y_TOL[torch.float32])
         assert_stats_close((norm.mean, norm.var, norm.count), expected, torch.float32, scale=2.0)
     moments = torch.full((6, 3, 5), math.nan, dtype=torch.float64, device=device)
@@ -86,11 +87,6 @@ def test_split_rows_through_the_ops(device, gen):
     tol = STAT_TOL[torch.float32]
     torch.testing.assert_close(moments[1], want[1], rtol=tol["rtol"], atol=tol["atol"] * 2.0)
     torch.testing.assert_close(moments[2] / 5000, want[2] / 5000, rtol=tol["rtol"], atol=tol["atol"] * 4.0)  # var
-
-
-def hyper_of(norm):
-    return dict(momentum=norm.momentum, max_count=norm.max_count, eps=norm.eps, min_std=norm.min_std,
-                max_std=norm.max_std, clip=norm.clip)
 
 
 @needs_triton_backend
@@ -311,7 +307,7 @@ def test_cuda_graph_replays_without_host_sync(gen):
         norm(static_x, out=static_out)
     for _ in range(3):  # every replay zeroes the call's arrival counters first (a captured memset)
         static_x.copy_(randn((4096, 8, 16), gen, device="cuda", mean=2.0))
-        expected = reference.running_norm(static_x, None, norm.mean, norm.var, norm.count, **hyper_of(norm))
+        expected = reference.running_norm(static_x, None, norm.mean, norm.var, norm.count, **op_hyper(norm))
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(static_out, expected.y, **Y_TOL[torch.float32])
@@ -325,7 +321,7 @@ def test_concurrent_streams_each_use_their_own_counters(gen):
     # Two split-rows calls in flight at once on two streams: each merges only its own programs.
     xs = [randn((8192, 4, 16), gen, device="cuda", mean=m) for m in (-2.0, 2.0)]
     norms = [RunningNorm((4, 16), backend="triton", device="cuda") for _ in xs]
-    expected = [reference.running_norm(x, None, n.mean, n.var, n.count, **hyper_of(n)) for x, n in zip(xs, norms)]
+    expected = [reference.running_norm(x, None, n.mean, n.var, n.count, **op_hyper(n)) for x, n in zip(xs, norms)]
     streams = [torch.cuda.Stream() for _ in xs]
     torch.cuda.synchronize()
     ys = []

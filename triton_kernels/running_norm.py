@@ -54,6 +54,7 @@ def _reduce_kernel(
     mean_ptr, var_ptr, count_ptr, diag_ptr, table_ptr, partials_ptr, arrivals_ptr,
     rows, cols, rows_per_split,
     min_weight: tl.float64, max_count: tl.float64, eps: tl.float64, min_std: tl.float64, max_std: tl.float64,
+    eps_on_std: tl.float64, unbiased: tl.float64,
     HAS_MASK: tl.constexpr, UPDATE: tl.constexpr, WITH_OUTPUT: tl.constexpr, SPLIT: tl.constexpr,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, MERGE_R: tl.constexpr,
 ):
@@ -108,7 +109,8 @@ def _reduce_kernel(
     col_hi = tl.max(hi, 0).to(tl.float64)
     # Scalars in float64: tl.full keeps the interpreter's Python floats from becoming float32.
     scalars = (tl.full([], min_weight, tl.float64), tl.full([], max_count, tl.float64), tl.full([], eps, tl.float64),
-               tl.full([], min_std, tl.float64), tl.full([], max_std, tl.float64))
+               tl.full([], min_std, tl.float64), tl.full([], max_std, tl.float64), tl.full([], eps_on_std, tl.float64),
+               tl.full([], unbiased, tl.float64))
     if SPLIT:
         store_table(partials_ptr + split.to(tl.int64) * (_TABLE_ROWS * cols), c, col_ok, cols, n, mean, m2,
                     nonfinite_n, col_lo, col_hi)
@@ -140,21 +142,24 @@ def _finish(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, 
 def _merge_parts_kernel(
     parts_ptr, num_parts, mean_ptr, var_ptr, count_ptr, diag_ptr, cols,
     min_weight: tl.float64, max_count: tl.float64, eps: tl.float64, min_std: tl.float64, max_std: tl.float64,
-    WITH_OUTPUT: tl.constexpr, BLOCK_C: tl.constexpr,
+    eps_on_std: tl.float64, unbiased: tl.float64, WITH_OUTPUT: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = c < cols
     n, mean, m2, nonfinite, lo, hi = merge_column_parts(parts_ptr, c, col_ok, cols, num_parts)
     scalars = (tl.full([], min_weight, tl.float64), tl.full([], max_count, tl.float64), tl.full([], eps, tl.float64),
-               tl.full([], min_std, tl.float64), tl.full([], max_std, tl.float64))
+               tl.full([], min_std, tl.float64), tl.full([], max_std, tl.float64), tl.full([], eps_on_std, tl.float64),
+               tl.full([], unbiased, tl.float64))
     _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, count_ptr, diag_ptr, scalars,
             WITH_OUTPUT, BLOCK_C)
 
 
 @triton.jit
-def _inverse_std(var, eps, min_std, max_std):
-    """1 / bounded_std(var, eps, min_std, max_std) of running_norm_math.h, in float64."""
-    return 1.0 / tl.minimum(tl.maximum(tl.sqrt(var + eps), min_std), max_std)
+def _inverse_std(var, eps, eps_on_std, min_std, max_std):
+    """1 / bounded_std(var, eps, eps_on_std, min_std, max_std) of running_norm_math.h, in float64;
+    eps_on_std is a flag (0 or 1)."""
+    std = tl.where(eps_on_std != 0, tl.sqrt(var) + eps, tl.sqrt(var + eps))
+    return 1.0 / tl.minimum(tl.maximum(std, min_std), max_std)
 
 
 @triton.jit
@@ -162,8 +167,9 @@ def _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, 
             WITH_OUTPUT: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merges a column tile's batch moments into the running statistics (update_running_stats of
     running_norm_math.h) and writes its diagnostics; scalars: min_weight, max_count, eps, min_std,
-    max_std, float64."""
-    min_weight, max_count, eps, min_std, max_std = scalars
+    max_std, eps_on_std and unbiased (flags 0 or 1), float64."""
+    min_weight, max_count, eps, min_std, max_std, eps_on_std, unbiased = scalars
+    # v_b = M2/n, or with unbiased M2/(n-1) and 0 for n = 1 (merged_batch_var); diag keeps M2/n.
     # w = max(min_weight, n_b / (min(count, max_count) + n_b)); mean' = mean + w d;
     # var' = (1 - w) var + w v_b + w (1 - w) d^2; columns without samples, or whose result would
     # not be finite, keep their statistics.
@@ -171,11 +177,12 @@ def _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, 
     old_var = tl.load(var_ptr + c, mask=col_ok, other=1.0)
     old_count = tl.load(count_ptr + c, mask=col_ok, other=0.0)
     batch_var = m2 / tl.maximum(n, 1.0)
+    merged_var = tl.where(unbiased != 0, tl.where(n > 1, m2 / tl.maximum(n - 1.0, 1.0), 0.0), batch_var)
     n_eff = tl.minimum(old_count, max_count)
     w = tl.maximum(min_weight, n / tl.where(n > 0, n_eff + n, 1.0))
     d = mean - old_mean
     new_mean = old_mean + w * d
-    new_var = (1.0 - w) * old_var + w * batch_var + (w * (1.0 - w) * d) * d  # 0, not 0 * inf, at w = 1
+    new_var = (1.0 - w) * old_var + w * merged_var + (w * (1.0 - w) * d) * d  # 0, not 0 * inf, at w = 1
     keep = (n > 0) & (tl.abs(new_mean) < _INF) & (tl.abs(new_var) < _INF)
     new_mean = tl.where(keep, new_mean, old_mean)
     new_var = tl.where(keep, new_var, old_var)
@@ -191,7 +198,7 @@ def _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, 
         # The normalize pass adds the clipped counts to 0. z is monotonic in x: the largest |z|
         # comes from the batch's min or max.
         spread = tl.maximum(hi - new_mean, new_mean - lo)
-        max_abs_z = tl.where(n > 0, spread * _inverse_std(new_var, eps, min_std, max_std), 0.0)
+        max_abs_z = tl.where(n > 0, spread * _inverse_std(new_var, eps, eps_on_std, min_std, max_std), 0.0)
         tl.store(diag_ptr + _D_CLIPPED * cols + c, tl.full([BLOCK_C], 0, tl.float64), mask=col_ok)
         tl.store(diag_ptr + _D_MAX_ABS_Z * cols + c, max_abs_z, mask=col_ok)
     else:
@@ -206,7 +213,7 @@ def _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, 
 def _normalize_kernel(
     x_ptr, x_row_stride, out_ptr, out_row_stride, mask_ptr, mask_cols, mask_group,
     mean_ptr, var_ptr, diag_ptr, rows, cols, rows_per_split,
-    eps: tl.float64, min_std: tl.float64, max_std: tl.float64, clip: tl.float64,
+    eps: tl.float64, min_std: tl.float64, max_std: tl.float64, clip: tl.float64, eps_on_std: tl.float64,
     HAS_MASK: tl.constexpr, WITH_DIAG: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -223,8 +230,8 @@ def _normalize_kernel(
     mean = tl.load(mean_ptr + c, mask=col_ok, other=0.0)
     var = tl.load(var_ptr + c, mask=col_ok, other=1.0)
     # Scalars in float64: tl.full keeps the interpreter's Python floats from becoming float32.
-    scale = _inverse_std(var, tl.full([], eps, tl.float64), tl.full([], min_std, tl.float64),
-                         tl.full([], max_std, tl.float64)).to(ACC)
+    scale = _inverse_std(var, tl.full([], eps, tl.float64), tl.full([], eps_on_std, tl.float64),
+                         tl.full([], min_std, tl.float64), tl.full([], max_std, tl.float64)).to(ACC)
     mean_hi = mean.to(ACC)
     mean_lo = (mean - mean_hi.to(tl.float64)).to(ACC)
     hi = tl.full([], clip, tl.float64).to(ACC)
@@ -325,10 +332,11 @@ def _optional(value: Optional[float], default: float) -> float:
     return default if value is None else float(value)
 
 
-def _update_scalars(momentum, max_count, eps, min_std, max_std) -> tuple[float, ...]:
-    """min_weight (1 - momentum, 0 in cumulative mode), max_count, eps, min_std, max_std as floats."""
+def _update_scalars(momentum, max_count, eps, min_std, max_std, eps_on_std, unbiased) -> tuple[float, ...]:
+    """min_weight (1 - momentum, 0 in cumulative mode), max_count, eps, min_std, max_std and the
+    flags eps_on_std and unbiased (0.0 or 1.0) as floats."""
     return (1.0 - momentum if momentum is not None else 0.0, _optional(max_count, math.inf), float(eps),
-            _optional(min_std, 0.0), _optional(max_std, math.inf))
+            _optional(min_std, 0.0), _optional(max_std, math.inf), float(eps_on_std), float(unbiased))
 
 
 def _launch_reduce(x_rows, mask_rows, stats, table, *, with_output, scalars, blocks):
@@ -352,23 +360,24 @@ def launch_running_norm(
     x_rows: torch.Tensor, mask_rows: Optional[torch.Tensor], mean: torch.Tensor, var: torch.Tensor,
     count: torch.Tensor, out_rows: Optional[torch.Tensor], diag: torch.Tensor, *, momentum: Optional[float],
     max_count: Optional[float], eps: float, min_std: Optional[float], max_std: Optional[float],
-    clip: Optional[float], blocks: Blocks,
+    clip: Optional[float], blocks: Blocks, eps_on_std: bool = False, unbiased: bool = False,
 ) -> None:
     """Reduces x_rows (rows >= 1, cols), merges it into mean/var/count (float64, cols elements),
     fills diag (6, cols) and, when out_rows is given, writes y into it. mask_rows: (rows, mask_cols)
     uint8 or None."""
     _launch_reduce(x_rows, mask_rows, (mean, var, count, diag), None, with_output=out_rows is not None,
-                   scalars=_update_scalars(momentum, max_count, eps, min_std, max_std), blocks=blocks)
+                   scalars=_update_scalars(momentum, max_count, eps, min_std, max_std, eps_on_std, unbiased),
+                   blocks=blocks)
     if out_rows is not None:
         _launch_normalize(x_rows, out_rows, mask_rows, mean, var, diag, eps=eps, min_std=min_std, max_std=max_std,
-                          clip=clip, blocks=blocks)
+                          clip=clip, eps_on_std=eps_on_std, blocks=blocks)
 
 
 def launch_batch_moments(x_rows: torch.Tensor, mask_rows: Optional[torch.Tensor], table: torch.Tensor, *,
                          blocks: Blocks) -> None:
     """The batch-moments table of x_rows (rows, cols) into table, float64 (6, cols): for the same
     blocks, exactly the moments launch_running_norm merges into the statistics."""
-    _launch_reduce(x_rows, mask_rows, None, table, with_output=False, scalars=(0.0, math.inf, 0.0, 0.0, math.inf),
+    _launch_reduce(x_rows, mask_rows, None, table, with_output=False, scalars=(0.0, math.inf, 0.0, 0.0, math.inf, 0.0, 0.0),
                    blocks=blocks)
 
 
@@ -376,31 +385,35 @@ def launch_merge_normalize(
     x_rows: torch.Tensor, mask_rows: Optional[torch.Tensor], parts: torch.Tensor, mean: torch.Tensor,
     var: torch.Tensor, count: torch.Tensor, out_rows: Optional[torch.Tensor], diag: torch.Tensor, *,
     momentum: Optional[float], max_count: Optional[float], eps: float, min_std: Optional[float],
-    max_std: Optional[float], clip: Optional[float], blocks: Blocks,
+    max_std: Optional[float], clip: Optional[float], blocks: Blocks, eps_on_std: bool = False,
+    unbiased: bool = False,
 ) -> None:
     """Merges the tables parts (P, 6, cols) in order into mean/var/count, fills diag and, when
     out_rows is given, writes y for x_rows (rows >= 0, cols) into it."""
     rows, cols = x_rows.shape
     wrap_triton(_merge_parts_kernel)[(triton.cdiv(cols, blocks.cols),)](
         parts, parts.shape[0], mean, var, count, diag, cols,
-        *_update_scalars(momentum, max_count, eps, min_std, max_std),
+        *_update_scalars(momentum, max_count, eps, min_std, max_std, eps_on_std, unbiased),
         WITH_OUTPUT=out_rows is not None, BLOCK_C=blocks.cols, num_warps=blocks.num_warps,
     )
     if out_rows is not None and rows > 0:
         _launch_normalize(x_rows, out_rows, mask_rows, mean, var, diag, eps=eps, min_std=min_std, max_std=max_std,
-                          clip=clip, blocks=blocks)
+                          clip=clip, eps_on_std=eps_on_std, blocks=blocks)
 
 
 def launch_normalize(
     x_rows: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, out_rows: torch.Tensor, *, eps: float,
     min_std: Optional[float], max_std: Optional[float], clip: Optional[float], blocks: Blocks,
+    eps_on_std: bool = False,
 ) -> None:
-    """y = clamp((x - mean) / clamp(sqrt(var + eps), min_std, max_std), -clip, clip) into out_rows."""
+    """y = clamp((x - mean) / clamp(sqrt(var + eps), min_std, max_std), -clip, clip) into out_rows
+    (sqrt(var) + eps with eps_on_std)."""
     _launch_normalize(x_rows, out_rows, None, mean, var, None, eps=eps, min_std=min_std, max_std=max_std,
-                      clip=clip, blocks=blocks)
+                      clip=clip, eps_on_std=eps_on_std, blocks=blocks)
 
 
-def _launch_normalize(x_rows, out_rows, mask_rows, mean, var, diag, *, eps, min_std, max_std, clip, blocks):
+def _launch_normalize(x_rows, out_rows, mask_rows, mean, var, diag, *, eps, min_std, max_std, clip, eps_on_std,
+                      blocks):
     """The normalize kernel; with diag, the clipped counts of the selected entries are added to it."""
     rows, cols = x_rows.shape
     mask_cols = mask_rows.shape[1] if mask_rows is not None else 1
@@ -408,6 +421,6 @@ def _launch_normalize(x_rows, out_rows, mask_rows, mean, var, diag, *, eps, min_
         x_rows, x_rows.stride(0), out_rows, out_rows.stride(0), mask_rows, mask_cols, cols // mask_cols,
         mean, var, diag, rows, cols, blocks.rows_per_split,
         float(eps), _optional(min_std, 0.0), _optional(max_std, math.inf), _optional(clip, math.inf),
-        HAS_MASK=mask_rows is not None, WITH_DIAG=diag is not None, ACC=acc_type(x_rows.dtype), BLOCK_R=blocks.rows,
+        float(eps_on_std), HAS_MASK=mask_rows is not None, WITH_DIAG=diag is not None, ACC=acc_type(x_rows.dtype), BLOCK_R=blocks.rows,
         BLOCK_C=blocks.cols, num_warps=blocks.num_warps,
     )

@@ -61,12 +61,12 @@ struct TileGrid {
 };
 
 // 1 / bounded std per column, in this thread's scratch (valid until its next call here).
-const double* inverse_std(const at::Tensor& var, double eps, std::optional<double> min_std,
+const double* inverse_std(const at::Tensor& var, double eps, bool eps_on_std, std::optional<double> min_std,
                           std::optional<double> max_std) {
   const double* v = var.data_ptr<double>();
   double* inv = thread_scratch<double, kInverseStdSlot>(var.numel());
   for (int64_t c = 0; c < var.numel(); ++c) {
-    inv[c] = 1.0 / bounded_std(v[c], eps, min_std.value_or(0.0), max_std.value_or(kInf));
+    inv[c] = 1.0 / bounded_std(v[c], eps, eps_on_std, min_std.value_or(0.0), max_std.value_or(kInf));
   }
   return inv;
 }
@@ -152,13 +152,13 @@ void update_and_normalize(const BatchRows& batch, const RowsGeometry& g, const d
                           at::Tensor& mean, at::Tensor& var, at::Tensor& count, const std::optional<at::Tensor>& out,
                           at::Tensor& diag, std::optional<double> momentum, std::optional<double> max_count,
                           double eps, std::optional<double> min_std, std::optional<double> max_std,
-                          std::optional<double> clip) {
+                          std::optional<double> clip, bool eps_on_std, bool unbiased) {
   const int64_t C = g.cols;
   double* d = diag.data_ptr<double>();
   double* batch_count = d + kBatchCount * C;
   double* clipped = d + kClipped * C;
   double* max_abs_z = d + kMaxAbsZ * C;
-  const UpdateParams params{momentum ? 1.0 - *momentum : 0.0, max_count.value_or(kInf)};
+  const UpdateParams params{momentum ? 1.0 - *momentum : 0.0, max_count.value_or(kInf), unbiased};
   double* mean_ptr = mean.data_ptr<double>();
   double* var_ptr = var.data_ptr<double>();
   double* count_ptr = count.data_ptr<double>();
@@ -178,7 +178,7 @@ void update_and_normalize(const BatchRows& batch, const RowsGeometry& g, const d
 
   // Pass 2: normalize with the updated statistics. z is monotonic in x, so the max |z| of a
   // column comes from its min and max; only when it exceeds clip are clipped entries counted.
-  const double* inv_std = inverse_std(var, eps, min_std, max_std);
+  const double* inv_std = inverse_std(var, eps, eps_on_std, min_std, max_std);
   bool any_clipped = false;
   for (int64_t c = 0; c < C; ++c) {
     max_abs_z[c] = batch_count[c] > 0
@@ -196,7 +196,8 @@ void update_and_normalize(const BatchRows& batch, const RowsGeometry& g, const d
 void running_norm_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask, at::Tensor& mean, at::Tensor& var,
                       at::Tensor& count, const std::optional<at::Tensor>& out, at::Tensor& diag,
                       std::optional<double> momentum, std::optional<double> max_count, double eps,
-                      std::optional<double> min_std, std::optional<double> max_std, std::optional<double> clip) {
+                      std::optional<double> min_std, std::optional<double> max_std, std::optional<double> clip,
+                      bool eps_on_std, bool unbiased) {
   const RowsGeometry g =
       check_running_norm_args(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip);
   reset_diag(diag, g.cols, out.has_value());
@@ -205,7 +206,7 @@ void running_norm_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask
   double* moments = thread_scratch<double, kMomentTableSlot>(kNumMomentRows * g.cols);
   reduce_batch(batch, moments);
   update_and_normalize(batch, g, moments, 1, mean, var, count, out, diag, momentum, max_count, eps, min_std,
-                       max_std, clip);
+                       max_std, clip, eps_on_std, unbiased);
 }
 
 void batch_moments_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask, at::Tensor& moments) {
@@ -217,23 +218,25 @@ void batch_moments_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mas
 void merge_normalize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask, const at::Tensor& parts,
                          at::Tensor& mean, at::Tensor& var, at::Tensor& count, const std::optional<at::Tensor>& out,
                          at::Tensor& diag, std::optional<double> momentum, std::optional<double> max_count, double eps,
-                         std::optional<double> min_std, std::optional<double> max_std, std::optional<double> clip) {
+                         std::optional<double> min_std, std::optional<double> max_std, std::optional<double> clip,
+                         bool eps_on_std, bool unbiased) {
   const RowsGeometry g = check_merge_normalize_args(x, mask, parts, mean, var, count, out, diag, momentum, max_count,
                                                     eps, min_std, max_std, clip);
   reset_diag(diag, g.cols, out.has_value());
   if (g.cols == 0) return;
   update_and_normalize(BatchRows(x, mask, g), g, parts.data_ptr<double>(), parts.size(0), mean, var, count, out, diag,
-                       momentum, max_count, eps, min_std, max_std, clip);
+                       momentum, max_count, eps, min_std, max_std, clip, eps_on_std, unbiased);
 }
 
 void normalize_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, at::Tensor& out, double eps,
-                   std::optional<double> min_std, std::optional<double> max_std, std::optional<double> clip) {
+                   std::optional<double> min_std, std::optional<double> max_std, std::optional<double> clip,
+                   bool eps_on_std) {
   const RowsGeometry g = check_normalize_args(x, mean, var, out, eps, min_std, max_std, clip);
   if (g.rows == 0 || g.cols == 0) return;
   const at::Tensor x_rows = readable_rows(x, g);
   const at::Tensor out_rows = writable_rows(out, g);
-  normalize_rows(TileGrid(g.rows, g.cols), x_rows, out_rows, nullptr, mean, inverse_std(var, eps, min_std, max_std),
-                 clip, nullptr);
+  normalize_rows(TileGrid(g.rows, g.cols), x_rows, out_rows, nullptr, mean,
+                 inverse_std(var, eps, eps_on_std, min_std, max_std), clip, nullptr);
   finish_writable_rows(out, out_rows);
 }
 

@@ -249,7 +249,7 @@ __device__ __forceinline__ void finish_column(const Problem& p, int64_t c, const
   p.var[c] = var;
   p.count[c] = count;
   if (p.with_output) {
-    const double inv_std = 1.0 / bounded_std(var, p.eps, p.min_std, p.max_std);
+    const double inv_std = 1.0 / bounded_std(var, p.eps, p.eps_on_std, p.min_std, p.max_std);
     diag[kClipped * p.cols] = 0.0;
     diag[kMaxAbsZ * p.cols] = m.count > 0.0 ? fmax(s.max - mean, mean - s.min) * inv_std : 0.0;
   } else {
@@ -323,7 +323,7 @@ __device__ __forceinline__ void normalize_thread_rows(const Problem& p, const La
   for (int j = 0; j < V; ++j) {
     const int64_t c = l.has_columns ? l.col + j : 0;
     mean[j] = split_mean<acc_t>(p.mean[c]);
-    scale[j] = static_cast<acc_t>(1.0 / bounded_std(p.var[c], p.eps, p.min_std, p.max_std));
+    scale[j] = static_cast<acc_t>(1.0 / bounded_std(p.var[c], p.eps, p.eps_on_std, p.min_std, p.max_std));
     can_clip |= l.has_columns && p.diag != nullptr && p.diag[kMaxAbsZ * p.cols + c] > p.clip;
   }
   if (__any_sync(kAllLanes, can_clip)) {

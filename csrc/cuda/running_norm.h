@@ -34,6 +34,7 @@ struct Problem {
   double* diag;  // (kNumDiagRows, cols), running_norm only
   UpdateParams update;
   double eps, min_std, max_std, clip;  // min_std 0, max_std and clip +inf where unbounded
+  bool eps_on_std;                     // the divisor is sqrt(var) + eps, not sqrt(var + eps)
   double* moments;                     // batch_moments: the batch's table (kNumMomentRows, cols)
   const double* parts;                 // merge_normalize: num_parts tables (kNumMomentRows, cols) in a row
   int64_t num_parts;

@@ -33,7 +33,8 @@ Problem rows_problem(const at::Tensor& x_rows) {
 
 // The problem with x as rows (x_rows), the statistics and the output bounds; no mask, no output.
 Problem problem_of(const at::Tensor& x_rows, const at::Tensor& mean, const at::Tensor& var, double eps,
-                   std::optional<double> min_std, std::optional<double> max_std, std::optional<double> clip) {
+                   std::optional<double> min_std, std::optional<double> max_std, std::optional<double> clip,
+                   bool eps_on_std) {
   Problem p = rows_problem(x_rows);
   p.mean = mean.data_ptr<double>();
   p.var = var.data_ptr<double>();
@@ -41,6 +42,7 @@ Problem problem_of(const at::Tensor& x_rows, const at::Tensor& mean, const at::T
   p.min_std = min_std.value_or(0.0);
   p.max_std = max_std.value_or(kInf);
   p.clip = clip.value_or(kInf);
+  p.eps_on_std = eps_on_std;
   return p;
 }
 
@@ -57,10 +59,10 @@ void set_mask(Problem& p, const at::Tensor& mask_2d, const RowsGeometry& g) {
 
 // The running update's statistics, diagnostics and hyper-parameters.
 void set_update(Problem& p, at::Tensor& count, at::Tensor& diag, std::optional<double> momentum,
-                std::optional<double> max_count) {
+                std::optional<double> max_count, bool unbiased) {
   p.count = count.data_ptr<double>();
   p.diag = diag.data_ptr<double>();
-  p.update = {momentum ? 1.0 - *momentum : 0.0, max_count.value_or(kInf)};
+  p.update = {momentum ? 1.0 - *momentum : 0.0, max_count.value_or(kInf), unbiased};
 }
 
 // Device scratch of `bytes` on x's device (the caching allocator: no sync, graph-capture safe).
@@ -71,7 +73,8 @@ at::Tensor workspace_for(const at::Tensor& x, size_t bytes) {
 void running_norm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& mask, at::Tensor& mean, at::Tensor& var,
                        at::Tensor& count, const std::optional<at::Tensor>& out, at::Tensor& diag,
                        std::optional<double> momentum, std::optional<double> max_count, double eps,
-                       std::optional<double> min_std, std::optional<double> max_std, std::optional<double> clip) {
+                       std::optional<double> min_std, std::optional<double> max_std, std::optional<double> clip,
+                       bool eps_on_std, bool unbiased) {
   const RowsGeometry g =
       check_running_norm_args(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip);
   if (g.cols == 0) return;
@@ -80,10 +83,10 @@ void running_norm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& mas
   const at::Tensor mask_2d = mask ? mask_rows(*mask, g) : at::Tensor();
   const at::Tensor out_rows = out ? writable_rows(*out, g) : at::Tensor();
 
-  Problem p = problem_of(x_rows, mean, var, eps, min_std, max_std, clip);
+  Problem p = problem_of(x_rows, mean, var, eps, min_std, max_std, clip, eps_on_std);
   if (out) set_output(p, out_rows);
   if (mask) set_mask(p, mask_2d, g);
-  set_update(p, count, diag, momentum, max_count);
+  set_update(p, count, diag, momentum, max_count, unbiased);
 
   const LaunchPlan plan = plan_running_norm(p);
   const at::Tensor workspace = workspace_for(x, plan.workspace_bytes);
@@ -112,7 +115,7 @@ void merge_normalize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& 
                           at::Tensor& mean, at::Tensor& var, at::Tensor& count, const std::optional<at::Tensor>& out,
                           at::Tensor& diag, std::optional<double> momentum, std::optional<double> max_count,
                           double eps, std::optional<double> min_std, std::optional<double> max_std,
-                          std::optional<double> clip) {
+                          std::optional<double> clip, bool eps_on_std, bool unbiased) {
   const RowsGeometry g = check_merge_normalize_args(x, mask, parts, mean, var, count, out, diag, momentum, max_count,
                                                     eps, min_std, max_std, clip);
   if (g.cols == 0) return;
@@ -121,10 +124,10 @@ void merge_normalize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& 
   const at::Tensor mask_2d = mask ? mask_rows(*mask, g) : at::Tensor();
   const at::Tensor out_rows = out ? writable_rows(*out, g) : at::Tensor();
 
-  Problem p = problem_of(x_rows, mean, var, eps, min_std, max_std, clip);
+  Problem p = problem_of(x_rows, mean, var, eps, min_std, max_std, clip, eps_on_std);
   if (out) set_output(p, out_rows);
   if (mask) set_mask(p, mask_2d, g);
-  set_update(p, count, diag, momentum, max_count);
+  set_update(p, count, diag, momentum, max_count, unbiased);
   p.parts = parts.data_ptr<double>();
   p.num_parts = parts.size(0);
 
@@ -134,13 +137,14 @@ void merge_normalize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& 
 }
 
 void normalize_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, at::Tensor& out, double eps,
-                    std::optional<double> min_std, std::optional<double> max_std, std::optional<double> clip) {
+                    std::optional<double> min_std, std::optional<double> max_std, std::optional<double> clip,
+                    bool eps_on_std) {
   const RowsGeometry g = check_normalize_args(x, mean, var, out, eps, min_std, max_std, clip);
   if (g.rows == 0 || g.cols == 0) return;
   const c10::cuda::CUDAGuard device_guard(x.device());
   const at::Tensor x_rows = readable_rows(x, g);
   const at::Tensor out_rows = writable_rows(out, g);
-  Problem p = problem_of(x_rows, mean, var, eps, min_std, max_std, clip);
+  Problem p = problem_of(x_rows, mean, var, eps, min_std, max_std, clip, eps_on_std);
   set_output(p, out_rows);
   launch_normalize(p, plan_normalize(p), at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

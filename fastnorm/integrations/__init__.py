@@ -7,7 +7,9 @@ raises an ImportError naming the extra to install, e.g. ``pip install 'fastnorm[
 from __future__ import annotations
 
 import importlib
+import inspect
 from types import ModuleType
+from typing import Any
 
 
 def require(module: str, extra: str) -> ModuleType:
@@ -18,3 +20,17 @@ def require(module: str, extra: str) -> ModuleType:
         raise ImportError(
             f"fastnorm.integrations.{extra} needs {module!r}, which is not installed: "
             f"pip install 'fastnorm[{extra}]'") from error
+
+
+# The options `fixes=True` turns on in every integration: RunningNorm's own defaults for the
+# warm-started EMA (momentum), the std floor (min_std) and the output clamp (clip).
+FIXES = ("momentum", "min_std", "clip")
+
+
+def fixes(**host_options: Any) -> dict[str, Any]:
+    """RunningNorm's defaults for FIXES, with the host's own values where it has one (e.g. rl_games'
+    clip of 5): the keyword arguments an integration passes to RunningNorm when ``fixes=True``."""
+    from fastnorm.running_norm import RunningNorm
+
+    defaults = inspect.signature(RunningNorm).parameters
+    return {**{name: defaults[name].default for name in FIXES}, **host_options}

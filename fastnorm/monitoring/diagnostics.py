@@ -52,6 +52,7 @@ def running_norm_diagnostics(
     eps: float,
     min_std: Optional[float],
     max_std: Optional[float],
+    eps_on_std: bool = False,
 ) -> dict[str, Tensor]:
     """The named diagnostics (see the module docstring) from the (6, C) ``diag`` of the last
     update and the statistics after it; 0-dim float64 tensors (``steps``: int64), no host sync."""
@@ -63,7 +64,7 @@ def running_norm_diagnostics(
     n = torch.where(updated, n, 0.0)
     total = n.sum()
 
-    std = reference.bounded_std(var, eps, min_std, max_std)
+    std = reference.bounded_std(var, eps, min_std, max_std, eps_on_std)
     # z = (x - mean) / std has per column mean (m - mean) / std and variance v / std^2; pooled over
     # the columns by the law of total variance: Var = E[Var_c] + Var[E_c] (no E[z^2] - E[z]^2).
     z_mean = torch.where(updated, (m - mean) / std, 0.0)
