@@ -104,8 +104,10 @@ class Bench:
     def __init__(self, scenario: str, num_envs: int, agents: int, device: torch.device):
         start = time.perf_counter()
         self.env = make_env(scenario, num_envs, agents, device)
-        self.construct_s = time.perf_counter() - start
         self.obs = torch.stack(self.env.reset(), 1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.construct_s = time.perf_counter() - start
         agent = self.env.agents[0]
         self.policy = Policy(self.obs.shape[-1], self.env.get_agent_action_size(agent), agent.u_range).to(device)
         self.prepared, self.skipped = normalizers(tuple(self.obs.shape[1:]), device)
@@ -221,7 +223,7 @@ def summary_table(records: list[dict], notes: list[str], device: torch.device) -
     table.notes.append(f"medians over {records[0]['steps'] if records else 0} timed steps after {WARMUP} warm-up; "
                        "one env per row serves all normalizers, each timed on its own fresh copy of the observations "
                        f"(the fastest of {REPEATS} calls per step); "
-                       "the step is the env step + the 64x64 policy + the normalizer; 'fastnorm vs seed': how many "
+                       "the step is the env step + the 64x64 policy + the normalizer; built s: vmas.make_env and the first reset; 'fastnorm vs seed': how many "
                        "times faster fastnorm normalizes")
     table.notes += notes
     return table

@@ -181,10 +181,10 @@ def main(argv=None):
     p.add_argument("--scenarios", nargs="+", default=["transport", "balance"], choices=sorted(FEATURES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--agents", type=int, default=4)
-    p.add_argument("--envs", type=int, default=60)
+    p.add_argument("--envs", type=int, default=32)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--out", default=os.path.join(HERE, "results", "vmas-stability"),
                    help="writes OUT.md, OUT.json and OUT.png")
     p.add_argument("--logdir", default="runs/vmas_stability")

@@ -3,8 +3,9 @@
 A shared-parameter actor and a centralised critic (64x64 MLPs), GAE, clipped PPO. fastnorm does
 three jobs in it:
 
-- observations are normalized per (agent, feature) as the env produces them, by a TorchRL
-  transform around ``fastnorm.RunningNorm`` (update + normalize in one pass, std floor, clamp);
+- observations are normalized per (agent, feature) as the env produces them, by
+  ``fastnorm.integrations.torchrl.RunningNormTransform`` (a ``fastnorm.RunningNorm``: update +
+  normalize in one pass, float64 statistics, std floor, clamp);
 - advantages are normalized per agent by ``fastnorm.normalize_advantages`` (std floor 1e-4),
   whose statistics (train/advantages_std_raw, train/advantages_norm_max_abs) come for free;
 - ``fastnorm.Monitor`` checks and logs each iteration's scalars to TensorBoard, and
@@ -40,6 +41,7 @@ from torchrl.modules import MultiAgentMLP, ProbabilisticActor, TanhNormal
 from torchrl.objectives import ClipPPOLoss, ValueEstimators
 
 import fastnorm
+from fastnorm.integrations.torchrl import RunningNormTransform
 
 OBS, REWARD, ACTION = ("agents", "observation"), ("agents", "reward"), ("agents", "action")
 EPISODE_REWARD = ("agents", "episode_reward")
@@ -62,44 +64,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class Normalize(Transform):
-    """Normalizes the observations with ``normalize`` on every step and reset: the place where an
-    observation normalizer plugs into TorchRL. Used for the seed's normalizer."""
+class SeedNormalize(Transform):
+    """The seed's normalizer (bench/seed_normalizer.py) as a TorchRL transform, for comparison: it
+    updates with every observation of every step and reset (it has no mask, so at a partial reset
+    the envs that did not reset count twice)."""
 
-    def __init__(self, normalize: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, shape: tuple, device):
         super().__init__(in_keys=[OBS], out_keys=[OBS])
-        self.normalize = normalize
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+        from seed_normalizer import RunningPerAgentWelford
+
+        self.norm = RunningPerAgentWelford(shape, device=device)
 
     def _apply_transform(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.normalize(obs)
+        return self.norm(obs)
 
     def _reset(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> TensorDictBase:
         return self._call(tensordict_reset)
 
 
-def observation_normalizer(kind: str, shape: tuple, device) -> tuple[Optional[Transform], object]:
-    """The env transform for ``--normalizer`` and the normalizer it holds (its state is checkpointed)."""
-    if kind == "fastnorm":
-        norm = fastnorm.RunningNorm(shape, device=device)
-        return Normalize(norm), norm
-    if kind == "seed":
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-        from seed_normalizer import RunningPerAgentWelford
-
-        norm = RunningPerAgentWelford(shape, device=device)
-        return Normalize(norm), norm
-    return None, None
-
-
 def make_env(args: argparse.Namespace) -> tuple[TransformedEnv, object]:
-    """The VMAS env (obs (envs, agents, features) under ("agents", "observation")), its observation
-    normalizer and a per-agent episode-reward sum."""
-    env = VmasEnv(scenario=args.scenario, num_envs=args.envs, continuous_actions=True, max_steps=args.steps,
-                  device=args.device, seed=args.seed, n_agents=args.agents)
-    transform, norm = observation_normalizer(args.normalizer, tuple(env.observation_spec[OBS].shape[-2:]), args.device)
-    env = TransformedEnv(env, RewardSum(in_keys=[REWARD], out_keys=[EPISODE_REWARD]))
-    if transform is not None:
-        env.insert_transform(0, transform)
+    """The VMAS env (obs (envs, agents, features) under ("agents", "observation")) with its
+    observation normalizer and a per-agent episode-reward sum; returns the env and the normalizer."""
+    env = TransformedEnv(VmasEnv(scenario=args.scenario, num_envs=args.envs, continuous_actions=True,
+                                 max_steps=args.steps, device=args.device, seed=args.seed, n_agents=args.agents))
+    if args.normalizer == "fastnorm":
+        # Statistics per (agent, feature): the spec's shape beyond the env's batch dim (envs).
+        transform = RunningNormTransform(in_keys=[OBS])
+        env.append_transform(transform)
+        norm = transform.norm(OBS)
+    elif args.normalizer == "seed":
+        transform = SeedNormalize(tuple(env.observation_spec[OBS].shape[-2:]), args.device)
+        env.append_transform(transform)
+        norm = transform.norm
+    else:
+        norm = None
+    env.append_transform(RewardSum(in_keys=[REWARD], out_keys=[EPISODE_REWARD]))
     return env, norm
 
 
