@@ -146,7 +146,8 @@ def measure(scenario: str, agents: int, num_envs: int, device: torch.device, tim
     records = [{**common, "normalizer": NONE, "step_ms": statistics.median(base) * 1e3, "normalize_ms": 0.0}]
     for name in bench.prepared:
         norm = [s[name] for s in steps]
-        records.append({**common, "normalizer": name, "step_ms": statistics.median(b + n for b, n in zip(base, norm)) * 1e3,
+        step_ms = statistics.median(b + n for b, n in zip(base, norm)) * 1e3
+        records.append({**common, "normalizer": name, "step_ms": step_ms,
                         "normalize_ms": statistics.median(norm) * 1e3})
     for r in records:
         r["normalize_share"] = r["normalize_ms"] / r["step_ms"]
@@ -200,7 +201,8 @@ def run(device: torch.device, quick: bool) -> SectionResult:
         return SectionResult([table], {"skipped": str(error)})
     records, notes = sweep(device, quick)
     timed = [r for r in records if "skipped" not in r]
-    return SectionResult([summary_table(timed, notes, device), detail_table(records)], {"rows": records, "skipped": notes})
+    return SectionResult([summary_table(timed, notes, device), detail_table(records)],
+                         {"rows": records, "skipped": notes})
 
 
 def summary_table(records: list[dict], notes: list[str], device: torch.device) -> Table:
@@ -223,7 +225,8 @@ def summary_table(records: list[dict], notes: list[str], device: torch.device) -
     table.notes.append(f"medians over {records[0]['steps'] if records else 0} timed steps after {WARMUP} warm-up; "
                        "one env per row serves all normalizers, each timed on its own fresh copy of the observations "
                        f"(the fastest of {REPEATS} calls per step); "
-                       "the step is the env step + the 64x64 policy + the normalizer; built s: vmas.make_env and the first reset; 'fastnorm vs seed': how many "
+                       "the step is the env step + the 64x64 policy + the normalizer; built s: vmas.make_env and the "
+                       "first reset; 'fastnorm vs seed': how many "
                        "times faster fastnorm normalizes")
     table.notes += notes
     return table
@@ -233,8 +236,8 @@ def goal_note(by_config: dict) -> str:
     """The issue's goal: fastnorm under 2% of the step wherever eager (the seed's) costs 8% or more."""
     hard = [(key, rows) for key, rows in by_config.items() if rows[SEED]["normalize_share"] >= GOAL_EAGER_SHARE]
     if not hard:
-        return f"goal (fastnorm under {GOAL_FASTNORM_SHARE:.0%} where the seed's normalizer costs {GOAL_EAGER_SHARE:.0%} " \
-               "or more): no configuration here costs the seed's normalizer that much"
+        return (f"goal (fastnorm under {GOAL_FASTNORM_SHARE:.0%} where the seed's normalizer costs "
+                f"{GOAL_EAGER_SHARE:.0%} or more): no configuration here costs the seed's normalizer that much")
     missed = [f"{s} {a} agents {n:,} envs ({100 * rows[FASTNORM]['normalize_share']:.1f}%)"
               for (s, a, n), rows in hard if rows[FASTNORM]["normalize_share"] >= GOAL_FASTNORM_SHARE]
     verdict = "met in all" if not missed else f"missed in {len(missed)}: " + ", ".join(missed)

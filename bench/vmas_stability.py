@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -72,7 +71,8 @@ class Tracker:
 def run_one(scenario: str, normalizer: str, seed: int, args: argparse.Namespace) -> dict:
     train_args = vmas_mappo.parse_args([
         "--scenario", scenario, "--agents", str(args.agents), "--envs", str(args.envs), "--steps", str(args.steps),
-        "--iters", str(args.iters), "--epochs", str(args.epochs), "--normalizer", normalizer, "--seed", str(seed),
+        "--iters", str(args.iters), "--epochs", str(args.epochs), "--minibatches", str(args.minibatches),
+        "--normalizer", normalizer, "--seed", str(seed),
         "--logdir", args.logdir, "--run", f"{scenario}-{normalizer}-{seed}"])
     tracker, start, error = Tracker(), time.perf_counter(), None
     try:
@@ -99,8 +99,9 @@ def run_one(scenario: str, normalizer: str, seed: int, args: argparse.Namespace)
 
 
 def summary_table(records: list[dict], args: argparse.Namespace) -> Table:
-    table = Table(f"MAPPO on VMAS, {args.agents} agents, {args.envs} envs x {args.steps} steps x {args.iters} iterations "
-                  f"({args.epochs} epochs), {len(args.seeds)} seeds: the seed's normalizer vs fastnorm",
+    table = Table(f"MAPPO on VMAS, {args.agents} agents, {args.envs} envs x {args.steps} steps x {args.iters} "
+                  f"iterations ({args.epochs} epochs of {args.minibatches} minibatches), {len(args.seeds)} seeds: "
+                  "the seed's normalizer vs fastnorm",
                   ["scenario", "normalizer", "max |normalized obs|", "at (agent, feature)", "adv std raw min",
                    "adv norm max abs max", "grad norm max", "first non-finite", "final reward (per seed)"])
     for scenario in args.scenarios:
@@ -121,8 +122,8 @@ def summary_table(records: list[dict], args: argparse.Namespace) -> Table:
     table.notes.append("max |normalized obs| over every observation of every batch (the policy's inputs); adv and grad "
                        "norm over the iterations (train/grad_norm is the largest of an iteration's minibatch steps, "
                        "before clipping to 1); final reward: mean episode reward of the last batch")
-    errors = [f"{r['scenario']} {r['normalizer']} seed {r['seed']} stopped: {r['error']}" for r in records if r["error"]]
-    table.notes += errors
+    table.notes += [f"{r['scenario']} {r['normalizer']} seed {r['seed']} stopped {r['error']}"
+                    for r in records if r["error"]]
     return table
 
 
@@ -134,7 +135,8 @@ def features_table(records: list[dict], scenario: str) -> Table:
                   ["feature", "raw std (running)", "max |y| seed", "max |y| fastnorm"])
     stats = {}
     for normalizer in NORMALIZERS:
-        runs = [r for r in records if r["scenario"] == scenario and r["normalizer"] == normalizer and "obs_max_abs" in r]
+        runs = [r for r in records
+                if r["scenario"] == scenario and r["normalizer"] == normalizer and "obs_max_abs" in r]
         if runs:
             stats[normalizer] = ([max(r["obs_max_abs_per_feature"][f] for r in runs) for f in range(len(names))],
                                  [min(r["raw_std_per_feature"][f] for r in runs) for f in range(len(names))])
@@ -185,6 +187,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--minibatches", type=int, default=8, help="per epoch (400 env steps each at 32 envs)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "vmas-stability"),
                    help="writes OUT.md, OUT.json and OUT.png")
     p.add_argument("--logdir", default="runs/vmas_stability")
@@ -194,8 +197,8 @@ def main(argv=None):
     for scenario in args.scenarios:
         for seed in args.seeds:
             for normalizer in NORMALIZERS:
-                print(f"== {scenario}, {normalizer} normalizer, seed {seed} ({time.perf_counter() - start:.0f} s so far)",
-                      flush=True)
+                print(f"== {scenario}, {normalizer} normalizer, seed {seed} "
+                      f"({time.perf_counter() - start:.0f} s so far)", flush=True)
                 records.append(run_one(scenario, normalizer, seed, args))
     minutes = (time.perf_counter() - start) / 60
     tables = [summary_table(records, args)] + [features_table(records, s) for s in args.scenarios]

@@ -56,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=100, help="env steps per batch (= the episode length)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--epochs", type=int, default=10, help="passes over each batch (TorchRL's tutorial: 30)")
-    p.add_argument("--minibatch", type=int, default=400, help="env steps (of all agents) per gradient step")
+    p.add_argument("--minibatches", type=int, default=15,
+                   help="gradient steps per epoch (400 env steps each by default)")
     p.add_argument("--normalizer", choices=("fastnorm", "seed", "none"), default="fastnorm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--logdir", default="runs/vmas_mappo", help="TensorBoard logs and checkpoints go in LOGDIR/RUN")
@@ -176,12 +177,14 @@ def train(args: argparse.Namespace, on_iteration: Optional[Callable] = None) -> 
             scalars.update(norm.health(prefix="obs/"))
         monitor.update(scalars, step=i)
         history.append(scalars)
-        print(f"iter {i:3d}  reward {scalars['rollout/ep_rew_mean']:7.3f}  adv std {scalars['train/advantages_std_raw']:.3g}"
-              f"  grad norm {scalars['train/grad_norm']:8.3g}  ev {scalars['train/explained_variance']:6.3f}"
+        print(f"iter {i:3d}  reward {scalars['rollout/ep_rew_mean']:7.3f}"
+              f"  adv std {scalars['train/advantages_std_raw']:.3g}  grad norm {scalars['train/grad_norm']:8.3g}"
+              f"  ev {scalars['train/explained_variance']:6.3f}"
               f"  ({time.perf_counter() - start:.0f} s)", flush=True)
         if on_iteration is not None:
             on_iteration(i, batch, scalars, norm)
-        state = {"actor": actor.state_dict(), "critic": critic.state_dict(), "optim": optim.state_dict(), "iteration": i}
+        state = {"actor": actor.state_dict(), "critic": critic.state_dict(), "optim": optim.state_dict(),
+                 "iteration": i}
         if isinstance(norm, fastnorm.RunningNorm):
             state["obs_norm"] = norm.state_dict()
         try:
@@ -200,7 +203,7 @@ def ppo_epochs(loss_module: ClipPPOLoss, optim: torch.optim.Optimizer, data: Ten
     mean losses and clip fraction, and the largest gradient norm (before clipping to 1)."""
     sums, grad_norms, steps = {}, [], 0
     for _ in range(args.epochs):
-        for idx in torch.randperm(data.shape[0], device=data.device).split(args.minibatch):
+        for idx in torch.randperm(data.shape[0], device=data.device).chunk(args.minibatches):
             out = loss_module(data[idx])
             loss = out["loss_objective"] + out["loss_critic"] + out["loss_entropy"]
             optim.zero_grad()

@@ -21,7 +21,7 @@ import vmas_mappo  # noqa: E402
 from fastnorm.monitoring.scan import scan  # noqa: E402
 from torchrl.envs.libs.vmas import VmasEnv  # noqa: E402
 
-TINY = ["--agents", "2", "--envs", "4", "--steps", "10", "--iters", "1", "--epochs", "1", "--minibatch", "20"]
+TINY = ["--agents", "2", "--envs", "4", "--steps", "10", "--iters", "1", "--epochs", "1", "--minibatches", "2"]
 
 
 @pytest.mark.parametrize("normalizer", ["fastnorm", "seed", "none"])
