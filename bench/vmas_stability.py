@@ -102,7 +102,7 @@ def summary_table(records: list[dict], args: argparse.Namespace) -> Table:
     table = Table(f"MAPPO on VMAS, {args.agents} agents, {args.envs} envs x {args.steps} steps x {args.iters} "
                   f"iterations ({args.epochs} epochs of {args.minibatches} minibatches), {len(args.seeds)} seeds: "
                   "the seed's normalizer vs fastnorm",
-                  ["scenario", "normalizer", "max |normalized obs|", "at (agent, feature)", "adv std raw min",
+                  ["scenario", "normalizer", "max abs normalized obs", "at (agent, feature)", "adv std raw min",
                    "adv norm max abs max", "grad norm max", "first non-finite", "final reward (per seed)"])
     for scenario in args.scenarios:
         for normalizer in NORMALIZERS:
@@ -119,7 +119,7 @@ def summary_table(records: list[dict], args: argparse.Namespace) -> Table:
                 _fmt(max((r["grad_norm_max"] for r in finished), default=None)),
                 "; ".join(non_finite) or "none",
                 ", ".join(f"{r['final_reward']:.3f}" if "final_reward" in r else "-" for r in runs)])
-    table.notes.append("max |normalized obs| over every observation of every batch (the policy's inputs); adv and grad "
+    table.notes.append("max abs normalized obs: over every observation of every batch (the policy's inputs); adv and grad "
                        "norm over the iterations (train/grad_norm is the largest of an iteration's minibatch steps, "
                        "before clipping to 1); final reward: mean episode reward of the last batch")
     table.notes += [f"{r['scenario']} {r['normalizer']} seed {r['seed']} stopped {r['error']}"
@@ -132,7 +132,7 @@ def features_table(records: list[dict], scenario: str) -> Table:
     of the raw feature (over agents; at the end of the run, over seeds) — the features closest to failing."""
     names = FEATURES[scenario]
     table = Table(f"{scenario}: per feature, largest |normalized obs| and running raw std (seed's normalizer's view)",
-                  ["feature", "raw std (running)", "max |y| seed", "max |y| fastnorm"])
+                  ["feature", "raw std (running)", "max abs y, seed", "max abs y, fastnorm"])
     stats = {}
     for normalizer in NORMALIZERS:
         runs = [r for r in records
@@ -211,7 +211,7 @@ def main(argv=None):
         json.dump({"args": vars(args), "minutes": minutes, "runs": records}, f, indent=1)
     with open(args.out + ".md", "w") as f:
         f.write("# VMAS stability: the seed's normalizer vs fastnorm under MAPPO\n\n"
-                f"`python bench/vmas_stability.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+                f"`{' '.join(['python bench/vmas_stability.py', *(argv if argv is not None else sys.argv[1:])])}`\n\n"
                 + "\n\n".join(as_markdown(t) for t in tables) + "\n")
     print(plot(records, args, args.out + ".png"))
     print(f"results written to {args.out}.md and .json")
