@@ -135,6 +135,7 @@ def normalize_advantages(adv: torch.Tensor, kind: str) -> tuple[torch.Tensor, di
 
 
 def explained_variance(value: torch.Tensor, target: torch.Tensor) -> float:
+    """1 - Var(target - value) / Var(target) over the batch: 1 is a perfect critic, 0 a constant one."""
     return (1 - (target - value).var() / target.var().clamp(min=1e-12)).item()
 
 
