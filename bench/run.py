@@ -39,8 +39,10 @@ SECTIONS = [
     "stability",
     "frameworks",
     "wrappers",
+    "vmas_rollout",
 ]
-PEER_PACKAGES = ("numpy", "stable-baselines3", "rsl-rl-lib", "rl-games", "skrl", "torchrl", "tensordict", "matplotlib")
+PEER_PACKAGES = ("numpy", "stable-baselines3", "rsl-rl-lib", "rl-games", "skrl", "torchrl", "tensordict", "vmas",
+                 "matplotlib")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
