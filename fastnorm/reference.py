@@ -121,8 +121,14 @@ def bounded_std(var: Tensor, eps: float, min_std: Optional[float], max_std: Opti
                 eps_on_std: bool = False, min_std_rel: Optional[float] = None,
                 scale: Optional[Tensor] = None) -> Tensor:
     """sqrt(var + eps), or sqrt(var) + eps with eps_on_std, bounded to [floor, max_std] with floor
-    = std_floor(min_std, min_std_rel, scale) (None: unbounded)."""
-    return _bounded_by(var, eps, eps_on_std, std_floor(min_std, min_std_rel, scale), max_std)
+    = std_floor(min_std, min_std_rel, scale) (None: unbounded). TorchScript compiles it (the
+    scripted rl_games adapter calls it), hence the floor's two bounds applied one after the other."""
+    std = torch.sqrt(var) + eps if eps_on_std else torch.sqrt(var + eps)
+    if min_std is not None:
+        std = std.clamp(min=min_std)
+    if min_std_rel is not None and scale is not None:
+        std = torch.maximum(std, min_std_rel * scale)
+    return std if max_std is None else std.clamp(max=max_std)
 
 
 def _bounded_by(var: Tensor, eps: float, eps_on_std: bool, floor, max_std: Optional[float]) -> Tensor:

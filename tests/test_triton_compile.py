@@ -59,10 +59,10 @@ SCRIPT = textwrap.dedent("""
         acc = k.acc_type(DTYPES[x])
         b = k.choose_blocks(65536, 512, size, programs=264)
         tiles = dict(ACC=acc, BLOCK_R=b.rows, BLOCK_C=b.cols)
-        ptx = compile_kernel(k._reduce_kernel, x, dict(tiles, HAS_MASK=True, UPDATE=True, WITH_OUTPUT=True,
+        ptx = compile_kernel(k._reduce_kernel, x, dict(tiles, HAS_MASK=True, HAS_SCALE=True, UPDATE=True, WITH_OUTPUT=True,
                                                        SPLIT=True, MERGE_R=b.merge, table_ptr=None), b.num_warps)
         assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx, x
-        ptx = compile_kernel(k._normalize_kernel, x, dict(tiles, HAS_MASK=True, WITH_DIAG=True), b.num_warps)
+        ptx = compile_kernel(k._normalize_kernel, x, dict(tiles, HAS_MASK=True, HAS_SCALE=True, WITH_DIAG=True), b.num_warps)
         assert "red.global.gpu.relaxed.add.f64" in ptx, x
         g = a.choose_advantage_blocks(4096, 16, 16, size, programs=264)
         blocks = dict(ACC=acc, BLOCK_O=g.outer, BLOCK_G=g.groups, BLOCK_I=g.inner)
@@ -75,19 +75,19 @@ SCRIPT = textwrap.dedent("""
     for x in DTYPES:
         b, g = every_kernel_in(x)
     # The merge kernels read and write float64 tables only: one compile each.
-    compile_kernel(k._merge_parts_kernel, "fp64", dict(WITH_OUTPUT=True, BLOCK_C=b.cols))
+    compile_kernel(k._merge_parts_kernel, "fp64", dict(HAS_SCALE=True, WITH_OUTPUT=True, BLOCK_C=b.cols))
     compile_kernel(a._merge_parts_kernel, "fp64", dict(BLOCK_G=g.groups))
 
     # The variants, with small blocks.
-    split = dict(HAS_MASK=True, SPLIT=True, ACC=tl.float32, BLOCK_R=32, BLOCK_C=64, MERGE_R=16)
+    split = dict(HAS_MASK=True, HAS_SCALE=False, scale_ptr=None, SPLIT=True, ACC=tl.float32, BLOCK_R=32, BLOCK_C=64, MERGE_R=16)
     reduce = dict(split, UPDATE=True, WITH_OUTPUT=True, table_ptr=None)
     compile_kernel(k._reduce_kernel, "bf16", dict(reduce, mask_ptr=None, HAS_MASK=False, WITH_OUTPUT=False))
     compile_kernel(k._reduce_kernel, "fp64", dict(reduce, ACC=tl.float64, BLOCK_C=32, SPLIT=False,
                                                   partials_ptr=None, arrivals_ptr=None))
     compile_kernel(k._reduce_kernel, "fp16", dict(split, UPDATE=False, WITH_OUTPUT=False, mean_ptr=None,
                                                   var_ptr=None, count_ptr=None, diag_ptr=None))
-    compile_kernel(k._merge_parts_kernel, "fp64", dict(WITH_OUTPUT=False, BLOCK_C=128))
-    normalize = dict(HAS_MASK=True, WITH_DIAG=True, ACC=tl.float32, BLOCK_R=16, BLOCK_C=128)
+    compile_kernel(k._merge_parts_kernel, "fp64", dict(HAS_SCALE=False, scale_ptr=None, WITH_OUTPUT=False, BLOCK_C=128))
+    normalize = dict(HAS_MASK=True, HAS_SCALE=False, scale_ptr=None, WITH_DIAG=True, ACC=tl.float32, BLOCK_R=16, BLOCK_C=128)
     compile_kernel(k._normalize_kernel, "fp64", dict(normalize, mask_ptr=None, diag_ptr=None, HAS_MASK=False,
                                                      WITH_DIAG=False, ACC=tl.float64, BLOCK_C=32, BLOCK_R=64))
     blocks = dict(ACC=tl.float32, BLOCK_O=4, BLOCK_G=8, BLOCK_I=64)
