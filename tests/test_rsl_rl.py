@@ -49,7 +49,10 @@ def test_host_contract_converges_and_normalizes(cls, gen):
     assert torch.allclose(norm.mean, torch.full((4,), 5.0), atol=0.15)
     assert torch.allclose(norm.std, torch.full((4,), 2.0), atol=0.15)
     x = torch.randn(16, 4, generator=gen) * 3 + 5
-    assert torch.allclose(norm(x), (x - norm._mean) / (norm._std + norm.eps))
+    # Within float32 rounding: fastnorm's kernel computes y in float32 from float64 statistics, and
+    # outputs near 0 carry x - mean's cancellation, so no pure relative tolerance fits them.
+    expected = ((x - norm._mean) / (norm._std + norm.eps)).to(x.dtype)
+    torch.testing.assert_close(norm(x), expected, **F32)
     assert torch.allclose(norm.inverse(norm(x)), x, atol=1e-5)
 
 
