@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--minibatches", type=int, default=15,
                    help="gradient steps per epoch (400 env steps each by default)")
     p.add_argument("--normalizer", choices=("fastnorm", "seed", "none"), default="fastnorm")
+    p.add_argument("--obs-min-std-rel", type=float, default=None,
+                   help="fastnorm's relative std floor for the observations (RunningNorm's min_std_rel; default off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--logdir", default="runs/vmas_mappo", help="TensorBoard logs and checkpoints go in LOGDIR/RUN")
     p.add_argument("--run", help="the run's name (default: scenario-normalizer-seed)")
@@ -91,7 +93,7 @@ def make_env(args: argparse.Namespace) -> tuple[TransformedEnv, object]:
                                  max_steps=args.steps, device=args.device, seed=args.seed, n_agents=args.agents))
     if args.normalizer == "fastnorm":
         # Statistics per (agent, feature): the spec's shape beyond the env's batch dim (envs).
-        transform = RunningNormTransform(in_keys=[OBS])
+        transform = RunningNormTransform(in_keys=[OBS], min_std_rel=args.obs_min_std_rel)
         env.append_transform(transform)
         norm = transform.norm(OBS)
     elif args.normalizer == "seed":

@@ -101,6 +101,23 @@ def test_state_dict_loads_into_a_transform_that_has_not_seen_its_env(gen):
                                env.transform.forward(td.clone())["agents", "obs_n"])
 
 
+def test_min_std_rel_reaches_the_running_norm_and_its_state_dict(gen):
+    env = make_env(seed_of(gen), min_std_rel=0.25)
+    env.rollout(5, break_when_any_done=False)
+    norm = env.transform.norm(OBS)
+    assert norm.min_std_rel == 0.25
+    state = env.state_dict()
+    assert any(key.endswith("norms.agents/observation.scale") for key in state)
+    assert not torch.equal(norm.scale, torch.ones_like(norm.scale))  # tracked by the updates
+    fresh = make_env(seed_of(gen), min_std_rel=0.25)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.transform.norm(OBS).scale, norm.scale)
+    off = make_env(seed_of(gen))
+    off.rollout(2, break_when_any_done=False)
+    assert off.transform.norm(OBS).min_std_rel is None
+    assert not any(key.endswith(".scale") for key in off.state_dict())
+
+
 def test_nan_rows_stay_out_of_the_statistics(gen):
     env = TransformedEnv(ToyMultiAgentEnv(seed=seed_of(gen), nan_envs=(1, 4)),
                          RunningNormTransform([OBS], [OBS_N], mask_key=ACTIVE, decay=None))

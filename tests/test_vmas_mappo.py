@@ -42,6 +42,14 @@ def test_one_iteration(tmp_path, normalizer):
         assert int(state["obs_norm"]["steps"]) == 12  # the first reset, 10 steps, the reset after the last
 
 
+def test_obs_min_std_rel_reaches_the_observation_normalizer(tmp_path):
+    args = vmas_mappo.parse_args(TINY + ["--obs-min-std-rel", "0.1", "--logdir", str(tmp_path), "--run", "tiny"])
+    vmas_mappo.train(args)
+    state = torch.load(tmp_path / "tiny" / "checkpoint.pt", weights_only=True)
+    assert state["obs_norm"]["scale"].shape == (2, 18)
+    assert vmas_mappo.parse_args(TINY).obs_min_std_rel is None
+
+
 def test_normalizer_statistics_match_running_norm_on_the_stacked_observations():
     """The example's env (transform included) and a bare VmasEnv, same seed, same actions: the
     transform's statistics are RunningNorm's over the bare env's (envs, agents, features)

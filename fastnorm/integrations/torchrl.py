@@ -55,7 +55,7 @@ class RunningNormTransform(Transform):
     key marks update the statistics. ``forward`` (replay buffers, offline data) only normalizes.
     In a ``ParallelEnv``, put the transform on the outer env: one update per step of all workers.
     The statistics live in the transform's ``state_dict`` (and so in the ``TransformedEnv``'s) as
-    ``norms.<key>.mean``, ``.var``, ``.count``, ``.steps`` (``<key>``: the nested key joined by "/").
+    ``norms.<key>.mean``, ``.var``, ``.count``, ``.steps`` (and ``.scale`` with ``min_std_rel``; ``<key>``: the nested key joined by "/").
 
     Args:
         in_keys: the float entries to normalize, e.g. ``[("agents", "observation")]``.
@@ -68,6 +68,9 @@ class RunningNormTransform(Transform):
             and variance (``VecNormV2``'s ``decay=1``, without its cancellation).
         eps, min_std, max_std, clip, max_count: as in :class:`fastnorm.RunningNorm`: the divisor is
             ``clamp(sqrt(var + eps), min_std, max_std)`` and the output is clamped to ``[-clip, clip]``.
+        min_std_rel: the relative std floor of :class:`fastnorm.RunningNorm` (None: off): the divisor
+            never falls below ``min_std_rel`` times each column's long-run std; the state dict then
+            also holds ``norms.<key>.scale``.
         backend: the fastnorm backend ("auto", "cpu", "cuda", "triton", "reference").
         sync: combine each update across the ranks of ``process_group`` (TorchRL has no rank sync);
             every rank must then step its env the same number of times.
@@ -86,6 +89,7 @@ class RunningNormTransform(Transform):
         max_std: Optional[float] = None,
         clip: Optional[float] = 10.0,
         max_count: Optional[float] = None,
+        min_std_rel: Optional[float] = None,
         backend: str = "auto",
         sync: bool = False,
         process_group: Optional[torch.distributed.ProcessGroup] = None,
@@ -97,7 +101,7 @@ class RunningNormTransform(Transform):
         super().__init__(in_keys=in_keys, out_keys=out_keys)
         self.mask_key = None if mask_key is None else unravel_key(mask_key)
         self.norm_kwargs = dict(momentum=decay, eps=eps, min_std=min_std, max_std=max_std, clip=clip,
-                                max_count=max_count, backend=backend, sync=sync, process_group=process_group)
+                                max_count=max_count, min_std_rel=min_std_rel, backend=backend, sync=sync, process_group=process_group)
         RunningNorm(1, **self.norm_kwargs)  # checks the arguments now rather than at the first step
         self.norms = nn.ModuleDict()
         self.frozen = False
