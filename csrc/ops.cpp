@@ -19,12 +19,15 @@ TORCH_LIBRARY(fastnorm, m) {
   // variance merged into var is M2/(n-1) (0 for n = 1) instead of M2/n (diag's batch_var stays M2/n).
   // scale (float64, mean's shape), when given: the long-run scale, updated with the statistics
   // (update_running_stats); min_std_rel (needs scale): the divisor's lower bound is
-  // max(min_std, min_std_rel * scale) (std_floor).
+  // max(min_std, min_std_rel * scale) (std_floor). previous: y uses the statistics from before
+  // this batch in every column whose count was > 0 (the others: the updated ones, i.e. the batch's
+  // own), so that y needs one read of x; diag's clipped and max_abs_z rows use what y used.
+  // steps (int64, 0-dim), when given: incremented in the op when x has entries (the update count).
   m.def(
       "running_norm(Tensor x, Tensor? mask, Tensor(a!) mean, Tensor(b!) var, Tensor(c!) count, "
       "Tensor(d!)? out, Tensor(e!) diag, float? momentum, float? max_count, float eps, float? min_std, "
       "float? max_std, float? clip, bool eps_on_std=False, bool unbiased=False, Tensor(f!)? scale=None, "
-      "float? min_std_rel=None) -> ()");
+      "float? min_std_rel=None, bool previous=False, Tensor(g!)? steps=None) -> ()");
   // y = clamp((x - mean) / clamp(sqrt(var + eps), min_std, max_std), -clip, clip) into out
   // (sqrt(var) + eps with eps_on_std; lower bound max(min_std, min_std_rel * scale) with min_std_rel).
   m.def(
@@ -46,11 +49,12 @@ TORCH_LIBRARY(fastnorm, m) {
   // running_norm, and y for this process's x into out when given. diag rows batch_count,
   // batch_mean, batch_var, nonfinite and max_abs_z describe the merged batch (max |z| from the
   // merged min and max); clipped counts this x's entries. x may be empty while parts are not.
+  // previous as in running_norm; steps, when given, is incremented whatever x (a step of the group).
   m.def(
       "merge_normalize(Tensor x, Tensor? mask, Tensor parts, Tensor(a!) mean, Tensor(b!) var, Tensor(c!) count, "
       "Tensor(d!)? out, Tensor(e!) diag, float? momentum, float? max_count, float eps, float? min_std, "
       "float? max_std, float? clip, bool eps_on_std=False, bool unbiased=False, Tensor(f!)? scale=None, "
-      "float? min_std_rel=None) -> ()");
+      "float? min_std_rel=None, bool previous=False, Tensor(g!)? steps=None) -> ()");
   // x (O, G, I) reduced over dims 0 and 2: for each group g, over its selected finite entries
   // (mask[k / (N / mask.numel())] for flat index k, no mask: all), writes stats (4, G) (rows:
   // AdvantageStatRow) and y = (x - mean) / max(std_raw, min_std) into out (0 for an empty group).

@@ -108,6 +108,14 @@ double* check_scale_args(const at::Tensor& x, const at::Tensor& mean, const std:
   return scale->data_ptr<double>();
 }
 
+int64_t* check_steps_arg(const at::Tensor& x, const std::optional<at::Tensor>& steps) {
+  if (!steps) return nullptr;
+  TORCH_CHECK(steps->scalar_type() == at::kLong && steps->dim() == 0,
+              "fastnorm: steps must be a 0-dim int64 tensor, got ", steps->sizes(), " ", steps->scalar_type());
+  TORCH_CHECK(steps->device() == x.device(), "fastnorm: steps is on ", steps->device(), " but x is on ", x.device());
+  return steps->data_ptr<int64_t>();
+}
+
 RowsGeometry check_batch_moments_args(const at::Tensor& x, const std::optional<at::Tensor>& mask,
                                       const at::Tensor& moments) {
   TORCH_CHECK(moments.scalar_type() == at::kDouble && moments.is_contiguous() && moments.dim() >= 1 &&

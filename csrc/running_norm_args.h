@@ -29,6 +29,10 @@ RowsGeometry check_running_norm_args(const at::Tensor& x, const std::optional<at
 double* check_scale_args(const at::Tensor& x, const at::Tensor& mean, const std::optional<at::Tensor>& scale,
                          std::optional<double> min_std_rel);
 
+// Checks the update counter of running_norm and merge_normalize: when given, a 0-dim int64 tensor
+// on x's device. Returns its data (nullptr without one).
+int64_t* check_steps_arg(const at::Tensor& x, const std::optional<at::Tensor>& steps);
+
 // Checks the arguments of fastnorm::batch_moments; moments is (kNumMomentRows, *shape).
 RowsGeometry check_batch_moments_args(const at::Tensor& x, const std::optional<at::Tensor>& mask,
                                       const at::Tensor& moments);

@@ -28,7 +28,7 @@ if EXTENSION_ERROR is None:
 
     @torch.library.register_fake("fastnorm::running_norm")
     def _running_norm_fake(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip,
-                           eps_on_std=False, unbiased=False, scale=None, min_std_rel=None):
+                           eps_on_std=False, unbiased=False, scale=None, min_std_rel=None, previous=False, steps=None):
         torch._check(diag.shape == (6, mean.numel()), lambda: "diag must have shape (6, C)")
 
     @torch.library.register_fake("fastnorm::normalize")
@@ -42,7 +42,8 @@ if EXTENSION_ERROR is None:
 
     @torch.library.register_fake("fastnorm::merge_normalize")
     def _merge_normalize_fake(x, mask, parts, mean, var, count, out, diag, momentum, max_count, eps, min_std,
-                              max_std, clip, eps_on_std=False, unbiased=False, scale=None, min_std_rel=None):
+                              max_std, clip, eps_on_std=False, unbiased=False, scale=None, min_std_rel=None,
+                              previous=False, steps=None):
         torch._check(parts.shape[1:] == (6, *mean.shape), lambda: "parts must have shape (P, 6, *mean.shape)")
         torch._check(diag.shape == (6, mean.numel()), lambda: "diag must have shape (6, C)")
 

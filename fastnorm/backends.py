@@ -7,8 +7,10 @@ folds them away.
 
 Every backend implements the same calls, mutating their output arguments in place:
   running_norm(x, mask, mean, var, count, out, diag, *, momentum, max_count, eps, min_std,
-               max_std, clip, eps_on_std, unbiased, scale, min_std_rel)
-                  reduce + merge into (mean, var, count, and scale when given) + y into out (if given)
+               max_std, clip, eps_on_std, unbiased, scale, min_std_rel, previous, steps)
+                  reduce + merge into (mean, var, count, and scale when given) + y into out (if given),
+                  with previous y from the statistics before the batch where count > 0; steps (int64
+                  0-dim, when given) += 1 when x has entries, inside the op
   normalize(x, mean, var, out, *, eps, min_std, max_std, clip, eps_on_std, scale, min_std_rel)
   normalize_advantages(x, mask, out, stats, *, min_std, unbiased)
                   x (O, G, I), mask flat (see csrc/ops.cpp); stats (4, G) rows STAT_ROWS
@@ -17,6 +19,7 @@ and running_norm split in two for RunningNorm(sync=True), which combines the hal
   batch_moments(x, mask, moments)   the batch-moments table (6, *shape) of x alone
   merge_normalize(x, mask, parts, mean, var, count, out, diag, **hyper)
                                     merge the tables parts (P, 6, *shape) in order, update, y
+                                    (steps, when given, += 1 whatever x: a step of the group)
 and normalize_advantages split in two for normalize_advantages(sync=True), likewise:
   advantage_moments(x, mask, moments)  the moments table (5, G) of x's groups alone
   normalize_advantages_from(x, parts, out, stats, *, min_std, unbiased)
@@ -95,15 +98,12 @@ class ExtensionBackend:
         return []
 
     def running_norm(self, x, mask, mean, var, count, out, diag, *, momentum, max_count, eps, min_std, max_std,
-                     clip, eps_on_std=False, unbiased=False, scale=None, min_std_rel=None) -> None:
-        # The overload, positionally: keyword arguments cost a few microseconds per call, and each
-        # argument given ~0.2 us, so the default options are left to the schema's defaults.
-        if scale is None and not (eps_on_std or unbiased):
-            torch.ops.fastnorm.running_norm.default(x, mask, mean, var, count, out, diag, momentum, max_count, eps,
-                                                    min_std, max_std, clip)
-        else:
-            torch.ops.fastnorm.running_norm.default(x, mask, mean, var, count, out, diag, momentum, max_count, eps,
-                                                    min_std, max_std, clip, eps_on_std, unbiased, scale, min_std_rel)
+                     clip, eps_on_std=False, unbiased=False, scale=None, min_std_rel=None, previous=False,
+                     steps=None) -> None:
+        # The overload, positionally: keyword arguments cost a few microseconds per call.
+        torch.ops.fastnorm.running_norm.default(x, mask, mean, var, count, out, diag, momentum, max_count, eps,
+                                                min_std, max_std, clip, eps_on_std, unbiased, scale, min_std_rel,
+                                                previous, steps)
 
     def normalize(self, x, mean, var, out, **hyper) -> None:
         torch.ops.fastnorm.normalize(x, mean, var, out, **hyper)
@@ -138,9 +138,11 @@ class ReferenceBackend:
     def auto_skip_reasons(self, x: Tensor) -> list[str]:
         return []
 
-    def running_norm(self, x, mask, mean, var, count, out, diag, **hyper) -> None:
+    def running_norm(self, x, mask, mean, var, count, out, diag, *, steps=None, **hyper) -> None:
         result = reference.running_norm(x, mask, mean, var, count, with_output=out is not None, **hyper)
         _store(result, mean, var, count, out, diag, hyper.get("scale"))
+        if steps is not None and x.numel() > 0:
+            steps.add_(1)
 
     def normalize(self, x, mean, var, out, **hyper) -> None:
         out.copy_(reference.normalize(x, mean, var, **hyper))
@@ -148,10 +150,11 @@ class ReferenceBackend:
     def batch_moments(self, x, mask, moments) -> None:
         moments.copy_(reference.batch_moment_table(x, mask, moments.shape[1:]))
 
-    def merge_normalize(self, x, mask, parts, mean, var, count, out, diag, **hyper) -> None:
+    def merge_normalize(self, x, mask, parts, mean, var, count, out, diag, *, steps=None, **hyper) -> None:
         result = reference.merge_normalize(x, mask, parts, mean, var, count, with_output=out is not None, **hyper)
         _store(result, mean, var, count, out, diag, hyper.get("scale"))
-
+        if steps is not None:
+            steps.add_(1)
 
     def normalize_advantages(self, x, mask, out, stats, **hyper) -> None:
         result = advantages_reference.normalize_advantages(x, _full_mask(x, mask), (0, 2), **hyper)
@@ -212,8 +215,21 @@ def check_backend_name(name: str) -> str:
     return name
 
 
+# select_backend's choices: they depend on static facts only (the name, x's device type, the op).
+_CHOICES: dict[tuple[str, str, str], Backend] = {}
+
+
 def select_backend(name: str, x: Tensor, op: str = "running_norm") -> Backend:
     """The backend that runs op on x: the named one, or for "auto" the first in AUTO_ORDER that can."""
+    key = (name, x.device.type, op)
+    backend = _CHOICES.get(key)
+    if backend is None:
+        backend = _choose(name, x, op)
+        _CHOICES[key] = backend
+    return backend
+
+
+def _choose(name: str, x: Tensor, op: str) -> Backend:
     if name != "auto":
         backend = BACKENDS[name]
         reasons = backend.not_supported_reasons(x, op)

@@ -17,6 +17,10 @@ relative floor. The long-run scale, where tracked, follows each update (README, 
 floor"): with w_s = max(SCALE_WEIGHT_RATIO (1 - momentum), n_b / (n_eff + n_b)),
 
     scale'^2 = (1 - w_s) scale^2 + w_s var'
+
+y uses the updated statistics, or with ``previous`` those from before the batch (mean, var and
+scale) in every column that has a history (count > 0); a column without one (count 0) is
+normalized with its updated statistics, which are then the batch's own.
 """
 
 from __future__ import annotations
@@ -176,10 +180,12 @@ def running_norm(
     unbiased: bool = False,
     scale: Optional[Tensor] = None,
     min_std_rel: Optional[float] = None,
+    previous: bool = False,
     with_output: bool = True,
 ) -> RunningNormResult:
-    """Updates the statistics with the batch x and normalizes x with the updated statistics. diag's
-    batch_var row is the population variance, also when unbiased."""
+    """Updates the statistics with the batch x and normalizes x with the updated statistics (with
+    previous, those from before the batch where count > 0). diag's batch_var row is the population
+    variance, also when unbiased; its clipped and max_abs_z rows use the statistics y used."""
     shape = mean.shape
     x_rows = as_rows(x, shape)
     selected = selection(x_rows, mask)
@@ -189,9 +195,11 @@ def running_norm(
         momentum=momentum, max_count=max_count, scale=_flat(scale),
     )
     if with_output:
-        y_rows, abs_z, clipped = _output_rows(x_rows, selected, new_mean, new_var, eps=eps, max_std=max_std,
+        y_mean, y_var, y_scale = output_statistics(previous, count.reshape(-1), (mean, var, scale),
+                                                   (new_mean, new_var, new_scale))
+        y_rows, abs_z, clipped = _output_rows(x_rows, selected, y_mean, y_var, eps=eps, max_std=max_std,
                                               clip=clip, eps_on_std=eps_on_std,
-                                              floor=std_floor(min_std, min_std_rel, new_scale))
+                                              floor=std_floor(min_std, min_std_rel, y_scale))
         max_abs_z = abs_z.amax(0) if x_rows.shape[0] > 0 else torch.zeros_like(n_b)
         y = y_rows.to(x.dtype).reshape(x.shape)
     else:
@@ -199,6 +207,15 @@ def running_norm(
         y = None
     diag = torch.stack([n_b, m_b, v_b, nonfinite, clipped, max_abs_z])
     return _result(y, new_mean, new_var, new_count, diag, new_scale, shape)
+
+
+def output_statistics(previous: bool, count: Tensor, before: tuple, after: tuple) -> tuple:
+    """The flat (mean, var, scale) that y uses: after (the updated statistics), or with previous
+    before's (the statistics of shape before the batch) in the columns whose count was > 0."""
+    if not previous:
+        return after
+    history = count > 0
+    return tuple(None if new is None else torch.where(history, _flat(old), new) for old, new in zip(before, after))
 
 
 def _flat(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -277,11 +294,13 @@ def merge_normalize(
     unbiased: bool = False,
     scale: Optional[Tensor] = None,
     min_std_rel: Optional[float] = None,
+    previous: bool = False,
     with_output: bool = True,
 ) -> RunningNormResult:
     """What fastnorm::merge_normalize computes: the running update with the merged tables parts
-    (P, 6, *shape), then y for x. diag describes the merged batch, except `clipped`, which counts
-    x's entries; max |z| comes from the merged min and max."""
+    (P, 6, *shape), then y for x with the statistics running_norm would use (see previous). diag
+    describes the merged batch, except `clipped`, which counts x's entries; max |z| comes from the
+    merged min and max."""
     shape = mean.shape
     n_b, m_b, m2_b, nonfinite, lo, hi = merge_moment_tables(parts).reshape(len(MOMENT_ROWS), -1)
     v_b = torch.where(n_b > 0, m2_b / n_b.clamp(min=1), 0.0)
@@ -292,10 +311,12 @@ def merge_normalize(
     )
     if with_output:
         x_rows = as_rows(x, shape)
-        floor = std_floor(min_std, min_std_rel, new_scale)
-        y_rows, _, clipped = _output_rows(x_rows, selection(x_rows, mask), new_mean, new_var, eps=eps,
+        y_mean, y_var, y_scale = output_statistics(previous, count.reshape(-1), (mean, var, scale),
+                                                   (new_mean, new_var, new_scale))
+        floor = std_floor(min_std, min_std_rel, y_scale)
+        y_rows, _, clipped = _output_rows(x_rows, selection(x_rows, mask), y_mean, y_var, eps=eps,
                                           max_std=max_std, clip=clip, eps_on_std=eps_on_std, floor=floor)
-        spread = torch.maximum(hi - new_mean, new_mean - lo) / _bounded_by(new_var, eps, eps_on_std, floor, max_std)
+        spread = torch.maximum(hi - y_mean, y_mean - lo) / _bounded_by(y_var, eps, eps_on_std, floor, max_std)
         max_abs_z = torch.where(n_b > 0, spread, 0.0)
         y = y_rows.to(x.dtype).reshape(x.shape)
     else:

@@ -17,11 +17,14 @@ from fastnorm.reference import DIAG_ROWS, MOMENT_ROWS
 
 FORMAT_VERSION = 1
 HYPER_PARAMETERS = ("momentum", "max_count", "eps", "min_std", "max_std", "clip", "warmup", "eps_placement",
-                    "batch_var", "min_std_rel")
+                    "batch_var", "min_std_rel", "normalize_with")
 # Hyper-parameters added after format 1 was fixed, with the value a state saved without them had.
-LATER_DEFAULTS = {"eps_placement": "var", "batch_var": "population", "min_std_rel": None}
+LATER_DEFAULTS = {"eps_placement": "var", "batch_var": "population", "min_std_rel": None, "normalize_with": "updated"}
 EPS_PLACEMENTS = ("var", "std")
 BATCH_VARS = ("population", "unbiased")
+NORMALIZE_WITH = ("updated", "previous")
+# What the ops' keyword arguments are computed from (_op_arguments caches them until one changes).
+_OP_ARGUMENT_SOURCES = frozenset(HYPER_PARAMETERS + ("scale",))
 
 
 class RunningNorm(nn.Module):
@@ -38,7 +41,7 @@ class RunningNorm(nn.Module):
 
     Early updates are exact averages (no noisy step 1, no zero-variance start), later ones an EMA
     with weight ``1 - momentum`` (never frozen); ``momentum=None`` is the exact cumulative
-    (Chan) merge. The output, with the updated statistics when updating::
+    (Chan) merge. The output, with the updated statistics when updating (``normalize_with``)::
 
         y = clamp((x - mean) / clamp(std, floor, max_std), -clip, clip)
 
@@ -67,6 +70,11 @@ class RunningNorm(nn.Module):
         min_std_rel: the relative std floor (None: off): the divisor never falls below min_std_rel
             times the column's long-run std ``scale``. Its state dict then holds ``scale``; a state
             without it loads with ``scale = sqrt(var)``.
+        normalize_with: which statistics an updating call normalizes x with. "updated" (default):
+            those updated with x, which needs two reads of x. "previous": those from before x (y
+            lags the statistics by one batch), so one pass reads x once: faster when x does not fit
+            in cache. Columns with no history yet (count 0) use their updated statistics, the
+            batch's own, so step 1 is never raw. Calls that do not update are the same in both.
         backend: "auto", "cpu", "cuda", "triton" or "reference" (see ``fastnorm.backends()``).
         device: where the statistics live.
         sync: combine each update's batch across the ranks of ``process_group`` (see below).
@@ -111,6 +119,7 @@ class RunningNorm(nn.Module):
         eps_placement: str = "var",
         batch_var: str = "population",
         min_std_rel: Optional[float] = None,
+        normalize_with: str = "updated",
         backend: str = "auto",
         device: Optional[Union[str, torch.device]] = None,
         sync: bool = False,
@@ -139,6 +148,7 @@ class RunningNorm(nn.Module):
         self.eps_placement = _checks.check_choice("eps_placement", eps_placement, EPS_PLACEMENTS)
         self.batch_var = _checks.check_choice("batch_var", batch_var, BATCH_VARS)
         self.min_std_rel = _checks.check_optional_number("min_std_rel", min_std_rel)
+        self.normalize_with = _checks.check_choice("normalize_with", normalize_with, NORMALIZE_WITH)
         self.backend = check_backend_name(backend)
         if not isinstance(sync, bool):
             raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
@@ -217,11 +227,28 @@ class RunningNorm(nn.Module):
         return self.steps >= self.warmup
 
     def _output_bounds(self) -> dict[str, Any]:
-        # The scale goes to the ops only with the relative floor: they track it where given.
-        tracked = self.min_std_rel is not None
-        return dict(eps=self.eps, min_std=self.min_std, max_std=self.max_std, clip=self.clip,
-                    eps_on_std=self.eps_placement == "std", scale=self.scale if tracked else None,
-                    min_std_rel=self.min_std_rel)
+        """The keyword arguments of the normalize op."""
+        return self._op_arguments()[0]
+
+    def _op_arguments(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The keyword arguments of the normalize op and of the updating ops, cached (a call costs
+        microseconds) until an attribute they come from is set again (__setattr__, _apply)."""
+        cached = self.__dict__.get("_op_argument_cache")
+        if cached is None:
+            # The scale goes to the ops only with the relative floor: they track it where given.
+            tracked = self.min_std_rel is not None
+            bounds = dict(eps=self.eps, min_std=self.min_std, max_std=self.max_std, clip=self.clip,
+                          eps_on_std=self.eps_placement == "std", scale=self.scale if tracked else None,
+                          min_std_rel=self.min_std_rel)
+            update = dict(bounds, momentum=self.momentum, max_count=self.max_count,
+                          unbiased=self.batch_var == "unbiased", previous=self.normalize_with == "previous")
+            cached = self.__dict__["_op_argument_cache"] = (bounds, update)
+        return cached
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in _OP_ARGUMENT_SOURCES:
+            self.__dict__.pop("_op_argument_cache", None)
 
     def _divisor(self) -> Tensor:
         """The float64 divisor of the normalization, as denormalize and every export compute it
@@ -265,13 +292,10 @@ class RunningNorm(nn.Module):
         if self.sync:
             self._synced_update(x, mask, y)
             return
-        select_backend(self.backend, x).running_norm(
-            x, mask, self.mean, self.var, self.count, y, self._diag,
-            momentum=self.momentum, max_count=self.max_count, unbiased=self.batch_var == "unbiased",
-            **self._output_bounds(),
-        )
-        if x.numel() > 0:  # an empty batch is no update step
-            self.steps.add_(1)
+        # The op counts the step (an empty batch is none): one op per call.
+        b = self._buffers
+        select_backend(self.backend, x).running_norm(x, mask, b["mean"], b["var"], b["count"], y, b["_diag"],
+                                                     steps=b["steps"], **self._op_arguments()[1])
 
     def _synced_update(self, x: Tensor, mask: Optional[Tensor], y: Optional[Tensor]) -> None:
         # running_norm split around the all-gather: this rank's batch moments, every rank's merged.
@@ -280,13 +304,10 @@ class RunningNorm(nn.Module):
         moments = torch.empty((len(MOMENT_ROWS), *self.shape), dtype=torch.float64, device=x.device)
         backend.batch_moments(x, mask, moments)
         parts = distributed.all_gather_moments(moments, self.process_group)
-        backend.merge_normalize(
-            x, mask, parts, self.mean, self.var, self.count, y, self._diag,
-            momentum=self.momentum, max_count=self.max_count, unbiased=self.batch_var == "unbiased",
-            **self._output_bounds(),
-        )
+        # steps counts a step of the group, whatever this rank's shard.
+        backend.merge_normalize(x, mask, parts, self.mean, self.var, self.count, y, self._diag, steps=self.steps,
+                                **self._op_arguments()[1])
         distributed.sum_counts(self._diag[DIAG_ROWS.index("clipped")], self.process_group)
-        self.steps.add_(1)  # a step of the group, whatever this rank's shard
 
     # ------------------------------------------------------------------ state
 
@@ -294,6 +315,7 @@ class RunningNorm(nn.Module):
         # Module-wide casts (.half(), .to(torch.bfloat16)) must not demote the statistics: the
         # buffers follow fn's device but keep their dtype (float64, int64 steps).
         before = dict(self._buffers)
+        self.__dict__.pop("_op_argument_cache", None)  # it holds the scale buffer
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = self._buffers[name]

@@ -61,7 +61,7 @@ def op_hyper(norm) -> dict:
     return dict(momentum=norm.momentum, max_count=norm.max_count, eps=norm.eps, min_std=norm.min_std,
                 max_std=norm.max_std, clip=norm.clip, eps_on_std=norm.eps_placement == "std",
                 unbiased=norm.batch_var == "unbiased", scale=norm.scale if norm.min_std_rel is not None else None,
-                min_std_rel=norm.min_std_rel)
+                min_std_rel=norm.min_std_rel, previous=norm.normalize_with == "previous")
 
 
 def expected_step(norm, x, mask=None, with_output=True) -> reference.RunningNormResult:

@@ -42,8 +42,10 @@ enum ScratchSlot : int {
   kPartF64Slot,
   kPartClippedSlot,
   kMomentTableSlot,   // the batch-moments table of running_norm (kNumMomentRows x C)
-  kColumnBoundsSlot,  // per column: the batch's min, then its max (2 x C)
   kInverseStdSlot,    // per column: 1 / bounded std (C)
+  kMergedTableSlot,   // merge_normalize's parts merged (kNumMomentRows x C)
+  kPreviousStatsSlot, // per column: mean, var and scale from before the update (3 x C)
+  kHistorySlot,       // per column: whether count was > 0 before the update (C bytes)
 };
 
 // A tile of x viewed as rows of contiguous columns: rows [row_begin, row_end), columns
