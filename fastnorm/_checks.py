@@ -30,18 +30,14 @@ def check_x(x: Tensor, shape: torch.Size, device: torch.device, name: str = "x")
 
 
 def _ends_with(x: Tensor, shape: torch.Size) -> bool:
+    k = len(shape)
     if torch.jit.is_tracing():
         # The tracer hands out sizes as tensors and warns when they become bools; the check is
         # about static sizes the trace fixes anyway.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            return _ends_with_sizes(x, shape)
-    return _ends_with_sizes(x, shape)
-
-
-def _ends_with_sizes(x: Tensor, shape: torch.Size) -> bool:
-    k = len(shape)
-    return x.dim() >= k and tuple(x.shape[x.dim() - k :]) == tuple(shape)
+            return x.dim() >= k and tuple(x.shape[x.dim() - k :]) == tuple(shape)
+    return x.dim() >= k and x.shape[x.dim() - k :] == shape  # torch.Size == torch.Size: no tuples built
 
 
 def check_mask(mask: Optional[Tensor], x: Tensor, batch_dims: int) -> None:

@@ -24,12 +24,19 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnorm::{op}", dispatch_key)
 
 
+def _check_same_device(x, mean, mask, out) -> None:
+    # The real kernels check this; here it keeps a meta x from passing for CPU statistics.
+    for name, t in (("mean", mean), ("mask", mask), ("out", out)):
+        torch._check(t is None or t.device == x.device, lambda: f"fastnorm: {name} is on {t.device} but x is on {x.device}")
+
+
 if EXTENSION_ERROR is None:
 
     @torch.library.register_fake("fastnorm::running_norm")
     def _running_norm_fake(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip,
                            eps_on_std=False, unbiased=False, scale=None, min_std_rel=None, previous=False, steps=None):
         torch._check(diag.shape == (6, mean.numel()), lambda: "diag must have shape (6, C)")
+        _check_same_device(x, mean, mask, out)
 
     @torch.library.register_fake("fastnorm::normalize")
     def _normalize_fake(x, mean, var, out, eps, min_std, max_std, clip, eps_on_std=False, scale=None,

@@ -8,6 +8,7 @@ then NaN. Here the divisor never falls below ``min_std``, and the statistics tha
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -96,9 +97,8 @@ def normalize_advantages(
                            "that batch's own statistics, a training step with no place in an exported policy. "
                            "Leave it out of the model you trace or export.")
     _check_call(adv, mask, min_std, unbiased, out, sync, process_group)
-    dims = reduced_dims(dim, adv.dim())
     backend = check_backend_name(backend)
-    order, (outer, groups, inner), group_shape = _layout(adv.shape, dims)
+    order, (outer, groups, inner), group_shape = _layout(adv.shape, reduced_dims(dim, adv.dim()))
 
     x = adv.reshape(outer, groups, inner) if order is None else adv.permute(order).reshape(outer, groups, inner)
     if mask is not None:
@@ -123,9 +123,8 @@ def normalize_advantages(
         target = y if order is None else y.permute(order)
         target.copy_(y_op.view(target.shape))
 
-    rows = dict(zip(STAT_ROWS, stats.view((len(STAT_ROWS),) + group_shape).unbind(0)))
-    return y, AdvantageStats(rows["mean"], rows["std_raw"], rows["count"], rows["norm_max_abs"],
-                             rows["std_raw"] < min_std)
+    count, mean, std_raw, norm_max_abs = stats.view((len(STAT_ROWS),) + group_shape).unbind(0)  # STAT_ROWS
+    return y, AdvantageStats(mean, std_raw, count, norm_max_abs, std_raw < min_std)
 
 
 def reduced_dims(dim: Union[None, int, Sequence[int]], ndim: int) -> tuple[int, ...]:
@@ -152,10 +151,11 @@ def reduced_dims(dim: Union[None, int, Sequence[int]], ndim: int) -> tuple[int, 
     return tuple(wrapped) if ndim > 0 else ()
 
 
+@functools.lru_cache(maxsize=256)
 def _layout(shape: torch.Size, dims: tuple[int, ...]):
-    """How adv is seen by the op: (permutation or None, (O, G, I), group shape). The kept dims
-    must be adjacent for the view (O, G, I) of the reduced dims before and after them; otherwise
-    the reduced dims are moved to the front."""
+    """How adv is seen by the op: (permutation or None, (O, G, I), group shape), cached (a call
+    costs microseconds). The kept dims must be adjacent for the view (O, G, I) of the reduced dims
+    before and after them; otherwise the reduced dims are moved to the front."""
     kept = [d for d in range(len(shape)) if d not in dims]
     group_shape = tuple(shape[d] for d in kept)
     if not kept:

@@ -29,7 +29,7 @@ A backend may lack an op on some device: not_supported_reasons(x, op) then says 
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 from torch import Tensor
@@ -40,6 +40,9 @@ from fastnorm.triton_backend import TritonBackend
 
 class Backend(Protocol):
     name: str
+    # Whether running_norm checks every argument (raising before it changes anything), so that a
+    # module may skip its own checks on the hot path and run them only to explain a failure.
+    checks_arguments: bool
 
     def unavailable_reasons(self) -> list[str]:
         """Why this backend cannot run at all on this installation (empty: it can)."""
@@ -67,6 +70,8 @@ class Backend(Protocol):
 
 class ExtensionBackend:
     """The C++ kernels of fastnorm._C for one device type (fastnorm::running_norm, ::normalize)."""
+
+    checks_arguments = True  # csrc/running_norm_args.cpp, before any kernel runs
 
     def __init__(self, name: str, device_type: str, dispatch_key: str):
         self.name = name
@@ -105,6 +110,18 @@ class ExtensionBackend:
                                                 min_std, max_std, clip, eps_on_std, unbiased, scale, min_std_rel,
                                                 previous, steps)
 
+    def bind_running_norm(self, mean, var, count, diag, *, momentum, max_count, eps, min_std, max_std, clip,
+                          eps_on_std=False, unbiased=False, scale=None, min_std_rel=None, previous=False,
+                          steps=None) -> Callable[[Tensor, Optional[Tensor], Optional[Tensor]], None]:
+        op = torch.ops.fastnorm.running_norm.default
+        hyper = (momentum, max_count, eps, min_std, max_std, clip, eps_on_std, unbiased, scale, min_std_rel, previous,
+                 steps)
+
+        def running_norm(x, mask, out):
+            op(x, mask, mean, var, count, out, diag, *hyper)
+
+        return running_norm
+
     def normalize(self, x, mean, var, out, **hyper) -> None:
         torch.ops.fastnorm.normalize(x, mean, var, out, **hyper)
 
@@ -114,8 +131,8 @@ class ExtensionBackend:
     def merge_normalize(self, x, mask, parts, mean, var, count, out, diag, **hyper) -> None:
         torch.ops.fastnorm.merge_normalize(x, mask, parts, mean, var, count, out, diag, **hyper)
 
-    def normalize_advantages(self, x, mask, out, stats, **hyper) -> None:
-        torch.ops.fastnorm.normalize_advantages(x, mask, out, stats, **hyper)
+    def normalize_advantages(self, x, mask, out, stats, *, min_std, unbiased) -> None:
+        torch.ops.fastnorm.normalize_advantages.default(x, mask, out, stats, min_std, unbiased)
 
     def advantage_moments(self, x, mask, moments) -> None:
         torch.ops.fastnorm.advantage_moments(x, mask, moments)
@@ -128,6 +145,7 @@ class ReferenceBackend:
     """fastnorm.reference: pure PyTorch in float64, any device; the slow, always-available one."""
 
     name = "reference"
+    checks_arguments = False
 
     def unavailable_reasons(self) -> list[str]:
         return []
@@ -215,13 +233,24 @@ def check_backend_name(name: str) -> str:
     return name
 
 
-# select_backend's choices: they depend on static facts only (the name, x's device type, the op).
-_CHOICES: dict[tuple[str, str, str], Backend] = {}
+def bind_running_norm(backend: Backend, mean, var, count, diag, **hyper) -> Callable[[Tensor, Optional[Tensor],
+                                                                                   Optional[Tensor]], None]:
+    """backend.running_norm with everything but (x, mask, out) bound, for a module that calls it
+    with the same statistics and hyper-parameters every time: the C++ kernels' op is then called
+    positionally (keyword arguments cost microseconds a call)."""
+    if isinstance(backend, ExtensionBackend):
+        return backend.bind_running_norm(mean, var, count, diag, **hyper)
+    return lambda x, mask, out: backend.running_norm(x, mask, mean, var, count, out, diag, **hyper)
+
+
+# select_backend's choices: they depend on static facts only (the name, x's device, the op); keyed
+# by the device itself, which is cheaper to get than its type.
+_CHOICES: dict[tuple[str, torch.device, str], Backend] = {}
 
 
 def select_backend(name: str, x: Tensor, op: str = "running_norm") -> Backend:
     """The backend that runs op on x: the named one, or for "auto" the first in AUTO_ORDER that can."""
-    key = (name, x.device.type, op)
+    key = (name, x.device, op)
     backend = _CHOICES.get(key)
     if backend is None:
         backend = _choose(name, x, op)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from fastnorm import _checks, distributed, export, reference
-from fastnorm.backends import check_backend_name, select_backend
+from fastnorm.backends import bind_running_norm, check_backend_name, select_backend
 from fastnorm.monitoring.diagnostics import as_floats, running_norm_diagnostics
 from fastnorm.reference import DIAG_ROWS, MOMENT_ROWS
 
@@ -23,8 +23,9 @@ LATER_DEFAULTS = {"eps_placement": "var", "batch_var": "population", "min_std_re
 EPS_PLACEMENTS = ("var", "std")
 BATCH_VARS = ("population", "unbiased")
 NORMALIZE_WITH = ("updated", "previous")
-# What the ops' keyword arguments are computed from (_op_arguments caches them until one changes).
-_OP_ARGUMENT_SOURCES = frozenset(HYPER_PARAMETERS + ("scale",))
+# What the ops' arguments are computed from (_op_arguments and _bound_update cache them until one
+# of these is set again).
+_OP_ARGUMENT_SOURCES = frozenset(HYPER_PARAMETERS + ("backend", "mean", "var", "count", "steps", "scale", "_diag"))
 
 
 class RunningNorm(nn.Module):
@@ -174,11 +175,28 @@ class RunningNorm(nn.Module):
         """Normalizes x, first updating the statistics with it when ``update`` (default: training)."""
         if update is None:
             update = self.training
+        if update and not self.sync and not export.exporting():
+            return self._checked_update(x, mask, out)
         self._check_call(x, mask, out)
         if not update:
             return self._normalize(x, out)
         y = out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
         self._update(x, mask, y)
+        return y
+
+    def _checked_update(self, x: Tensor, mask: Optional[Tensor], out: Optional[Tensor]) -> Tensor:
+        # The common call, kept to one op. The C++ kernels check every argument before touching
+        # anything, so their checks come first and ours (clearer errors) run only when theirs
+        # fail; other backends are checked before the call.
+        bound, checks_arguments = self._bound_update()
+        if not checks_arguments:
+            self._check_call(x, mask, out)
+        try:
+            y = out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
+            bound(x, mask, y)  # it also counts the step (an empty batch is none)
+        except (TypeError, ValueError, RuntimeError):
+            self._check_call(x, mask, out)  # raises the error that names the argument, if it is one
+            raise
         return y
 
     def update(self, x: Tensor, mask: Optional[Tensor] = None) -> None:
@@ -245,10 +263,34 @@ class RunningNorm(nn.Module):
             cached = self.__dict__["_op_argument_cache"] = (bounds, update)
         return cached
 
+    def _bound_update(self) -> tuple[Callable[[Tensor, Optional[Tensor], Optional[Tensor]], None], bool]:
+        """The backend's running_norm with this module's statistics and hyper-parameters bound,
+        ``f(x, mask, out)``, and whether it checks its arguments itself before changing anything.
+        The backend is chosen for the statistics' device, where x must be."""
+        bound = self.__dict__.get("_bound_update_cache")
+        if bound is None:
+            b = self._buffers
+            backend = select_backend(self.backend, b["mean"])
+            bound = (bind_running_norm(backend, b["mean"], b["var"], b["count"], b["_diag"], steps=b["steps"],
+                                       **self._op_arguments()[1]), backend.checks_arguments)
+            self.__dict__["_bound_update_cache"] = bound
+        return bound
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.save(module) and deepcopy: the cached op arguments hold closures and are rebuilt.
+        state = self.__dict__.copy()
+        state.pop("_op_argument_cache", None)
+        state.pop("_bound_update_cache", None)
+        return state
+
+    def _forget_op_arguments(self) -> None:
+        self.__dict__.pop("_op_argument_cache", None)
+        self.__dict__.pop("_bound_update_cache", None)
+
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
         if name in _OP_ARGUMENT_SOURCES:
-            self.__dict__.pop("_op_argument_cache", None)
+            self._forget_op_arguments()
 
     def _divisor(self) -> Tensor:
         """The float64 divisor of the normalization, as denormalize and every export compute it
@@ -292,10 +334,7 @@ class RunningNorm(nn.Module):
         if self.sync:
             self._synced_update(x, mask, y)
             return
-        # The op counts the step (an empty batch is none): one op per call.
-        b = self._buffers
-        select_backend(self.backend, x).running_norm(x, mask, b["mean"], b["var"], b["count"], y, b["_diag"],
-                                                     steps=b["steps"], **self._op_arguments()[1])
+        self._bound_update()[0](x, mask, y)  # one op, which also counts the step (an empty batch is none)
 
     def _synced_update(self, x: Tensor, mask: Optional[Tensor], y: Optional[Tensor]) -> None:
         # running_norm split around the all-gather: this rank's batch moments, every rank's merged.
@@ -315,7 +354,7 @@ class RunningNorm(nn.Module):
         # Module-wide casts (.half(), .to(torch.bfloat16)) must not demote the statistics: the
         # buffers follow fn's device but keep their dtype (float64, int64 steps).
         before = dict(self._buffers)
-        self.__dict__.pop("_op_argument_cache", None)  # it holds the scale buffer
+        self._forget_op_arguments()  # they hold the buffers
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = self._buffers[name]

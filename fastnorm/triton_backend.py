@@ -36,6 +36,7 @@ class TritonBackend:
     allocates its own scratch on the caller's stream."""
 
     name = "triton"
+    checks_arguments = False
 
     def unavailable_reasons(self) -> list[str]:
         return [TRITON_ERROR] if TRITON_ERROR is not None else []
