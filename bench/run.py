@@ -33,6 +33,7 @@ from report import as_markdown, as_text  # noqa: E402
 # The sections, run in this order: each is a module bench/<name>.py with TITLE and
 # run(device, quick) -> report.SectionResult. Adding one is adding its name here.
 SECTIONS = [
+    "calls",
     "running_norm",
     "advantages",
     "rollout",

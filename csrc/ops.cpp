@@ -41,8 +41,11 @@ TORCH_LIBRARY(fastnorm, m) {
   // written into moments, float64 contiguous (6, *shape), rows (MomentRow in
   // running_norm_math.h): count, mean, M2 (sum of squared deviations from the mean), non-finite
   // count, min, max. A column with no entry reads 0, 0, 0, nonfinite, +inf, -inf; so does every
-  // column of an empty x. Merge within a part in a fixed order: equal inputs, equal bits.
-  m.def("batch_moments(Tensor x, Tensor? mask, Tensor(a!) moments) -> ()");
+  // column of an empty x. Merge within a part in a fixed order: equal inputs, equal bits. shift
+  // (float64, *shape), when given: the running mean, a value near each column's mean that a kernel
+  // may use to sum in one pass, as running_norm does with its mean (so with the same mean, both
+  // halves give running_norm's bits); the moments are those of x either way, to rounding.
+  m.def("batch_moments(Tensor x, Tensor? mask, Tensor(a!) moments, Tensor? shift=None) -> ()");
   // merge_normalize: merges parts, float64 contiguous (P >= 1, 6, *shape), each a batch_moments
   // table, per column in part order p = 0..P-1 (Chan merge, merge_column_parts), so every process
   // given the same parts updates its statistics to the same bits; then the running update as in

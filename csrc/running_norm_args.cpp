@@ -117,7 +117,7 @@ int64_t* check_steps_arg(const at::Tensor& x, const std::optional<at::Tensor>& s
 }
 
 RowsGeometry check_batch_moments_args(const at::Tensor& x, const std::optional<at::Tensor>& mask,
-                                      const at::Tensor& moments) {
+                                      const at::Tensor& moments, const std::optional<at::Tensor>& shift) {
   TORCH_CHECK(moments.scalar_type() == at::kDouble && moments.is_contiguous() && moments.dim() >= 1 &&
                   moments.size(0) == kNumMomentRows,
               "fastnorm: moments must be a contiguous float64 tensor of shape (", int(kNumMomentRows),
@@ -126,6 +126,13 @@ RowsGeometry check_batch_moments_args(const at::Tensor& x, const std::optional<a
               x.device());
   RowsGeometry g = check_x_shape(x, moments.sizes().slice(1));
   check_mask(x, mask, x.dim() - (moments.dim() - 1), g);
+  if (shift) {
+    TORCH_CHECK(shift->scalar_type() == at::kDouble && shift->is_contiguous() &&
+                    shift->sizes() == moments.sizes().slice(1),
+                "fastnorm: shift must be a contiguous float64 tensor of shape ", moments.sizes().slice(1), ", got ",
+                shift->sizes(), " ", shift->scalar_type());
+    TORCH_CHECK(shift->device() == x.device(), "fastnorm: shift is on ", shift->device(), " but x is on ", x.device());
+  }
   return g;
 }
 

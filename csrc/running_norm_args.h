@@ -33,9 +33,10 @@ double* check_scale_args(const at::Tensor& x, const at::Tensor& mean, const std:
 // on x's device. Returns its data (nullptr without one).
 int64_t* check_steps_arg(const at::Tensor& x, const std::optional<at::Tensor>& steps);
 
-// Checks the arguments of fastnorm::batch_moments; moments is (kNumMomentRows, *shape).
+// Checks the arguments of fastnorm::batch_moments; moments is (kNumMomentRows, *shape), shift
+// (when given) float64 contiguous of shape `shape`.
 RowsGeometry check_batch_moments_args(const at::Tensor& x, const std::optional<at::Tensor>& mask,
-                                      const at::Tensor& moments);
+                                      const at::Tensor& moments, const std::optional<at::Tensor>& shift);
 
 // Checks the arguments of fastnorm::merge_normalize: those of running_norm, and parts of shape
 // (num_parts >= 1, kNumMomentRows, *mean.shape).

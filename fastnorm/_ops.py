@@ -44,7 +44,7 @@ if EXTENSION_ERROR is None:
         torch._check(out.shape == x.shape, lambda: "out must have x's shape")
 
     @torch.library.register_fake("fastnorm::batch_moments")
-    def _batch_moments_fake(x, mask, moments):
+    def _batch_moments_fake(x, mask, moments, shift=None):
         torch._check(moments.dim() >= 1 and moments.shape[0] == 6, lambda: "moments must have shape (6, *shape)")
 
     @torch.library.register_fake("fastnorm::merge_normalize")

@@ -16,7 +16,9 @@ Every backend implements the same calls, mutating their output arguments in plac
                   x (O, G, I), mask flat (see csrc/ops.cpp); stats (4, G) rows STAT_ROWS
 and running_norm split in two for RunningNorm(sync=True), which combines the halves across ranks
 (schemas and semantics in csrc/ops.cpp; the float64 reference in fastnorm.reference):
-  batch_moments(x, mask, moments)   the batch-moments table (6, *shape) of x alone
+  batch_moments(x, mask, moments, shift=None)
+                                    the batch-moments table (6, *shape) of x alone (shift: the
+                                    running mean, which running_norm sums about: its bits)
   merge_normalize(x, mask, parts, mean, var, count, out, diag, **hyper)
                                     merge the tables parts (P, 6, *shape) in order, update, y
                                     (steps, when given, += 1 whatever x: a step of the group)
@@ -57,7 +59,7 @@ class Backend(Protocol):
 
     def normalize(self, x, mean, var, out, **hyper) -> None: ...
 
-    def batch_moments(self, x, mask, moments) -> None: ...
+    def batch_moments(self, x, mask, moments, shift=None) -> None: ...
 
     def merge_normalize(self, x, mask, parts, mean, var, count, out, diag, **hyper) -> None: ...
 
@@ -125,8 +127,8 @@ class ExtensionBackend:
     def normalize(self, x, mean, var, out, **hyper) -> None:
         torch.ops.fastnorm.normalize(x, mean, var, out, **hyper)
 
-    def batch_moments(self, x, mask, moments) -> None:
-        torch.ops.fastnorm.batch_moments(x, mask, moments)
+    def batch_moments(self, x, mask, moments, shift=None) -> None:
+        torch.ops.fastnorm.batch_moments(x, mask, moments, shift)
 
     def merge_normalize(self, x, mask, parts, mean, var, count, out, diag, **hyper) -> None:
         torch.ops.fastnorm.merge_normalize(x, mask, parts, mean, var, count, out, diag, **hyper)
@@ -165,8 +167,8 @@ class ReferenceBackend:
     def normalize(self, x, mean, var, out, **hyper) -> None:
         out.copy_(reference.normalize(x, mean, var, **hyper))
 
-    def batch_moments(self, x, mask, moments) -> None:
-        moments.copy_(reference.batch_moment_table(x, mask, moments.shape[1:]))
+    def batch_moments(self, x, mask, moments, shift=None) -> None:
+        moments.copy_(reference.batch_moment_table(x, mask, moments.shape[1:]))  # exact: no shift needed
 
     def merge_normalize(self, x, mask, parts, mean, var, count, out, diag, *, steps=None, **hyper) -> None:
         result = reference.merge_normalize(x, mask, parts, mean, var, count, with_output=out is not None, **hyper)

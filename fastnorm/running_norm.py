@@ -341,7 +341,7 @@ class RunningNorm(nn.Module):
         # A backend implements batch_moments and merge_normalize together.
         backend = select_backend(self.backend, x, "merge_normalize")
         moments = torch.empty((len(MOMENT_ROWS), *self.shape), dtype=torch.float64, device=x.device)
-        backend.batch_moments(x, mask, moments)
+        backend.batch_moments(x, mask, moments, self.mean)  # the mean running_norm would sum about
         parts = distributed.all_gather_moments(moments, self.process_group)
         # steps counts a step of the group, whatever this rank's shard.
         backend.merge_normalize(x, mask, parts, self.mean, self.var, self.count, y, self._diag, steps=self.steps,

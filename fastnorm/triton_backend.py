@@ -66,8 +66,8 @@ class TritonBackend:
     def normalize(self, x, mean, var, out, **hyper) -> None:
         torch.ops.fastnorm.normalize_triton(x, mean, var, out, **hyper)
 
-    def batch_moments(self, x, mask, moments) -> None:
-        torch.ops.fastnorm.batch_moments_triton(x, mask, moments)
+    def batch_moments(self, x, mask, moments, shift=None) -> None:
+        torch.ops.fastnorm.batch_moments_triton(x, mask, moments)  # two-pass blocks: no shift needed
 
     def merge_normalize(self, x, mask, parts, mean, var, count, out, diag, *, steps=None, previous=False,
                         **hyper) -> None:

@@ -25,9 +25,10 @@ def fresh_state(stats, device):
     return [torch.zeros(stats, **f64), torch.ones(stats, **f64), torch.zeros(stats, **f64)]
 
 
-def moments_of(backend, x, mask, stats):
+def moments_of(backend, x, mask, stats, shift=None):
+    """batch_moments of x; with shift the running mean, what running_norm sums about."""
     moments = torch.full((NUM_MOMENT_ROWS, *stats), math.nan, dtype=torch.float64, device=x.device)
-    BACKENDS[backend].batch_moments(x, mask, moments)
+    BACKENDS[backend].batch_moments(x, mask, moments, shift)
     return moments
 
 
@@ -49,7 +50,7 @@ def test_one_part_is_the_fused_op(split_backend, device, gen, dtype, batch, stat
         with_output = step != 1  # the middle step updates without an output
         x = randn(batch + stats, gen, dtype=dtype, device=device, mean=2.0, scale=3.0)
         mask = make_mask(mask_kind, batch, stats, gen, device)
-        parts = moments_of(split_backend, x, mask, stats)[None]
+        parts = moments_of(split_backend, x, mask, stats, shift=norm.mean)[None]
         y = split_step(split_backend, x, mask, parts, state, diag, norm, with_output)
         y_fused = norm(x, mask=mask) if with_output else norm.update(x, mask=mask)
         if split_backend == "reference":  # v_b goes through M2 = v_b n and back: rounding only
@@ -78,7 +79,8 @@ def test_one_part_is_the_fused_op_with_options(split_backend, device, gen, optio
     for _ in range(3):
         x = randn(batch + stats, gen, device=device, mean=2.0, scale=3.0)
         mask = make_mask("rows", batch, stats, gen, device) if batch != (1,) else None
-        y = split_step(split_backend, x, mask, moments_of(split_backend, x, mask, stats)[None], state, diag, norm)
+        parts = moments_of(split_backend, x, mask, stats, shift=norm.mean)[None]
+        y = split_step(split_backend, x, mask, parts, state, diag, norm)
         expected = reference.running_norm(x, mask, norm.mean, norm.var, norm.count, **op_hyper(norm))
         y_fused = norm(x, mask=mask)
         torch.testing.assert_close(y_fused, expected.y, **Y_TOL[torch.float32])
@@ -90,14 +92,19 @@ def test_one_part_is_the_fused_op_with_options(split_backend, device, gen, optio
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
-def test_batch_moments_match_reference(split_backend, device, gen, dtype, mask_kind):
+@pytest.mark.parametrize("shift", ["none", "near", "far"])
+def test_batch_moments_match_reference(split_backend, device, gen, dtype, mask_kind, shift):
     batch, stats = (97, 2), (3, 5)
     x = randn(batch + stats, gen, dtype=dtype, device=device, mean=-4.0, scale=2.0)
     x[3, 0, 1, 2] = math.nan
     x[5, 1, 0, 0] = math.inf
     x[:, :, 2, 4] = -math.inf  # a column with no finite entry
     mask = make_mask(mask_kind, batch, stats, gen, device)
-    got = moments_of(split_backend, x, mask, stats)
+    # The shift is a computational aid (a running mean near the data, or one far from it): the
+    # moments are those of x either way.
+    offset = {"none": None, "near": 0.5, "far": 1e4}[shift]
+    shift_to = None if offset is None else x.double().nan_to_num(0, 0, 0).mean((0, 1)) + offset
+    got = moments_of(split_backend, x, mask, stats, shift=shift_to)
     want = reference.batch_moment_table(x, mask, torch.Size(stats))
     count, mean, m2, nonfinite, lo, hi = range(NUM_MOMENT_ROWS)
     for row in (count, nonfinite, lo, hi):  # exact: counts, and input values

@@ -169,6 +169,71 @@ bool block_sums_if_finite(const scalar_t* const* units, int64_t n, int64_t width
   return true;
 }
 
+// Fast path with a given shift per column (the running mean), all entries selected: one pass over
+// the block, S1 = sum (x - shift) and S2 = sum (x - shift)^2, 8 rows at a time so that each
+// per-column accumulator is loaded and stored once per 8 rows. Valid where the shift is near the
+// block's mean: returns false, changing nothing, if a value is NaN or inf or a column's shift lies
+// more than its spread from its mean (S1^2 > S2 n / 2; below that, M2 = S2 - S1^2/n >= S2/2 loses
+// at most a bit to cancellation). The caller then takes the two-pass path.
+template <typename scalar_t, typename acc_t>
+bool block_sums_shifted_if_finite(const scalar_t* const* units, int64_t n, int64_t width,
+                                  const acc_t* __restrict__ shift, const BlockSums<acc_t>& b) {
+  acc_t* __restrict__ s1 = b.s1;
+  acc_t* __restrict__ s2 = b.s2;
+  acc_t* __restrict__ lo = b.nsel;  // scratch: nsel and cnt are not needed on this path
+  acc_t* __restrict__ hi = b.cnt;
+  for (int64_t j = 0; j < width; ++j) {
+    s1[j] = s2[j] = acc_t(0);
+    lo[j] = b.min[j];
+    hi[j] = b.max[j];
+  }
+  int64_t u = 0;
+  for (; u + 8 <= n; u += 8) {
+    const scalar_t* const* x = units + u;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < width; ++j) {
+      const acc_t m = shift[j];
+      acc_t v[8], d[8];
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k) {
+        v[k] = to_acc<acc_t>(x[k][j]);
+        d[k] = v[k] - m;
+      }
+      s1[j] += ((d[0] + d[1]) + (d[2] + d[3])) + ((d[4] + d[5]) + (d[6] + d[7]));
+      s2[j] += ((d[0] * d[0] + d[1] * d[1]) + (d[2] * d[2] + d[3] * d[3])) +
+               ((d[4] * d[4] + d[5] * d[5]) + (d[6] * d[6] + d[7] * d[7]));
+      lo[j] = min_of(lo[j], min_of(min_of(min_of(v[0], v[1]), min_of(v[2], v[3])),
+                                   min_of(min_of(v[4], v[5]), min_of(v[6], v[7]))));
+      hi[j] = max_of(hi[j], max_of(max_of(max_of(v[0], v[1]), max_of(v[2], v[3])),
+                                   max_of(max_of(v[4], v[5]), max_of(v[6], v[7]))));
+    }
+  }
+  for (; u < n; ++u) {
+    const scalar_t* __restrict__ x0 = units[u];
+#pragma GCC ivdep
+    for (int64_t j = 0; j < width; ++j) {
+      const acc_t v = to_acc<acc_t>(x0[j]);
+      const acc_t d = v - shift[j];
+      s1[j] += d;
+      s2[j] += d * d;
+      lo[j] = min_of(lo[j], v);
+      hi[j] = max_of(hi[j], v);
+    }
+  }
+  const acc_t half_n = static_cast<acc_t>(0.5 * static_cast<double>(n));
+  bool ok = true;
+  // S2 finite: every value was (and S1 then is); false for NaN too.
+  for (int64_t j = 0; j < width; ++j) ok &= is_finite(s2[j]) && s1[j] * s1[j] <= half_n * s2[j];
+  if (!ok) return false;
+  for (int64_t j = 0; j < width; ++j) {
+    b.min[j] = lo[j];
+    b.max[j] = hi[j];
+    b.shift[j] = shift[j];
+    b.cnt[j] = static_cast<acc_t>(n);
+  }
+  return true;
+}
+
 // Careful path: tests every value (finite, and selected when kSelect: select(u, sel) fills sel[j]
 // with 1 or 0 for column j of unit u), counting the selected entries per column in nsel.
 template <typename scalar_t, typename acc_t, bool kSelect, typename Select>

@@ -42,7 +42,8 @@ struct TileGrid {
   int64_t size() const { return row_chunks * col_tiles; }
   int64_t chunk_of(int64_t i) const { return i / col_tiles; }
 
-  Tile tile(int64_t i, const at::Tensor& x, const at::Tensor* out, const at::Tensor* mask) const {
+  Tile tile(int64_t i, const at::Tensor& x, const at::Tensor* out, const at::Tensor* mask,
+            const double* shift = nullptr) const {
     const int64_t chunk = i / col_tiles, col_tile = i % col_tiles;
     Tile t{};
     t.x = x.data_ptr();
@@ -56,6 +57,7 @@ struct TileGrid {
     t.row_end = std::min(rows, t.row_begin + rows_per_chunk);
     t.col_begin = col_tile * kTileCols;
     t.col_end = std::min(cols, t.col_begin + kTileCols);
+    t.shift = shift;
     return t;
   }
 };
@@ -144,7 +146,8 @@ struct FusedOutput {
 
 // Pass 1: per-tile reductions, merged per column in row-chunk order into the batch-moments table
 // `moments` (kNumMomentRows x C, rows MomentRow); with fused, also y. No rows give the empty table.
-void reduce_batch(const BatchRows& batch, double* moments, const FusedOutput* fused = nullptr) {
+// shift (per column, may be nullptr): the running mean, near which one pass per block suffices.
+void reduce_batch(const BatchRows& batch, double* moments, const double* shift, const FusedOutput* fused = nullptr) {
   const TileGrid& grid = batch.grid;
   const int64_t C = grid.cols;
   const int kind = static_cast<int>(scalar_kind(batch.x.scalar_type()));
@@ -164,7 +167,7 @@ void reduce_batch(const BatchRows& batch, double* moments, const FusedOutput* fu
         normalize(t, fused->y.mean, fused->y.inv_std, fused->y.clip.value_or(kInf),
                   count_clipped ? part_clipped + offset + t.col_begin : nullptr);
       }
-      const Tile t = grid.tile(i, batch.x, nullptr, batch.mask_or_null());
+      const Tile t = grid.tile(i, batch.x, nullptr, batch.mask_or_null(), shift);
       const int64_t at = offset + t.col_begin;
       reduce(t, {part_moments + at, part_f64 + at, part_f64 + parts + at, part_f64 + 2 * parts + at});
     }
@@ -301,7 +304,7 @@ void reduce_normalize_then_update(const BatchRows& batch, const RowsGeometry& g,
   double* moments = thread_scratch<double, kMomentTableSlot>(kNumMomentRows * C);
   const at::Tensor out_rows = writable_rows(out, g);
   const FusedOutput fused{&out_rows, y, clip ? diag.data_ptr<double>() + kClipped * C : nullptr};
-  reduce_batch(batch, moments, &fused);
+  reduce_batch(batch, moments, mean.data_ptr<double>(), &fused);
   finish_writable_rows(out, out_rows);
   max_abs_z_from_range(moments, C, y, diag);
   update_statistics(moments, C, mean, var, count, diag, params, scale);
@@ -332,14 +335,15 @@ void running_norm_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask
     return;
   }
   double* moments = thread_scratch<double, kMomentTableSlot>(kNumMomentRows * g.cols);
-  reduce_batch(batch, moments);
+  reduce_batch(batch, moments, mean.data_ptr<double>());
   update_and_normalize(batch, g, moments, 1, mean, var, count, out, diag, params, bounds, clip, previous, scale_ptr);
 }
 
-void batch_moments_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask, at::Tensor& moments) {
-  const RowsGeometry g = check_batch_moments_args(x, mask, moments);
+void batch_moments_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask, at::Tensor& moments,
+                       const std::optional<at::Tensor>& shift) {
+  const RowsGeometry g = check_batch_moments_args(x, mask, moments, shift);
   if (g.cols == 0) return;
-  reduce_batch(BatchRows(x, mask, g), moments.data_ptr<double>());
+  reduce_batch(BatchRows(x, mask, g), moments.data_ptr<double>(), shift ? shift->data_ptr<double>() : nullptr);
 }
 
 void merge_normalize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask, const at::Tensor& parts,

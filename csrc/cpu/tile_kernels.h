@@ -61,6 +61,9 @@ struct Tile {
   int64_t mask_cols;
   int64_t mask_group;
   int64_t row_begin, row_end, col_begin, col_end;
+  // Reduce only: per absolute column, a value near the column's mean (the running mean), which
+  // lets the reduce take one pass per block; nullptr: the two-pass blocks.
+  const double* shift;
 };
 
 // What the reduce pass finds per column over the tile's selected finite entries.

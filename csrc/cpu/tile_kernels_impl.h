@@ -84,6 +84,7 @@ struct ReduceState {
   acc_t* sel;
   const scalar_t** units;
   int64_t* unit_row;
+  const acc_t* shift;  // per unit column, or nullptr (Tile::shift)
 };
 
 // Reduces n_units units of `rows` rows each, the first starting at row `first`, into the state's
@@ -109,7 +110,9 @@ void reduce_units(const Tile& t, int64_t first, int64_t n_units, int64_t rows, i
       s.units[n++] = row_ptr<scalar_t>(t, r);
     }
     if (n == 0) continue;
-    if (kSelect || !block_sums_if_finite(s.units, n, width, b)) {
+    const bool summed = !kSelect && ((s.shift && block_sums_shifted_if_finite(s.units, n, width, s.shift, b)) ||
+                                     block_sums_if_finite(s.units, n, width, b));
+    if (!summed) {
       block_sums_careful<scalar_t, acc_t, kSelect>(s.units, n, width, select, s.sel, b);
       for (int64_t j = 0; j < width; ++j) s.nonfinite[j] += static_cast<double>(b.nsel[j] - b.cnt[j]);
     }
@@ -132,7 +135,7 @@ void reduce_tile(const Tile& t, const ColumnReduction& out) {
   using acc_t = typename Acc<scalar_t>::type;
   const Units units(t);
   const int64_t w = units.width;
-  acc_t* acc = thread_scratch<acc_t, kReduceAccSlot>(8 * w);
+  acc_t* acc = thread_scratch<acc_t, kReduceAccSlot>(9 * w);
   double* f64 = thread_scratch<double, kReduceF64Slot>(7 * w);
   const int64_t max_block = block_rows(units.cols) > block_rows(w) ? block_rows(units.cols) : block_rows(w);
   const ReduceState<scalar_t, acc_t> s{
@@ -141,7 +144,11 @@ void reduce_tile(const Tile& t, const ColumnReduction& out) {
       {acc + w, acc + 2 * w, acc + 3 * w, acc + 4 * w, acc + 5 * w, acc + 6 * w, acc + 7 * w, f64 + 6 * w},
       acc,
       thread_scratch<const scalar_t*, kReduceRowsSlot>(max_block),
-      thread_scratch<int64_t, kReduceRowIndexSlot>(max_block)};
+      thread_scratch<int64_t, kReduceRowIndexSlot>(max_block),
+      t.shift ? acc + 8 * w : nullptr};
+  if (t.shift) {
+    for (int64_t j = 0; j < w; ++j) acc[8 * w + j] = static_cast<acc_t>(t.shift[t.col_begin + j % units.cols]);
+  }
   for (int64_t j = 0; j < 4 * w; ++j) f64[j] = 0.0;  // n, mean, m2, nonfinite
   for (int64_t j = 0; j < w; ++j) {
     s.block.min[j] = std::numeric_limits<acc_t>::infinity();
