@@ -21,6 +21,7 @@ import textwrap
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import BACKENDS_UNDER_TEST, DEVICE
 from fastnorm import RunningNorm, reference
@@ -71,7 +72,7 @@ def test_hyper_parameters_reach_the_kernels_in_float64(device, gen, bounds):
 
 @needs_triton_backend
 def test_split_rows_through_the_ops(device, gen):
-    # The blocks the ops choose split these rows; every call allocates and zeroes its own counters.
+    # The blocks the ops choose split these rows: reduce, merge and normalize launches.
     from fastnorm._triton_ops import blocks_for
 
     x = randn((5000, 3, 5), gen, device=device, mean=2.0)
@@ -255,6 +256,121 @@ def test_out_may_be_x_but_not_overlap_it_partially(device, gen):
     torch.testing.assert_close(x, expected.y, **Y_TOL[torch.float32])
 
 
+# What an updating call may dispatch besides its Triton launches: allocations (the output, the
+# scratch) and views (layouts only); no op that does device work, such as a zero_, fill_ or add_.
+ALLOWED_OPS = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default",
+               "aten.view.default", "aten.view.dtype"}
+
+
+class DispatchedOps(TorchDispatchMode):
+    """Records the torch ops dispatched while on, those inside fastnorm's Triton ops included (their
+    Python functions run with the mode on), and the names of the kernels launched. What Triton's
+    interpreter dispatches inside a launch (copies of the arguments) is not recorded: on a GPU a
+    launch dispatches nothing."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        from fastnorm.triton_kernels import running_norm as kernels
+
+        self.ops, self.launches, self._in_launch = [], [], False
+        wrap_triton = kernels.wrap_triton
+
+        def recorded(kernel):
+            launcher = wrap_triton(kernel)
+
+            class Grid:
+                def __getitem__(_, grid):
+                    def launch(*args, **kwargs):
+                        self.launches.append(kernel.fn.__name__)
+                        self._in_launch = True
+                        try:
+                            return launcher[grid](*args, **kwargs)
+                        finally:
+                            self._in_launch = False
+                    return launch
+            return Grid()
+
+        monkeypatch.setattr(kernels, "wrap_triton", recorded)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from fastnorm._triton_ops import IMPLEMENTATIONS
+
+        kwargs = kwargs or {}
+        if self._in_launch:
+            return func(*args, **kwargs)
+        self.ops.append(str(func))
+        if func.namespace == "fastnorm":
+            with self:
+                return IMPLEMENTATIONS[func.name()](*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@needs_triton_backend
+@pytest.mark.parametrize("normalize_with", ["updated", "previous"])
+@pytest.mark.parametrize("rows", [33, 5000, 0])
+def test_an_update_dispatches_only_allocations_and_its_launches(device, gen, monkeypatch, normalize_with, rows):
+    # One launch when the batch takes one split (an empty one too), else reduce, merge and normalize;
+    # the diagnostics, the step counter and the scratch are written by the kernels.
+    from fastnorm._triton_ops import blocks_for
+
+    splits = blocks_for(torch.empty(rows, 3, 5), 15).grid(rows, 15)[1]
+    assert (splits > 1) == (rows == 5000)
+    norm = RunningNorm((3, 5), normalize_with=normalize_with, backend="triton", device=device)
+    x, mask = randn((rows, 3, 5), gen, device=device), random_mask((rows, 3), gen, device)
+    norm(randn((40, 3, 5), gen, device=device))  # a history, and the kernels compiled on a GPU
+    norm(x, mask=mask)
+    expected = reference.running_norm(x, mask, norm.mean, norm.var, norm.count, **op_hyper(norm))
+    steps = int(norm.steps)
+    norm._diag.fill_(math.nan)  # every element rewritten, by the kernels
+    with DispatchedOps(monkeypatch) as record:
+        y = norm(x, mask=mask)
+    assert record.ops.count("fastnorm.running_norm_triton.default") == 1
+    assert set(record.ops) - ALLOWED_OPS - {"fastnorm.running_norm_triton.default"} == set(), record.ops
+    assert record.launches == (["_reduce_kernel"] if splits == 1 else
+                               ["_reduce_kernel", "_merge_kernel", "_normalize_kernel"])
+    assert int(norm.steps) == steps + (rows > 0)
+    torch.testing.assert_close(y, expected.y, **Y_TOL[torch.float32])
+    assert_diag_close(norm._diag, expected.diag, torch.float32)
+
+
+@needs_triton_backend
+@pytest.mark.parametrize("rows", [33, 5000, 0])
+def test_merge_normalize_dispatches_only_allocations_and_its_launches(device, gen, monkeypatch, rows):
+    from fastnorm._triton_ops import blocks_for
+
+    splits = blocks_for(torch.empty(rows, 3, 5), 15).grid(rows, 15)[1]
+    backend = BACKENDS["triton"]
+    x = randn((rows, 3, 5), gen, device=device)
+    parts = torch.empty(2, 6, 3, 5, dtype=torch.float64, device=device)
+    for part in parts:
+        backend.batch_moments(randn((17, 3, 5), gen, device=device), None, part)
+    mean, var, count = fresh_stats(gen, (3, 5), device)
+    diag = torch.empty(6, 15, dtype=torch.float64, device=device)
+    steps = torch.zeros((), dtype=torch.int64, device=device)
+    args = (x, None, parts, mean, var, count, torch.empty_like(x), diag)
+    backend.merge_normalize(*args, steps=steps, previous=True, **HYPER)  # compiles the kernels on a GPU
+    with DispatchedOps(monkeypatch) as record:
+        backend.merge_normalize(*args, steps=steps, previous=True, **HYPER)
+    assert set(record.ops) - ALLOWED_OPS - {"fastnorm.merge_normalize_triton.default"} == set(), record.ops
+    assert record.launches == (["_merge_kernel"] if splits == 1 else ["_merge_kernel", "_normalize_kernel"])
+    assert int(steps) == 2  # a step of the group, whatever this shard
+
+
+@needs_triton_backend
+@pytest.mark.parametrize("normalize_with", ["updated", "previous"])
+def test_steps_count_the_updates_with_entries_as_the_reference_does(device, gen, normalize_with):
+    norms = [RunningNorm((4, 3), normalize_with=normalize_with, backend=b, device=device) for b in ("triton",
+                                                                                                    "reference")]
+    nothing = torch.zeros(9, 4, dtype=torch.bool, device=device)
+    for rows, mask in ((7, None), (0, None), (9, nothing), (5000, None), (0, None)):
+        x = randn((rows, 4, 3), gen, device=device)
+        for norm in norms:
+            norm(x, mask=mask)
+            norm.update(x[:0])  # an empty batch is no step
+    assert int(norms[0].steps) == int(norms[1].steps) == 3
+    torch.testing.assert_close(norms[0].mean, norms[1].mean, rtol=2e-6, atol=2e-6)
+
+
 def test_auto_never_picks_the_interpreter():
     x = torch.empty(0)
     triton_backend = BACKENDS["triton"]
@@ -306,7 +422,7 @@ def test_cuda_graph_replays_without_host_sync(gen):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         norm(static_x, out=static_out)
-    for _ in range(3):  # every replay zeroes the call's arrival counters first (a captured memset)
+    for _ in range(3):  # every replay reruns the three launches on the same scratch
         static_x.copy_(randn((4096, 8, 16), gen, device="cuda", mean=2.0))
         expected = reference.running_norm(static_x, None, norm.mean, norm.var, norm.count, **op_hyper(norm))
         graph.replay()
@@ -318,8 +434,8 @@ def test_cuda_graph_replays_without_host_sync(gen):
 
 @needs_triton_backend
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="streams need a CUDA device")
-def test_concurrent_streams_each_use_their_own_counters(gen):
-    # Two split-rows calls in flight at once on two streams: each merges only its own programs.
+def test_concurrent_streams_each_use_their_own_scratch(gen):
+    # Two split-rows calls in flight at once on two streams: each merges only its own tables.
     xs = [randn((8192, 4, 16), gen, device="cuda", mean=m) for m in (-2.0, 2.0)]
     norms = [RunningNorm((4, 16), backend="triton", device="cuda") for _ in xs]
     expected = [reference.running_norm(x, None, n.mean, n.var, n.count, **op_hyper(n)) for x, n in zip(xs, norms)]
