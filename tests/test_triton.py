@@ -453,12 +453,16 @@ def test_concurrent_streams_each_use_their_own_scratch(gen):
 
 @needs_triton
 @pytest.mark.skipif(INTERPRETED, reason="traced in the run without TRITON_INTERPRET")
-def test_triton_op_traces_to_its_kernels():
+@pytest.mark.parametrize("previous", [False, True], ids=["updated", "previous"])
+def test_triton_op_traces_to_its_kernels(previous):
     """What torch.compile sees of fastnorm::running_norm_triton on a GPU, traced with fake CUDA
-    tensors and a stand-in for the GPU driver: the call's own zeroed arrival counters (one per
-    column tile, so a CUDA graph replays their memset) and the two Triton kernels, which write only
-    the statistics, the diagnostics, the scratch and y (so x is never copied)."""
+    tensors and a stand-in for the GPU driver: for a batch split over several programs, the three
+    Triton kernels (reduce, merge, normalize) on uninitialized scratch, and no other op that does
+    work (no memset, no step increment); they write only the split tables, the statistics, the step
+    counter, the diagnostics, the y table and y (so x is never copied). With previous, the reduce
+    writes y (of the columns with a history) and its clipped counts."""
     script = textwrap.dedent("""
+        import sys
         import torch, triton
         from triton.backends.compiler import GPUTarget
         from torch._functorch.aot_autograd import aot_function
@@ -472,9 +476,9 @@ def test_triton_op_traces_to_its_kernels():
         triton.runtime.driver.set_active(Sm90())
         _triton_ops._sm_count = lambda index: 132
 
-        def step(x, mask, mean, var, count, out, diag):
+        def step(x, mask, mean, var, count, out, diag, steps):
             torch.ops.fastnorm.running_norm_triton(x, mask, mean, var, count, out, diag, 0.99, None, 1e-4, 1e-2,
-                                                   None, 10.0)
+                                                   None, 10.0, previous=sys.argv[1] == "1", steps=steps)
             return out
 
         def show(graph, inputs):
@@ -486,13 +490,15 @@ def test_triton_op_traces_to_its_kernels():
             x = torch.empty(4096, 16, 32, device="cuda")
             args = (x, torch.empty(4096, 16, dtype=torch.bool, device="cuda"), torch.empty(16, 32, **f64),
                     torch.empty(16, 32, **f64), torch.empty(16, 32, **f64), torch.empty_like(x),
-                    torch.empty(6, 512, **f64))
+                    torch.empty(6, 512, **f64), torch.empty((), dtype=torch.int64, device="cuda"))
             aot_function(step, fw_compiler=show)(*args)
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", script, str(int(previous))], env=env, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     written = re.findall(r"triton_kernel_wrapper_functional\(.*?tensors_to_clone = \[(.*?)\]", result.stdout)
-    assert written == ["'mean_ptr', 'var_ptr', 'count_ptr', 'diag_ptr', 'partials_ptr', 'arrivals_ptr'",
+    assert written == [("'out_ptr', 'partials_ptr', 'split_clipped_ptr'" if previous else "'partials_ptr'"),
+                       "'mean_ptr', 'var_ptr', 'count_ptr', 'diag_ptr', 'steps_ptr', 'y_table_ptr'",
                        "'out_ptr', 'diag_ptr'"], result.stdout
-    assert re.search(r"zeros = torch.ops.aten.zeros.default\(\[8\], dtype = torch.int32", result.stdout), result.stdout
+    assert not re.search(r"aten\.(zeros|zero_|fill|add)", result.stdout), result.stdout
