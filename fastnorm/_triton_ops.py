@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -62,7 +62,7 @@ def _sm_count(index: Optional[int]) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-IMPLEMENTATIONS: dict[str, callable] = {}
+IMPLEMENTATIONS: dict[str, Callable] = {}
 
 
 def _define(name: str, mutates_args: tuple[str, ...]):

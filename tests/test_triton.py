@@ -94,12 +94,15 @@ def test_split_rows_through_the_ops(device, gen):
 @needs_triton_backend
 @pytest.mark.parametrize("with_mask", [True, False])
 @pytest.mark.parametrize("with_out", [True, False])
-def test_opcheck_running_norm_triton(device, gen, with_mask, with_out):
+@pytest.mark.parametrize("previous", [False, True], ids=["updated", "previous"])
+def test_opcheck_running_norm_triton(device, gen, with_mask, with_out, previous):
     x = randn((33, 4, 3), gen, device=device)
     mask = random_mask((33, 4), gen, device) if with_mask else None
     args = (x, mask, *fresh_stats(gen, (4, 3), device), torch.empty_like(x) if with_out else None,
             torch.empty(6, 12, dtype=torch.float64, device=device))
-    torch.library.opcheck(torch.ops.fastnorm.running_norm_triton.default, args, dict(HYPER))
+    steps = torch.zeros((), dtype=torch.int64, device=device)
+    torch.library.opcheck(torch.ops.fastnorm.running_norm_triton.default, args,
+                          dict(HYPER, previous=previous, steps=steps))
 
 
 @needs_triton_backend
@@ -121,7 +124,8 @@ def test_opcheck_batch_moments_triton(device, gen, with_mask):
 
 @needs_triton_backend
 @pytest.mark.parametrize("with_out", [True, False])
-def test_opcheck_merge_normalize_triton(device, gen, with_out):
+@pytest.mark.parametrize("previous", [False, True], ids=["updated", "previous"])
+def test_opcheck_merge_normalize_triton(device, gen, with_out, previous):
     x = randn((33, 4, 3), gen, device=device)
     mask = random_mask((33, 4), gen, device)
     parts = torch.empty(3, 6, 4, 3, dtype=torch.float64, device=device)
@@ -129,7 +133,9 @@ def test_opcheck_merge_normalize_triton(device, gen, with_out):
         torch.ops.fastnorm.batch_moments_triton(randn((17, 4, 3), gen, device=device), None, part)
     args = (x, mask, parts, *fresh_stats(gen, (4, 3), device), torch.empty_like(x) if with_out else None,
             torch.empty(6, 12, dtype=torch.float64, device=device))
-    torch.library.opcheck(torch.ops.fastnorm.merge_normalize_triton.default, args, dict(HYPER))
+    steps = torch.zeros((), dtype=torch.int64, device=device)
+    torch.library.opcheck(torch.ops.fastnorm.merge_normalize_triton.default, args,
+                          dict(HYPER, previous=previous, steps=steps))
 
 
 @needs_triton_backend
@@ -146,6 +152,10 @@ def test_running_norm_ops_reject_bad_arguments_naming_them(device, gen):
         op(x, torch.ones(8, 5, dtype=torch.bool, device=device), mean, var, count, None, diag, **HYPER)
     with pytest.raises(ValueError, match="momentum must be in"):
         op(x, None, mean, var, count, None, diag, **dict(HYPER, momentum=2.0))
+    with pytest.raises(ValueError, match=r"steps must be a 0-dim int64 tensor on \S+, got torch.float32 of shape \(\)"):
+        op(x, None, mean, var, count, None, diag, steps=torch.zeros((), device=device), **HYPER)
+    with pytest.raises(ValueError, match=r"steps must be a 0-dim int64 tensor on \S+, got torch.int64 of shape \(1,\)"):
+        op(x, None, mean, var, count, None, diag, steps=torch.zeros(1, dtype=torch.int64, device=device), **HYPER)
     with pytest.raises(ValueError, match=r"x must have shape \(\*batch, 4, 3\)"):
         torch.ops.fastnorm.normalize_triton(x[..., :2], mean, var, torch.empty_like(x[..., :2]), eps=1e-4,
                                             min_std=None, max_std=None, clip=None)
@@ -159,6 +169,8 @@ def test_running_norm_ops_reject_bad_arguments_naming_them(device, gen):
         merge(x, None, moments[None].float(), mean, var, count, None, diag, **HYPER)
     with pytest.raises(ValueError, match="clip must be > 0"):
         merge(x, None, moments[None], mean, var, count, None, diag, **dict(HYPER, clip=-1.0))
+    with pytest.raises(ValueError, match="steps must be a 0-dim int64 tensor"):
+        merge(x, None, moments[None], mean, var, count, None, diag, steps=torch.zeros(2, device=device), **HYPER)
 
 
 @needs_triton_backend

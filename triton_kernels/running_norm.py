@@ -10,7 +10,8 @@ tile) and a split of the rows. The kernels:
   holds its columns' whole batch and finishes the call itself: it updates the float64 running
   statistics, writes the diagnostics and then y, re-reading its rows (fastnorm::running_norm), or
   writes the table (fastnorm::batch_moments). With several splits each program writes its table
-  to a per-call scratch, which `_merge_kernel` merges.
+  to a per-call scratch, which `_merge_kernel` merges in the next launch (the last program to
+  arrive could merge them instead, but its arrival counters would cost a memset per call).
   With previous (normalize_with="previous"), y of the columns that have a history (count > 0) is
   written in the reduce pass itself, from the statistics before the batch: x is read once. Only
   the columns without a history are re-read, since their y needs the batch's own statistics.
