@@ -325,7 +325,7 @@ def test_an_update_dispatches_only_allocations_and_its_launches(device, gen, mon
     # the diagnostics, the step counter and the scratch are written by the kernels.
     from fastnorm._triton_ops import blocks_for
 
-    splits = blocks_for(torch.empty(rows, 3, 5), 15).grid(rows, 15)[1]
+    splits = blocks_for(torch.empty(rows, 3, 5, device=device), 15).grid(rows, 15)[1]
     assert (splits > 1) == (rows == 5000)
     norm = RunningNorm((3, 5), normalize_with=normalize_with, backend="triton", device=device)
     x, mask = randn((rows, 3, 5), gen, device=device), random_mask((rows, 3), gen, device)
@@ -350,7 +350,7 @@ def test_an_update_dispatches_only_allocations_and_its_launches(device, gen, mon
 def test_merge_normalize_dispatches_only_allocations_and_its_launches(device, gen, monkeypatch, rows):
     from fastnorm._triton_ops import blocks_for
 
-    splits = blocks_for(torch.empty(rows, 3, 5), 15).grid(rows, 15)[1]
+    splits = blocks_for(torch.empty(rows, 3, 5, device=device), 15).grid(rows, 15)[1]
     backend = BACKENDS["triton"]
     x = randn((rows, 3, 5), gen, device=device)
     parts = torch.empty(2, 6, 3, 5, dtype=torch.float64, device=device)
