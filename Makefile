@@ -28,7 +28,8 @@ test: $(BUILD_STAMP) $(EXTRAS_STAMP)
 	TRITON_INTERPRET=1 FASTNORM_TEST_DEVICE=cpu FASTNORM_TEST_BACKENDS=triton $(PY) -m pytest -q -k triton \
 	  $(PYTEST_ARGS) tests/test_running_norm.py tests/test_running_norm_api.py tests/test_running_norm_split.py \
 	  tests/test_ops.py tests/test_advantages.py tests/test_advantages_api.py tests/test_advantages_ops.py \
-	  tests/test_advantages_split.py tests/test_triton.py tests/test_triton_splits.py tests/test_relative_floor.py
+	  tests/test_advantages_split.py tests/test_triton.py tests/test_triton_splits.py tests/test_relative_floor.py \
+	  tests/test_normalize_with_previous.py
 
 bench: $(BUILD_STAMP) $(BENCH_STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)

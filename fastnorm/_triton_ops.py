@@ -6,8 +6,11 @@ Each takes the arguments of the fastnorm op of the same name without the suffix 
 checks them as the C++ bindings do (csrc/running_norm_args.cpp, csrc/advantages_args.cpp), from
 static facts only. On a GPU they are `torch.library.triton_op`s, so torch.compile traces through
 them to the Triton kernels; under TRITON_INTERPRET=1 they are opaque custom ops that run the
-interpreted kernels directly (a traced graph cannot call them). Scratch (the split-rows tables and
-arrival counters) is allocated per call, on the caller's stream.
+interpreted kernels directly (a traced graph cannot call them). Scratch (the split-rows tables) is
+allocated per call, uninitialized, on the caller's stream; the kernels write the diagnostics and
+count the steps, so an updating call dispatches no torch op but allocations, views and its Triton
+launches. IMPLEMENTATIONS holds the Python function behind each op (the tests trace what it
+dispatches).
 
 Importing this module requires triton.
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -59,14 +62,18 @@ def _sm_count(index: Optional[int]) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+IMPLEMENTATIONS: dict[str, Callable] = {}
+
+
 def _define(name: str, mutates_args: tuple[str, ...]):
-    if INTERPRETED:
-        def register(fn):
-            op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
-            op.register_fake(lambda *args, **kwargs: None)  # it only mutates its arguments
-            return op
-        return register
-    return torch.library.triton_op(name, mutates_args=mutates_args)
+    def register(fn):
+        IMPLEMENTATIONS[name] = fn
+        if not INTERPRETED:
+            return torch.library.triton_op(name, mutates_args=mutates_args)(fn)
+        op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        op.register_fake(lambda *args, **kwargs: None)  # it only mutates its arguments
+        return op
+    return register
 
 
 # ---------------------------------------------------------------- argument checks
@@ -114,6 +121,13 @@ def _check_mask(x: Tensor, mask: Optional[Tensor], batch_dims: int) -> None:
                          f"{tuple(mask.shape)} on {mask.device}")
 
 
+def _check_steps(x: Tensor, steps: Optional[Tensor]) -> None:
+    """check_steps_arg: the update counter, when given, is a 0-dim int64 tensor on x's device."""
+    if steps is not None and (steps.dtype != torch.int64 or steps.dim() != 0 or steps.device != x.device):
+        raise ValueError(f"fastnorm: steps must be a 0-dim int64 tensor on {x.device}, got {steps.dtype} of shape "
+                         f"{tuple(steps.shape)} on {steps.device}")
+
+
 def _check_out(x: Tensor, out: Tensor) -> None:
     if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
         raise ValueError(f"fastnorm: out must match x (shape {tuple(x.shape)}, {x.dtype}, {x.device}), "
@@ -134,9 +148,10 @@ def _check_bounds(eps: float, min_std: Optional[float], max_std: Optional[float]
         raise ValueError(f"fastnorm: clip must be > 0, got {clip}")
 
 
-def _check_update(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std,
-                  clip) -> tuple[int, int]:
-    """The checks of running_norm and merge_normalize (check_running_norm_args); returns (rows, cols)."""
+def _check_update(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip, scale,
+                  min_std_rel, steps) -> tuple[int, int]:
+    """The checks of running_norm and merge_normalize (check_running_norm_args, check_scale_args,
+    check_steps_arg); returns (rows, cols)."""
     rows, cols = _check_statistics(x, mean, (var, "var"), (count, "count"))
     _check_float64(x, diag, "diag", (DIAG_ROWS, cols), f"({DIAG_ROWS}, {cols})")
     if momentum is not None and not 0 <= momentum <= 1:
@@ -147,6 +162,8 @@ def _check_update(x, mask, mean, var, count, out, diag, momentum, max_count, eps
     if out is not None:
         _check_out(x, out)
     _check_mask(x, mask, x.dim() - mean.dim())
+    _check_scale(x, mean, scale, min_std_rel)
+    _check_steps(x, steps)
     return rows, cols
 
 
@@ -171,7 +188,7 @@ def _mask_rows(mask: Optional[Tensor], rows: int) -> Optional[Tensor]:
     """The mask as contiguous (rows, mask_cols) uint8; None without a mask or without rows."""
     if mask is None or rows == 0:
         return None
-    return mask.reshape(rows, -1).contiguous().view(torch.uint8)
+    return mask.contiguous().view(rows, -1).view(torch.uint8)  # views only, for a contiguous mask
 
 
 def _writable_rows(out: Tensor, rows: int, cols: int) -> tuple[Tensor, bool]:
@@ -185,27 +202,26 @@ def _writable_rows(out: Tensor, rows: int, cols: int) -> tuple[Tensor, bool]:
 # ---------------------------------------------------------------- the running-norm ops
 
 
-@_define("fastnorm::running_norm_triton", ("mean", "var", "count", "out", "diag", "scale"))
+@_define("fastnorm::running_norm_triton", ("mean", "var", "count", "out", "diag", "scale", "steps"))
 def running_norm_triton(
     x: Tensor, mask: Optional[Tensor], mean: Tensor, var: Tensor, count: Tensor, out: Optional[Tensor],
     diag: Tensor, momentum: Optional[float], max_count: Optional[float], eps: float, min_std: Optional[float],
     max_std: Optional[float], clip: Optional[float], eps_on_std: bool = False, unbiased: bool = False,
-    scale: Optional[Tensor] = None, min_std_rel: Optional[float] = None,
+    scale: Optional[Tensor] = None, min_std_rel: Optional[float] = None, previous: bool = False,
+    steps: Optional[Tensor] = None,
 ) -> None:
-    """fastnorm::running_norm on the Triton kernels."""
-    rows, cols = _check_update(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip)
-    _check_scale(x, mean, scale, min_std_rel)
-    if rows == 0 or cols == 0:
-        diag.zero_()
-        if out is None:
-            diag[4:].fill_(math.nan)
+    """fastnorm::running_norm on the Triton kernels. An empty batch runs the kernel too: it resets
+    the diagnostics and leaves the statistics and steps as they are."""
+    rows, cols = _check_update(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip,
+                               scale, min_std_rel, steps)
+    if cols == 0:
         return
     out_rows, scratch = _writable_rows(out, rows, cols) if out is not None else (None, False)
     launch_running_norm(_readable_rows(x, rows, cols), _mask_rows(mask, rows), mean, var, count, out_rows, diag,
                         momentum=momentum, max_count=max_count, eps=eps, min_std=min_std, max_std=max_std, clip=clip,
                         eps_on_std=eps_on_std, unbiased=unbiased, scale=scale, min_std_rel=min_std_rel,
-                        blocks=blocks_for(x, cols))
-    if scratch:
+                        previous=previous, steps=steps if rows > 0 else None, blocks=blocks_for(x, cols))
+    if scratch and rows > 0:
         out.copy_(out_rows.view(out.shape))
 
 
@@ -245,28 +261,29 @@ def batch_moments_triton(x: Tensor, mask: Optional[Tensor], moments: Tensor) -> 
                          blocks=blocks_for(x, cols))
 
 
-@_define("fastnorm::merge_normalize_triton", ("mean", "var", "count", "out", "diag", "scale"))
+@_define("fastnorm::merge_normalize_triton", ("mean", "var", "count", "out", "diag", "scale", "steps"))
 def merge_normalize_triton(
     x: Tensor, mask: Optional[Tensor], parts: Tensor, mean: Tensor, var: Tensor, count: Tensor,
     out: Optional[Tensor], diag: Tensor, momentum: Optional[float], max_count: Optional[float], eps: float,
     min_std: Optional[float], max_std: Optional[float], clip: Optional[float], eps_on_std: bool = False,
     unbiased: bool = False, scale: Optional[Tensor] = None, min_std_rel: Optional[float] = None,
+    previous: bool = False, steps: Optional[Tensor] = None,
 ) -> None:
-    """fastnorm::merge_normalize on the Triton kernels."""
-    rows, cols = _check_update(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip)
-    _check_scale(x, mean, scale, min_std_rel)
+    """fastnorm::merge_normalize on the Triton kernels; steps counts a step of the group, whatever x."""
+    rows, cols = _check_update(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip,
+                               scale, min_std_rel, steps)
     if parts.dim() != mean.dim() + 2 or parts.shape[0] < 1 or parts.shape[1] != TABLE_ROWS:
         raise ValueError(f"fastnorm: parts must be a contiguous float64 tensor of shape (num_parts >= 1, {TABLE_ROWS}, "
                          f"{', '.join(map(str, mean.shape))}), got {parts.dtype} of shape {tuple(parts.shape)}")
     _check_float64(x, parts, "parts", (parts.shape[0], TABLE_ROWS) + tuple(mean.shape),
                    f"(num_parts >= 1, {TABLE_ROWS}, {', '.join(map(str, mean.shape))})")
-    if cols == 0:
+    if cols == 0 and steps is None:
         return
     out_rows, scratch = _writable_rows(out, rows, cols) if out is not None else (None, False)
     launch_merge_normalize(_readable_rows(x, rows, cols), _mask_rows(mask, rows), parts, mean, var, count, out_rows,
                            diag, momentum=momentum, max_count=max_count, eps=eps, min_std=min_std, max_std=max_std,
                            clip=clip, eps_on_std=eps_on_std, unbiased=unbiased, scale=scale, min_std_rel=min_std_rel,
-                           blocks=blocks_for(x, cols))
+                           previous=previous, steps=steps, blocks=blocks_for(x, cols))
     if scratch and rows > 0:
         out.copy_(out_rows.view(out.shape))
 

@@ -56,12 +56,8 @@ class TritonBackend:
             return ["the Triton interpreter is for tests; auto does not pick it"]
         return []
 
-    def running_norm(self, x, mask, mean, var, count, out, diag, *, steps=None, previous=False, **hyper) -> None:
-        if previous:
-            raise NotImplementedError("TODO(issue 17): previous in the Triton kernels")
+    def running_norm(self, x, mask, mean, var, count, out, diag, **hyper) -> None:
         torch.ops.fastnorm.running_norm_triton(x, mask, mean, var, count, out, diag, **hyper)
-        if steps is not None and x.numel() > 0:
-            steps.add_(1)
 
     def normalize(self, x, mean, var, out, **hyper) -> None:
         torch.ops.fastnorm.normalize_triton(x, mean, var, out, **hyper)
@@ -69,13 +65,8 @@ class TritonBackend:
     def batch_moments(self, x, mask, moments, shift=None) -> None:
         torch.ops.fastnorm.batch_moments_triton(x, mask, moments)  # two-pass blocks: no shift needed
 
-    def merge_normalize(self, x, mask, parts, mean, var, count, out, diag, *, steps=None, previous=False,
-                        **hyper) -> None:
-        if previous:
-            raise NotImplementedError("TODO(issue 17): previous in the Triton kernels")
+    def merge_normalize(self, x, mask, parts, mean, var, count, out, diag, **hyper) -> None:
         torch.ops.fastnorm.merge_normalize_triton(x, mask, parts, mean, var, count, out, diag, **hyper)
-        if steps is not None:
-            steps.add_(1)
 
     def normalize_advantages(self, x, mask, out, stats, **hyper) -> None:
         torch.ops.fastnorm.normalize_advantages_triton(x, mask, out, stats, **hyper)

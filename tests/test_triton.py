@@ -21,6 +21,7 @@ import textwrap
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import BACKENDS_UNDER_TEST, DEVICE
 from fastnorm import RunningNorm, reference
@@ -71,7 +72,7 @@ def test_hyper_parameters_reach_the_kernels_in_float64(device, gen, bounds):
 
 @needs_triton_backend
 def test_split_rows_through_the_ops(device, gen):
-    # The blocks the ops choose split these rows; every call allocates and zeroes its own counters.
+    # The blocks the ops choose split these rows: reduce, merge and normalize launches.
     from fastnorm._triton_ops import blocks_for
 
     x = randn((5000, 3, 5), gen, device=device, mean=2.0)
@@ -93,12 +94,15 @@ def test_split_rows_through_the_ops(device, gen):
 @needs_triton_backend
 @pytest.mark.parametrize("with_mask", [True, False])
 @pytest.mark.parametrize("with_out", [True, False])
-def test_opcheck_running_norm_triton(device, gen, with_mask, with_out):
+@pytest.mark.parametrize("previous", [False, True], ids=["updated", "previous"])
+def test_opcheck_running_norm_triton(device, gen, with_mask, with_out, previous):
     x = randn((33, 4, 3), gen, device=device)
     mask = random_mask((33, 4), gen, device) if with_mask else None
     args = (x, mask, *fresh_stats(gen, (4, 3), device), torch.empty_like(x) if with_out else None,
             torch.empty(6, 12, dtype=torch.float64, device=device))
-    torch.library.opcheck(torch.ops.fastnorm.running_norm_triton.default, args, dict(HYPER))
+    steps = torch.zeros((), dtype=torch.int64, device=device)
+    torch.library.opcheck(torch.ops.fastnorm.running_norm_triton.default, args,
+                          dict(HYPER, previous=previous, steps=steps))
 
 
 @needs_triton_backend
@@ -120,7 +124,8 @@ def test_opcheck_batch_moments_triton(device, gen, with_mask):
 
 @needs_triton_backend
 @pytest.mark.parametrize("with_out", [True, False])
-def test_opcheck_merge_normalize_triton(device, gen, with_out):
+@pytest.mark.parametrize("previous", [False, True], ids=["updated", "previous"])
+def test_opcheck_merge_normalize_triton(device, gen, with_out, previous):
     x = randn((33, 4, 3), gen, device=device)
     mask = random_mask((33, 4), gen, device)
     parts = torch.empty(3, 6, 4, 3, dtype=torch.float64, device=device)
@@ -128,7 +133,9 @@ def test_opcheck_merge_normalize_triton(device, gen, with_out):
         torch.ops.fastnorm.batch_moments_triton(randn((17, 4, 3), gen, device=device), None, part)
     args = (x, mask, parts, *fresh_stats(gen, (4, 3), device), torch.empty_like(x) if with_out else None,
             torch.empty(6, 12, dtype=torch.float64, device=device))
-    torch.library.opcheck(torch.ops.fastnorm.merge_normalize_triton.default, args, dict(HYPER))
+    steps = torch.zeros((), dtype=torch.int64, device=device)
+    torch.library.opcheck(torch.ops.fastnorm.merge_normalize_triton.default, args,
+                          dict(HYPER, previous=previous, steps=steps))
 
 
 @needs_triton_backend
@@ -145,6 +152,10 @@ def test_running_norm_ops_reject_bad_arguments_naming_them(device, gen):
         op(x, torch.ones(8, 5, dtype=torch.bool, device=device), mean, var, count, None, diag, **HYPER)
     with pytest.raises(ValueError, match="momentum must be in"):
         op(x, None, mean, var, count, None, diag, **dict(HYPER, momentum=2.0))
+    with pytest.raises(ValueError, match=r"steps must be a 0-dim int64 tensor on \S+, got torch.float32 of shape \(\)"):
+        op(x, None, mean, var, count, None, diag, steps=torch.zeros((), device=device), **HYPER)
+    with pytest.raises(ValueError, match=r"steps must be a 0-dim int64 tensor on \S+, got torch.int64 of shape \(1,\)"):
+        op(x, None, mean, var, count, None, diag, steps=torch.zeros(1, dtype=torch.int64, device=device), **HYPER)
     with pytest.raises(ValueError, match=r"x must have shape \(\*batch, 4, 3\)"):
         torch.ops.fastnorm.normalize_triton(x[..., :2], mean, var, torch.empty_like(x[..., :2]), eps=1e-4,
                                             min_std=None, max_std=None, clip=None)
@@ -158,6 +169,8 @@ def test_running_norm_ops_reject_bad_arguments_naming_them(device, gen):
         merge(x, None, moments[None].float(), mean, var, count, None, diag, **HYPER)
     with pytest.raises(ValueError, match="clip must be > 0"):
         merge(x, None, moments[None], mean, var, count, None, diag, **dict(HYPER, clip=-1.0))
+    with pytest.raises(ValueError, match="steps must be a 0-dim int64 tensor"):
+        merge(x, None, moments[None], mean, var, count, None, diag, steps=torch.zeros(2, device=device), **HYPER)
 
 
 @needs_triton_backend
@@ -255,6 +268,121 @@ def test_out_may_be_x_but_not_overlap_it_partially(device, gen):
     torch.testing.assert_close(x, expected.y, **Y_TOL[torch.float32])
 
 
+# What an updating call may dispatch besides its Triton launches: allocations (the output, the
+# scratch) and views (layouts only); no op that does device work, such as a zero_, fill_ or add_.
+ALLOWED_OPS = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default",
+               "aten.view.default", "aten.view.dtype"}
+
+
+class DispatchedOps(TorchDispatchMode):
+    """Records the torch ops dispatched while on, those inside fastnorm's Triton ops included (their
+    Python functions run with the mode on), and the names of the kernels launched. What Triton's
+    interpreter dispatches inside a launch (copies of the arguments) is not recorded: on a GPU a
+    launch dispatches nothing."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        from fastnorm.triton_kernels import running_norm as kernels
+
+        self.ops, self.launches, self._in_launch = [], [], False
+        wrap_triton = kernels.wrap_triton
+
+        def recorded(kernel):
+            launcher = wrap_triton(kernel)
+
+            class Grid:
+                def __getitem__(_, grid):
+                    def launch(*args, **kwargs):
+                        self.launches.append(kernel.fn.__name__)
+                        self._in_launch = True
+                        try:
+                            return launcher[grid](*args, **kwargs)
+                        finally:
+                            self._in_launch = False
+                    return launch
+            return Grid()
+
+        monkeypatch.setattr(kernels, "wrap_triton", recorded)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from fastnorm._triton_ops import IMPLEMENTATIONS
+
+        kwargs = kwargs or {}
+        if self._in_launch:
+            return func(*args, **kwargs)
+        self.ops.append(str(func))
+        if func.namespace == "fastnorm":
+            with self:
+                return IMPLEMENTATIONS[func.name()](*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@needs_triton_backend
+@pytest.mark.parametrize("normalize_with", ["updated", "previous"])
+@pytest.mark.parametrize("rows", [33, 5000, 0])
+def test_an_update_dispatches_only_allocations_and_its_launches(device, gen, monkeypatch, normalize_with, rows):
+    # One launch when the batch takes one split (an empty one too), else reduce, merge and normalize;
+    # the diagnostics, the step counter and the scratch are written by the kernels.
+    from fastnorm._triton_ops import blocks_for
+
+    splits = blocks_for(torch.empty(rows, 3, 5, device=device), 15).grid(rows, 15)[1]
+    assert (splits > 1) == (rows == 5000)
+    norm = RunningNorm((3, 5), normalize_with=normalize_with, backend="triton", device=device)
+    x, mask = randn((rows, 3, 5), gen, device=device), random_mask((rows, 3), gen, device)
+    norm(randn((40, 3, 5), gen, device=device))  # a history, and the kernels compiled on a GPU
+    norm(x, mask=mask)
+    expected = reference.running_norm(x, mask, norm.mean, norm.var, norm.count, **op_hyper(norm))
+    steps = int(norm.steps)
+    norm._diag.fill_(math.nan)  # every element rewritten, by the kernels
+    with DispatchedOps(monkeypatch) as record:
+        y = norm(x, mask=mask)
+    assert record.ops.count("fastnorm.running_norm_triton.default") == 1
+    assert set(record.ops) - ALLOWED_OPS - {"fastnorm.running_norm_triton.default"} == set(), record.ops
+    assert record.launches == (["_reduce_kernel"] if splits == 1 else
+                               ["_reduce_kernel", "_merge_kernel", "_normalize_kernel"])
+    assert int(norm.steps) == steps + (rows > 0)
+    torch.testing.assert_close(y, expected.y, **Y_TOL[torch.float32])
+    assert_diag_close(norm._diag, expected.diag, torch.float32)
+
+
+@needs_triton_backend
+@pytest.mark.parametrize("rows", [33, 5000, 0])
+def test_merge_normalize_dispatches_only_allocations_and_its_launches(device, gen, monkeypatch, rows):
+    from fastnorm._triton_ops import blocks_for
+
+    splits = blocks_for(torch.empty(rows, 3, 5, device=device), 15).grid(rows, 15)[1]
+    backend = BACKENDS["triton"]
+    x = randn((rows, 3, 5), gen, device=device)
+    parts = torch.empty(2, 6, 3, 5, dtype=torch.float64, device=device)
+    for part in parts:
+        backend.batch_moments(randn((17, 3, 5), gen, device=device), None, part)
+    mean, var, count = fresh_stats(gen, (3, 5), device)
+    diag = torch.empty(6, 15, dtype=torch.float64, device=device)
+    steps = torch.zeros((), dtype=torch.int64, device=device)
+    args = (x, None, parts, mean, var, count, torch.empty_like(x), diag)
+    backend.merge_normalize(*args, steps=steps, previous=True, **HYPER)  # compiles the kernels on a GPU
+    with DispatchedOps(monkeypatch) as record:
+        backend.merge_normalize(*args, steps=steps, previous=True, **HYPER)
+    assert set(record.ops) - ALLOWED_OPS - {"fastnorm.merge_normalize_triton.default"} == set(), record.ops
+    assert record.launches == (["_merge_kernel"] if splits == 1 else ["_merge_kernel", "_normalize_kernel"])
+    assert int(steps) == 2  # a step of the group, whatever this shard
+
+
+@needs_triton_backend
+@pytest.mark.parametrize("normalize_with", ["updated", "previous"])
+def test_steps_count_the_updates_with_entries_as_the_reference_does(device, gen, normalize_with):
+    norms = [RunningNorm((4, 3), normalize_with=normalize_with, backend=b, device=device) for b in ("triton",
+                                                                                                    "reference")]
+    nothing = torch.zeros(9, 4, dtype=torch.bool, device=device)
+    for rows, mask in ((7, None), (0, None), (9, nothing), (5000, None), (0, None)):
+        x = randn((rows, 4, 3), gen, device=device)
+        for norm in norms:
+            norm(x, mask=mask)
+            norm.update(x[:0])  # an empty batch is no step
+    assert int(norms[0].steps) == int(norms[1].steps) == 3
+    torch.testing.assert_close(norms[0].mean, norms[1].mean, rtol=2e-6, atol=2e-6)
+
+
 def test_auto_never_picks_the_interpreter():
     x = torch.empty(0)
     triton_backend = BACKENDS["triton"]
@@ -306,7 +434,7 @@ def test_cuda_graph_replays_without_host_sync(gen):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         norm(static_x, out=static_out)
-    for _ in range(3):  # every replay zeroes the call's arrival counters first (a captured memset)
+    for _ in range(3):  # every replay reruns the three launches on the same scratch
         static_x.copy_(randn((4096, 8, 16), gen, device="cuda", mean=2.0))
         expected = reference.running_norm(static_x, None, norm.mean, norm.var, norm.count, **op_hyper(norm))
         graph.replay()
@@ -318,8 +446,8 @@ def test_cuda_graph_replays_without_host_sync(gen):
 
 @needs_triton_backend
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="streams need a CUDA device")
-def test_concurrent_streams_each_use_their_own_counters(gen):
-    # Two split-rows calls in flight at once on two streams: each merges only its own programs.
+def test_concurrent_streams_each_use_their_own_scratch(gen):
+    # Two split-rows calls in flight at once on two streams: each merges only its own tables.
     xs = [randn((8192, 4, 16), gen, device="cuda", mean=m) for m in (-2.0, 2.0)]
     norms = [RunningNorm((4, 16), backend="triton", device="cuda") for _ in xs]
     expected = [reference.running_norm(x, None, n.mean, n.var, n.count, **op_hyper(n)) for x, n in zip(xs, norms)]
@@ -337,12 +465,16 @@ def test_concurrent_streams_each_use_their_own_counters(gen):
 
 @needs_triton
 @pytest.mark.skipif(INTERPRETED, reason="traced in the run without TRITON_INTERPRET")
-def test_triton_op_traces_to_its_kernels():
+@pytest.mark.parametrize("previous", [False, True], ids=["updated", "previous"])
+def test_triton_op_traces_to_its_kernels(previous):
     """What torch.compile sees of fastnorm::running_norm_triton on a GPU, traced with fake CUDA
-    tensors and a stand-in for the GPU driver: the call's own zeroed arrival counters (one per
-    column tile, so a CUDA graph replays their memset) and the two Triton kernels, which write only
-    the statistics, the diagnostics, the scratch and y (so x is never copied)."""
+    tensors and a stand-in for the GPU driver: for a batch split over several programs, the three
+    Triton kernels (reduce, merge, normalize) on uninitialized scratch, and no other op that does
+    work (no memset, no step increment); they write only the split tables, the statistics, the step
+    counter, the diagnostics, the y table and y (so x is never copied). With previous, the reduce
+    writes y (of the columns with a history) and its clipped counts."""
     script = textwrap.dedent("""
+        import sys
         import torch, triton
         from triton.backends.compiler import GPUTarget
         from torch._functorch.aot_autograd import aot_function
@@ -356,9 +488,9 @@ def test_triton_op_traces_to_its_kernels():
         triton.runtime.driver.set_active(Sm90())
         _triton_ops._sm_count = lambda index: 132
 
-        def step(x, mask, mean, var, count, out, diag):
+        def step(x, mask, mean, var, count, out, diag, steps):
             torch.ops.fastnorm.running_norm_triton(x, mask, mean, var, count, out, diag, 0.99, None, 1e-4, 1e-2,
-                                                   None, 10.0)
+                                                   None, 10.0, previous=sys.argv[1] == "1", steps=steps)
             return out
 
         def show(graph, inputs):
@@ -370,13 +502,15 @@ def test_triton_op_traces_to_its_kernels():
             x = torch.empty(4096, 16, 32, device="cuda")
             args = (x, torch.empty(4096, 16, dtype=torch.bool, device="cuda"), torch.empty(16, 32, **f64),
                     torch.empty(16, 32, **f64), torch.empty(16, 32, **f64), torch.empty_like(x),
-                    torch.empty(6, 512, **f64))
+                    torch.empty(6, 512, **f64), torch.empty((), dtype=torch.int64, device="cuda"))
             aot_function(step, fw_compiler=show)(*args)
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", script, str(int(previous))], env=env, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     written = re.findall(r"triton_kernel_wrapper_functional\(.*?tensors_to_clone = \[(.*?)\]", result.stdout)
-    assert written == ["'mean_ptr', 'var_ptr', 'count_ptr', 'diag_ptr', 'partials_ptr', 'arrivals_ptr'",
+    assert written == [("'out_ptr', 'partials_ptr', 'split_clipped_ptr'" if previous else "'partials_ptr'"),
+                       "'mean_ptr', 'var_ptr', 'count_ptr', 'diag_ptr', 'steps_ptr', 'y_table_ptr'",
                        "'out_ptr', 'diag_ptr'"], result.stdout
-    assert re.search(r"zeros = torch.ops.aten.zeros.default\(\[8\], dtype = torch.int32", result.stdout), result.stdout
+    assert not re.search(r"aten\.(zeros|zero_|fill|add)", result.stdout), result.stdout

@@ -1,7 +1,10 @@
 """The Triton kernels' split paths, forced with tiny blocks so that every reduce cuts its rows (or
-steps) across several programs whose last one merges their tables in several steps: the fused
-running norm and normalize_advantages and their halves for synced calls (batch_moments and
-merge_normalize, advantage_moments and normalize_advantages_from), against the float64 reference. The blocks the ops choose for these small shapes would take one program.
+steps) across several programs whose tables are merged in several steps (by the merge launch for
+the running norm, by the last program to arrive for normalize_advantages): the fused running norm
+and normalize_advantages and their halves for synced calls (batch_moments and merge_normalize,
+advantage_moments and normalize_advantages_from), against the float64 reference. The blocks the
+ops choose for these small shapes would take one program. With previous, y of the columns that
+have a history comes from the reduce launch, the others' from the normalize launch.
 
 make test runs these under TRITON_INTERPRET=1 on cpu; natively they run where the backend runs (cuda).
 See tests/test_triton.py for the interpreter's bfloat16 rounding.
@@ -30,7 +33,7 @@ MASK_SHAPES = dict(none=None, rows=BATCH, agents=BATCH + STATS[:1], full=BATCH +
 
 def tiny_blocks():
     """2 rows a step, 4 columns a program, 4 rows a split, 2 tables a merge step: every split
-    takes 2 steps, and the last program of each column tile merges its 4 tables in 2 steps."""
+    takes 2 steps, and the merge of each column tile takes its 4 tables in 2 steps."""
     from fastnorm.triton_kernels.running_norm import Blocks
 
     return Blocks(rows=2, cols=4, rows_per_split=4, merge=2, num_warps=1)
@@ -42,15 +45,15 @@ def rows_of(x, mask):
     return x.reshape(rows, COLS), (mask.reshape(rows, -1).contiguous().view(torch.uint8) if mask is not None else None)
 
 
-def launch_fused(x, mask, stats, out, diag):
+def launch_fused(x, mask, stats, out, diag, previous=False):
     from fastnorm.triton_kernels.running_norm import launch_running_norm
 
     x_rows, mask_rows = rows_of(x, mask)
     out_rows = out.view(x_rows.shape) if out is not None else None
-    launch_running_norm(x_rows, mask_rows, *stats, out_rows, diag, blocks=tiny_blocks(), **HYPER)
+    launch_running_norm(x_rows, mask_rows, *stats, out_rows, diag, blocks=tiny_blocks(), previous=previous, **HYPER)
 
 
-def launch_halves(x, mask, stats, out, diag):
+def launch_halves(x, mask, stats, out, diag, previous=False):
     """batch_moments of x, then merge_normalize with that one table: the fused op's bits."""
     from fastnorm.triton_kernels.running_norm import launch_batch_moments, launch_merge_normalize
 
@@ -58,7 +61,8 @@ def launch_halves(x, mask, stats, out, diag):
     table = torch.full((6, COLS), math.nan, dtype=torch.float64, device=x.device)
     launch_batch_moments(x_rows, mask_rows, table, blocks=tiny_blocks())
     out_rows = out.view(x_rows.shape) if out is not None else None
-    launch_merge_normalize(x_rows, mask_rows, table[None], *stats, out_rows, diag, blocks=tiny_blocks(), **HYPER)
+    launch_merge_normalize(x_rows, mask_rows, table[None], *stats, out_rows, diag, blocks=tiny_blocks(),
+                           previous=previous, **HYPER)
     return table
 
 
@@ -73,11 +77,18 @@ def with_non_finite(x):
     return x
 
 
-def fresh_stats(gen, device):
+def fresh_stats(gen, device, without_history=()):
+    """Statistics with a history of 3 samples, but in the flat columns without_history (count 0)."""
     mean = randn(STATS, gen, dtype=torch.float64, device=device)
     var = torch.rand(STATS, generator=gen, dtype=torch.float64).to(device) + 0.5
     count = torch.full(STATS, 3.0, dtype=torch.float64, device=device)
+    count.view(-1)[list(without_history)] = 0.0
     return mean, var, count
+
+
+# With previous, columns without a history take y from the normalize launch, the others from the
+# reduce: 3 and 4 straddle the first two column tiles, 8 and 9 fill the last one.
+WITHOUT_HISTORY = (3, 4, 8, 9)
 
 
 def assert_stats_close(stats, expected, dtype, scale=1.0):
@@ -90,15 +101,16 @@ def assert_stats_close(stats, expected, dtype, scale=1.0):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mask_kind", list(MASK_SHAPES))
-def test_split_rows_merge_matches_reference(device, gen, dtype, mask_kind):
-    stats = fresh_stats(gen, device)
-    for _ in range(3):  # each call zeroes its own arrival counters
+@pytest.mark.parametrize("previous", [False, True], ids=["updated", "previous"])
+def test_split_rows_merge_matches_reference(device, gen, dtype, mask_kind, previous):
+    stats = fresh_stats(gen, device, WITHOUT_HISTORY if previous else ())
+    for _ in range(3):  # each call writes its own scratch
         x = with_non_finite(randn(BATCH + STATS, gen, dtype=dtype, device=device, mean=1.0, scale=2.0))
         mask = random_mask(MASK_SHAPES[mask_kind], gen, device) if MASK_SHAPES[mask_kind] else None
-        expected = reference.running_norm(x, mask, *stats, **HYPER)
+        expected = reference.running_norm(x, mask, *stats, previous=previous, **HYPER)
         out = torch.full_like(x, math.nan)
         diag = torch.full((6, COLS), -7.0, dtype=torch.float64, device=device)
-        launch_fused(x, mask, stats, out, diag)
+        launch_fused(x, mask, stats, out, diag, previous)
         torch.testing.assert_close(out, expected.y, equal_nan=True, **Y_TOL[dtype])
         assert_stats_close(stats, expected, dtype, scale=2.0)
         assert_diag_close(diag, expected.diag, dtype, scale=2.0)
@@ -134,8 +146,9 @@ def test_split_batch_moments_match_reference(device, gen, dtype, mask_kind):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("with_output", [True, False])
-def test_split_halves_give_the_fused_bits(device, gen, dtype, with_output):
-    start = fresh_stats(gen, device)
+@pytest.mark.parametrize("previous", [False, True], ids=["updated", "previous"])
+def test_split_halves_give_the_fused_bits(device, gen, dtype, with_output, previous):
+    start = fresh_stats(gen, device, WITHOUT_HISTORY if previous else ())
     x = with_non_finite(randn(BATCH + STATS, gen, dtype=dtype, device=device, mean=3.0))
     mask = random_mask(MASK_SHAPES["agents"], gen, device)
     results = []
@@ -143,7 +156,7 @@ def test_split_halves_give_the_fused_bits(device, gen, dtype, with_output):
         stats = tuple(s.clone() for s in start)
         out = torch.full_like(x, math.nan) if with_output else None
         diag = torch.full((6, COLS), -7.0, dtype=torch.float64, device=device)
-        launch(x, mask, stats, out, diag)
+        launch(x, mask, stats, out, diag, previous)
         results.append((*stats, diag.nan_to_num(-1.0)) + ((out.nan_to_num(-1.0),) if with_output else ()))
     for fused, halves in zip(*results):
         assert torch.equal(fused, halves)

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from fastnorm.triton_kernels.moments import TABLE_ROWS, chan_merge, merge_partials, shifted_moments, store_table
-from fastnorm.triton_kernels.running_norm import acc_type, split_scratch, wrap_triton
+from fastnorm.triton_kernels.running_norm import acc_type, wrap_triton
 
 _TABLE_ROWS = tl.constexpr(TABLE_ROWS)
 # Rows of stats (AdvantageStatRow in csrc/advantages_math.h).
@@ -276,6 +276,17 @@ def _sizes(x: torch.Tensor, blocks: AdvantageBlocks) -> tuple[int, ...]:
 def _common(x: torch.Tensor, blocks: AdvantageBlocks) -> dict:
     return dict(ACC=acc_type(x.dtype), BLOCK_O=blocks.outer, BLOCK_G=blocks.groups, BLOCK_I=blocks.inner,
                 num_warps=blocks.num_warps)
+
+
+def split_scratch(splits: int, tiles: int, cols: int, device: torch.device):
+    """The per-call scratch of a split-rows reduce of `tiles` group tiles: the splits' tables,
+    float64 (splits, TABLE_ROWS, cols), and one int32 arrival counter per tile, zeroed. Allocated
+    on the current stream at each call (a memset, captured with the kernels in a CUDA graph), so
+    concurrent calls never share counters. (None, None) for a single split."""
+    if splits == 1:
+        return None, None
+    return (torch.empty((splits, TABLE_ROWS, cols), dtype=torch.float64, device=device),
+            torch.zeros(tiles, dtype=torch.int32, device=device))
 
 
 def _launch_reduce(x, mask, stats, table, *, min_std, unbiased, blocks):

@@ -1,27 +1,42 @@
 """Triton kernels of fastnorm's running normalization (the contract in fastnorm/reference.py) and of
 its halves for synced updates (fastnorm::batch_moments, fastnorm::merge_normalize; csrc/ops.cpp).
 
-x is viewed as (rows, cols) with unit column stride. The kernels:
+x is viewed as (rows, cols) with unit column stride; a program covers BLOCK_C columns (a column
+tile) and a split of the rows. The kernels:
 
-- `_reduce_kernel`, grid (column tiles, row splits): each program reduces its rows of one column
-  tile in steps of BLOCK_R rows (per-step moments by the corrected two-pass algorithm, merged in
-  float64 by Chan's formula) into a batch-moments table (triton_kernels/moments.py). With several
-  splits, each writes its table to a per-call scratch and takes a ticket from the tile's arrival
-  counter (int32 zeros allocated with the scratch, on the caller's stream); the last program to
-  arrive merges the tables in split order, so results do not depend on timing. The merged moments
-  then either update the float64 running statistics and write the diagnostics (fastnorm::
-  running_norm), or are written out as the call's table (fastnorm::batch_moments).
-- `_merge_parts_kernel`, one program per column tile: merges the tables of several processes in
-  part order and updates the statistics as above (the first half of fastnorm::merge_normalize).
+- `_reduce_kernel`, grid (column tiles, row splits): each program reduces its rows in steps of
+  BLOCK_R rows (per-step moments by the corrected two-pass algorithm, merged in float64 by Chan's
+  formula) into a batch-moments table (triton_kernels/moments.py). With one split the program
+  holds its columns' whole batch and finishes the call itself: it updates the float64 running
+  statistics, writes the diagnostics and then y, re-reading its rows (fastnorm::running_norm), or
+  writes the table (fastnorm::batch_moments). With several splits each program writes its table
+  to a per-call scratch, which `_merge_kernel` merges in the next launch (the last program to
+  arrive could merge them instead, but its arrival counters would cost a memset per call).
+  With previous (normalize_with="previous"), y of the columns that have a history (count > 0) is
+  written in the reduce pass itself, from the statistics before the batch: x is read once. Only
+  the columns without a history are re-read, since their y needs the batch's own statistics.
+- `_merge_kernel`, one program per column tile: merges the splits' tables in split order (or, for
+  fastnorm::merge_normalize, the processes' tables in part order), then updates the statistics as
+  above, or writes the merged table. When a normalize launch follows, it writes what y uses (the
+  y table: the mean, 1 / bounded std, and whether the column still needs y); with one split of x,
+  merge_normalize's program normalizes x itself.
 - `_normalize_kernel`, grid (column tiles, row splits) with the splits in reverse order (the last
-  rows the reduce pass read are still in L2): y = clamp((x - mean) / bounded std) and, when asked,
-  the clipped counts per column, added to the diagnostics with atomics.
+  rows the reduce pass read are still in L2): y = clamp((x - mean) / bounded std) from the
+  statistics (fastnorm::normalize) or from the y table, and the clipped counts, added to the
+  diagnostics with atomics (whole numbers in float64: the sum does not depend on the order).
+
+A call runs its launches and nothing else: the diagnostics and the step counter (incremented by
+the updating program of the first column tile) are written by the kernels, and the scratch is
+allocated uninitialized. So a running_norm call is one launch when its batch takes one split, else
+three (reduce, merge, normalize), with no host sync. The statistics y reads are never written in
+the same launch by another program: the merge that updates them comes after the reduce that read
+them, and with one split a single program reads and then updates its columns.
 
 The arithmetic mirrors csrc/running_norm_math.h; max |z| comes, as in the C++ kernels, from the
 batch's min and max (z is monotonic in x), so the fused op and its two halves give the same bits.
-Scalars (eps, bounds, momentum, sizes) are runtime arguments, the floats in float64; only the block
-sizes, the accumulator type and which inputs and outputs exist are compile-time constants.
-`choose_blocks` derives the blocks from the shape; there is no autotuning.
+Scalars (eps, bounds, clip, momentum, sizes) are runtime arguments, the floats in float64; only the
+block sizes, the accumulator type, the mode and which inputs and outputs exist are compile-time
+constants. `choose_blocks` derives the blocks from the shape; there is no autotuning.
 """
 
 from __future__ import annotations
@@ -46,118 +61,24 @@ _D_VAR = tl.constexpr(2)
 _D_NONFINITE = tl.constexpr(3)
 _D_CLIPPED = tl.constexpr(4)
 _D_MAX_ABS_Z = tl.constexpr(5)
+# Rows of the y table: what the normalize launch after a merge uses for each column.
+Y_TABLE_ROWS = 3
+_Y_MEAN = tl.constexpr(0)
+_Y_INV_STD = tl.constexpr(1)
+_Y_PENDING = tl.constexpr(2)  # 1: y still to write; 0: written in the reduce pass
 _INF = tl.constexpr(float("inf"))
 
 
 @triton.jit
-def _reduce_kernel(
-    x_ptr, x_row_stride, mask_ptr, mask_cols, mask_group,
-    mean_ptr, var_ptr, count_ptr, diag_ptr, scale_ptr, table_ptr, partials_ptr, arrivals_ptr,
-    rows, cols, rows_per_split,
-    min_weight: tl.float64, max_count: tl.float64, eps: tl.float64, min_std: tl.float64, max_std: tl.float64,
-    eps_on_std: tl.float64, unbiased: tl.float64, scale_min_weight: tl.float64, min_std_rel: tl.float64,
-    HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr, UPDATE: tl.constexpr, WITH_OUTPUT: tl.constexpr,
-    SPLIT: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, MERGE_R: tl.constexpr,
-):
-    col_tile = tl.program_id(0)
-    split = tl.program_id(1)
-    splits = tl.num_programs(1)
-    c = col_tile * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_ok = c < cols
-    mask_c = c // mask_group
-    row_begin = split.to(tl.int64) * rows_per_split
-    row_end = tl.minimum(row_begin + rows_per_split, rows)
-
-    n = tl.full([BLOCK_C], 0, tl.float64)
-    mean = tl.full([BLOCK_C], 0, tl.float64)
-    m2 = tl.full([BLOCK_C], 0, tl.float64)
-    nonfinite = tl.full([BLOCK_R, BLOCK_C], 0, tl.int32)
-    lo = tl.full([BLOCK_R, BLOCK_C], _INF, ACC)
-    hi = tl.full([BLOCK_R, BLOCK_C], -_INF, ACC)
-    for r0 in range(row_begin, row_end, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        in_tile = (r < row_end)[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + r[:, None] * x_row_stride + c[None, :], mask=in_tile, other=0.0,
-                    eviction_policy="evict_last").to(ACC)
-        selected = in_tile
-        if HAS_MASK:
-            m = tl.load(mask_ptr + r[:, None] * mask_cols + mask_c[None, :], mask=in_tile, other=0)
-            selected = selected & (m != 0)
-        finite = tl.abs(x) < _INF
-        valid = selected & finite
-        nonfinite += (selected & ~finite).to(tl.int32)
-        lo = tl.minimum(lo, tl.where(valid, x, _INF))
-        hi = tl.maximum(hi, tl.where(valid, x, -_INF))
-        # The step's moments by the corrected two-pass algorithm (Chan, Golub & LeVeque 1983): with
-        # d = x - shift for a shift near the mean, S1 = sum d, S2 = sum d^2: mean = shift + S1/n,
-        # M2 = S2 - S1^2/n. The shift is the step mean in ACC, summed as x/n so it cannot overflow.
-        step_n = tl.sum(valid.to(ACC), 0)
-        shift = tl.sum(tl.where(valid, x * (1.0 / tl.maximum(step_n, 1.0))[None, :], 0.0), 0)
-        d = tl.where(valid, x - shift[None, :], 0.0)
-        s1 = tl.sum(d, 0).to(tl.float64)
-        s2 = tl.sum(d * d, 0).to(tl.float64)
-        if ACC != tl.float64:
-            # float32 squares overflow beyond |x - mean| ~ 1e19: redo S1 and S2 in float64.
-            if tl.max((~(tl.abs(s1) + s2 < _INF)).to(tl.int32), 0) > 0:
-                d64 = tl.where(valid, x.to(tl.float64) - shift.to(tl.float64)[None, :], 0.0)
-                s1 = tl.sum(d64, 0)
-                s2 = tl.sum(d64 * d64, 0)
-        step_n64, step_mean, step_m2 = shifted_moments(step_n, shift, s1, s2)
-        n, mean, m2 = chan_merge(n, mean, m2, step_n64, step_mean, step_m2)
-
-    nonfinite_n = tl.sum(nonfinite, 0).to(tl.float64)
-    col_lo = tl.min(lo, 0).to(tl.float64)
-    col_hi = tl.max(hi, 0).to(tl.float64)
-    # Scalars in float64: tl.full keeps the interpreter's Python floats from becoming float32.
-    scalars = (tl.full([], min_weight, tl.float64), tl.full([], max_count, tl.float64), tl.full([], eps, tl.float64),
-               tl.full([], min_std, tl.float64), tl.full([], max_std, tl.float64), tl.full([], eps_on_std, tl.float64),
-               tl.full([], unbiased, tl.float64), tl.full([], scale_min_weight, tl.float64),
-               tl.full([], min_std_rel, tl.float64))
-    if SPLIT:
-        store_table(partials_ptr + split.to(tl.int64) * (_TABLE_ROWS * cols), c, col_ok, cols, n, mean, m2,
-                    nonfinite_n, col_lo, col_hi)
-        # Every thread's table is written before the ticket is taken (release at GPU scope).
-        tl.debug_barrier()
-        ticket = tl.atomic_add(arrivals_ptr + col_tile, 1, sem="acq_rel", scope="gpu")
-        if ticket == splits - 1:
-            n, mean, m2, nonfinite_n, col_lo, col_hi = merge_partials(partials_ptr, c, col_ok, cols, splits, BLOCK_C,
-                                                                      MERGE_R)
-            _finish(c, col_ok, cols, n, mean, m2, nonfinite_n, col_lo, col_hi, mean_ptr, var_ptr, count_ptr,
-                    diag_ptr, scale_ptr, table_ptr, scalars, HAS_SCALE, UPDATE, WITH_OUTPUT, BLOCK_C)
-    else:
-        _finish(c, col_ok, cols, n, mean, m2, nonfinite_n, col_lo, col_hi, mean_ptr, var_ptr, count_ptr, diag_ptr,
-                scale_ptr, table_ptr, scalars, HAS_SCALE, UPDATE, WITH_OUTPUT, BLOCK_C)
-
-
-@triton.jit
-def _finish(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, count_ptr, diag_ptr, scale_ptr,
-            table_ptr, scalars, HAS_SCALE: tl.constexpr, UPDATE: tl.constexpr, WITH_OUTPUT: tl.constexpr,
-            BLOCK_C: tl.constexpr):
-    """What a column tile's batch moments become: the running update, or the call's table."""
-    if UPDATE:
-        _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, count_ptr, diag_ptr, scale_ptr,
-                scalars, HAS_SCALE, WITH_OUTPUT, BLOCK_C)
-    else:
-        store_table(table_ptr, c, col_ok, cols, n, mean, m2, nonfinite, lo, hi)
-
-
-@triton.jit
-def _merge_parts_kernel(
-    parts_ptr, num_parts, mean_ptr, var_ptr, count_ptr, diag_ptr, scale_ptr, cols,
-    min_weight: tl.float64, max_count: tl.float64, eps: tl.float64, min_std: tl.float64, max_std: tl.float64,
-    eps_on_std: tl.float64, unbiased: tl.float64, scale_min_weight: tl.float64, min_std_rel: tl.float64,
-    HAS_SCALE: tl.constexpr, WITH_OUTPUT: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_ok = c < cols
-    n, mean, m2, nonfinite, lo, hi = merge_column_parts(parts_ptr, c, col_ok, cols, num_parts)
-    scalars = (tl.full([], min_weight, tl.float64), tl.full([], max_count, tl.float64), tl.full([], eps, tl.float64),
-               tl.full([], min_std, tl.float64), tl.full([], max_std, tl.float64), tl.full([], eps_on_std, tl.float64),
-               tl.full([], unbiased, tl.float64), tl.full([], scale_min_weight, tl.float64),
-               tl.full([], min_std_rel, tl.float64))
-    _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, count_ptr, diag_ptr, scale_ptr,
-            scalars, HAS_SCALE, WITH_OUTPUT, BLOCK_C)
+def _float64_scalars(min_weight, max_count, eps, min_std, max_std, eps_on_std, unbiased, scale_min_weight,
+                     min_std_rel, clip):
+    """The update's and the output's scalars as float64 values (tl.full keeps the interpreter's
+    Python floats from becoming float32): min_weight, max_count, eps, min_std, max_std, eps_on_std
+    and unbiased (flags 0 or 1), scale_min_weight, min_std_rel (0 without) and clip (inf without)."""
+    return (tl.full([], min_weight, tl.float64), tl.full([], max_count, tl.float64), tl.full([], eps, tl.float64),
+            tl.full([], min_std, tl.float64), tl.full([], max_std, tl.float64), tl.full([], eps_on_std, tl.float64),
+            tl.full([], unbiased, tl.float64), tl.full([], scale_min_weight, tl.float64),
+            tl.full([], min_std_rel, tl.float64), tl.full([], clip, tl.float64))
 
 
 @triton.jit
@@ -169,13 +90,70 @@ def _inverse_std(var, eps, eps_on_std, min_std, max_std):
 
 
 @triton.jit
+def _output_inverse_std(var, scale, scalars, HAS_SCALE: tl.constexpr):
+    """1 / the divisor y uses for var: bounded below by max(min_std, min_std_rel * scale) with the
+    long-run scale (std_floor), else by min_std."""
+    _, _, eps, min_std, max_std, eps_on_std, _, _, min_std_rel, _ = scalars
+    floor = min_std
+    if HAS_SCALE:
+        floor = tl.maximum(min_std, min_std_rel * scale)
+    return _inverse_std(var, eps, eps_on_std, floor, max_std)
+
+
+@triton.jit
+def _in_acc(mean, inv_std, clip, ACC: tl.constexpr):
+    """What z = (x - mean) * inv_std needs in ACC: mean = mean_hi + mean_lo, so that x - mean_hi is
+    exact near the mean (Sterbenz) and z keeps ACC's precision even when |mean| >> std; the scale;
+    the clip bound."""
+    mean_hi = mean.to(ACC)
+    mean_lo = (mean - mean_hi.to(tl.float64)).to(ACC)
+    return mean_hi, mean_lo, inv_std.to(ACC), clip.to(ACC)
+
+
+@triton.jit
+def _normalized(x, mean_hi, mean_lo, scale, bound):
+    """z and y = clamp(z, -bound, bound) of a block of x (rows, columns); the clamp keeps NaN as NaN
+    (clamp_keep_nan)."""
+    z = ((x - mean_hi[None, :]) - mean_lo[None, :]) * scale[None, :]
+    return z, tl.where(z < -bound, -bound, tl.where(z > bound, bound, z))
+
+
+@triton.jit
+def _normalize_rows(x_ptr, x_row_stride, out_ptr, out_row_stride, mask_ptr, mask_cols, mask_c, c, pending,
+                    row_begin, row_end, mean, inv_std, clip, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Writes y of rows [row_begin, row_end) in the columns c where pending, from mean and inv_std
+    (float64), and returns the clipped counts of the selected finite entries (float64). Columns not
+    pending are neither read nor written; a tile without one skips its rows."""
+    mean_hi, mean_lo, scale, bound = _in_acc(mean, inv_std, clip, ACC)
+    clipped = tl.full([BLOCK_R, BLOCK_C], 0, tl.int32)
+    row_end = tl.where(tl.max(pending.to(tl.int32), 0) > 0, row_end, row_begin)
+    for r0 in range(row_begin, row_end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        in_tile = (r < row_end)[:, None] & pending[None, :]
+        x = tl.load(x_ptr + r[:, None] * x_row_stride + c[None, :], mask=in_tile, other=0.0,
+                    eviction_policy="evict_first").to(ACC)
+        z, y = _normalized(x, mean_hi, mean_lo, scale, bound)
+        tl.store(out_ptr + r[:, None] * out_row_stride + c[None, :], y.to(out_ptr.dtype.element_ty), mask=in_tile,
+                 eviction_policy="evict_first")
+        valid = in_tile & (tl.abs(x) < _INF)
+        if HAS_MASK:
+            m = tl.load(mask_ptr + r[:, None] * mask_cols + mask_c[None, :], mask=in_tile, other=0)
+            valid = valid & (m != 0)
+        clipped += (valid & (tl.abs(z) > bound)).to(tl.int32)
+    return tl.sum(clipped, 0).to(tl.float64)
+
+
+@triton.jit
 def _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, count_ptr, diag_ptr, scale_ptr,
-            scalars, HAS_SCALE: tl.constexpr, WITH_OUTPUT: tl.constexpr, BLOCK_C: tl.constexpr):
+            steps_ptr, scalars, HAS_SCALE: tl.constexpr, HAS_STEPS: tl.constexpr, WITH_OUTPUT: tl.constexpr,
+            PREVIOUS: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merges a column tile's batch moments into the running statistics (update_running_stats of
-    running_norm_math.h) and writes its diagnostics; scalars: min_weight, max_count, eps, min_std,
-    max_std, eps_on_std and unbiased (flags 0 or 1), scale_min_weight and min_std_rel, float64. With
-    HAS_SCALE, the long-run scale too (update_running_stats), and the relative floor bounds max |z|."""
-    min_weight, max_count, eps, min_std, max_std, eps_on_std, unbiased, scale_min_weight, min_std_rel = scalars
+    running_norm_math.h; with HAS_SCALE the long-run scale too), writes the diagnostics but the
+    clipped counts, and in the first column tile increments the step counter. Returns the
+    statistics y uses, the mean and 1 / bounded std (float64): the updated ones, or with PREVIOUS
+    those from before in the columns with a history; and which columns had a history."""
+    min_weight, max_count, _, _, _, _, unbiased, scale_min_weight, _, _ = scalars
     # v_b = M2/n, or with unbiased M2/(n-1) and 0 for n = 1 (merged_batch_var); diag keeps M2/n.
     # w = max(min_weight, n_b / (min(count, max_count) + n_b)); mean' = mean + w d;
     # var' = (1 - w) var + w v_b + w (1 - w) d^2; columns without samples, or whose result would
@@ -197,87 +175,236 @@ def _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, 
     tl.store(mean_ptr + c, new_mean, mask=col_ok)
     tl.store(var_ptr + c, new_var, mask=col_ok)
     tl.store(count_ptr + c, tl.where(keep, old_count + n, old_count), mask=col_ok)
-    floor = min_std
+    old_scale = tl.full([BLOCK_C], 1.0, tl.float64)
+    new_scale = old_scale
     if HAS_SCALE:
         # scale'^2 = (1 - w_s) scale^2 + w_s var' with w_s = max(scale_min_weight, n_b / (n_eff + n_b)).
         old_scale = tl.load(scale_ptr + c, mask=col_ok, other=1.0)
         w_s = tl.maximum(scale_min_weight, warm_weight)
         new_scale = tl.where(keep, tl.sqrt((1.0 - w_s) * old_scale * old_scale + w_s * new_var), old_scale)
         tl.store(scale_ptr + c, new_scale, mask=col_ok)
-        floor = tl.maximum(min_std, min_std_rel * new_scale)
+    if HAS_STEPS:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            tl.store(steps_ptr, tl.load(steps_ptr) + 1)
 
     tl.store(diag_ptr + _D_COUNT * cols + c, n, mask=col_ok)
     tl.store(diag_ptr + _D_MEAN * cols + c, mean, mask=col_ok)
     tl.store(diag_ptr + _D_VAR * cols + c, batch_var, mask=col_ok)
     tl.store(diag_ptr + _D_NONFINITE * cols + c, nonfinite, mask=col_ok)
+    history = old_count > 0
+    y_mean = new_mean
+    y_var = new_var
+    y_scale = new_scale
+    if PREVIOUS:
+        y_mean = tl.where(history, old_mean, new_mean)
+        y_var = tl.where(history, old_var, new_var)
+        y_scale = tl.where(history, old_scale, new_scale)
+    inv_std = _output_inverse_std(y_var, y_scale, scalars, HAS_SCALE)
     if WITH_OUTPUT:
-        # The normalize pass adds the clipped counts to 0. z is monotonic in x: the largest |z|
-        # comes from the batch's min or max.
-        spread = tl.maximum(hi - new_mean, new_mean - lo)
-        max_abs_z = tl.where(n > 0, spread * _inverse_std(new_var, eps, eps_on_std, floor, max_std), 0.0)
-        tl.store(diag_ptr + _D_CLIPPED * cols + c, tl.full([BLOCK_C], 0, tl.float64), mask=col_ok)
-        tl.store(diag_ptr + _D_MAX_ABS_Z * cols + c, max_abs_z, mask=col_ok)
+        # z is monotonic in x: the largest |z| comes from the batch's min or max.
+        spread = tl.maximum(hi - y_mean, y_mean - lo)
+        tl.store(diag_ptr + _D_MAX_ABS_Z * cols + c, tl.where(n > 0, spread * inv_std, 0.0), mask=col_ok)
     else:
         # Not computed: NaN, as inf - inf (Triton checks that a global keeps its value between
         # compilations, which a NaN global fails: NaN != NaN).
         nan = tl.full([BLOCK_C], _INF - _INF, tl.float64)
         tl.store(diag_ptr + _D_CLIPPED * cols + c, nan, mask=col_ok)
         tl.store(diag_ptr + _D_MAX_ABS_Z * cols + c, nan, mask=col_ok)
+    return y_mean, inv_std, history
 
 
 @triton.jit
-def _normalize_kernel(
+def _reduce_kernel(
     x_ptr, x_row_stride, out_ptr, out_row_stride, mask_ptr, mask_cols, mask_group,
-    mean_ptr, var_ptr, diag_ptr, scale_ptr, rows, cols, rows_per_split,
-    eps: tl.float64, min_std: tl.float64, max_std: tl.float64, clip: tl.float64, eps_on_std: tl.float64,
-    min_std_rel: tl.float64, HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr, WITH_DIAG: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    mean_ptr, var_ptr, count_ptr, diag_ptr, scale_ptr, steps_ptr, table_ptr, partials_ptr, split_clipped_ptr,
+    rows, cols, rows_per_split,
+    min_weight: tl.float64, max_count: tl.float64, eps: tl.float64, min_std: tl.float64, max_std: tl.float64,
+    eps_on_std: tl.float64, unbiased: tl.float64, scale_min_weight: tl.float64, min_std_rel: tl.float64,
+    clip: tl.float64,
+    HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_STEPS: tl.constexpr, UPDATE: tl.constexpr,
+    WITH_OUTPUT: tl.constexpr, PREVIOUS: tl.constexpr, SPLIT: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     col_tile = tl.program_id(0)
-    split = tl.num_programs(1) - 1 - tl.program_id(1)
+    split = tl.program_id(1)
     c = col_tile * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = c < cols
     mask_c = c // mask_group
     row_begin = split.to(tl.int64) * rows_per_split
     row_end = tl.minimum(row_begin + rows_per_split, rows)
+    scalars = _float64_scalars(min_weight, max_count, eps, min_std, max_std, eps_on_std, unbiased, scale_min_weight,
+                               min_std_rel, clip)
 
-    # bounded_std of running_norm_math.h; mean = mean_hi + mean_lo in ACC, so that x - mean_hi is
-    # exact near the mean (Sterbenz) and z keeps ACC's precision even when |mean| >> std.
-    mean = tl.load(mean_ptr + c, mask=col_ok, other=0.0)
-    var = tl.load(var_ptr + c, mask=col_ok, other=1.0)
-    # Scalars in float64: tl.full keeps the interpreter's Python floats from becoming float32.
-    floor = tl.full([], min_std, tl.float64)
-    if HAS_SCALE:  # the relative floor (std_floor)
-        floor = tl.maximum(floor, tl.full([], min_std_rel, tl.float64) * tl.load(scale_ptr + c, mask=col_ok, other=1.0))
-    scale = _inverse_std(var, tl.full([], eps, tl.float64), tl.full([], eps_on_std, tl.float64), floor,
-                         tl.full([], max_std, tl.float64)).to(ACC)
-    mean_hi = mean.to(ACC)
-    mean_lo = (mean - mean_hi.to(tl.float64)).to(ACC)
-    hi = tl.full([], clip, tl.float64).to(ACC)
+    # With PREVIOUS (and an output), the columns with a history get y in this pass, from the
+    # statistics before the batch.
+    in_pass = tl.full([BLOCK_C], 0, tl.int1)
+    y_mean = tl.full([BLOCK_C], 0.0, tl.float64)
+    y_inv_std = tl.full([BLOCK_C], 1.0, tl.float64)
+    if PREVIOUS:
+        in_pass = col_ok & (tl.load(count_ptr + c, mask=col_ok, other=0.0) > 0)
+        y_mean = tl.load(mean_ptr + c, mask=col_ok, other=0.0)
+        scale = tl.full([BLOCK_C], 1.0, tl.float64)
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr + c, mask=col_ok, other=1.0)
+        y_inv_std = _output_inverse_std(tl.load(var_ptr + c, mask=col_ok, other=1.0), scale, scalars, HAS_SCALE)
+    mean_hi, mean_lo, z_scale, bound = _in_acc(y_mean, y_inv_std, scalars[9], ACC)
 
+    n = tl.full([BLOCK_C], 0, tl.float64)
+    mean = tl.full([BLOCK_C], 0, tl.float64)
+    m2 = tl.full([BLOCK_C], 0, tl.float64)
+    nonfinite = tl.full([BLOCK_R, BLOCK_C], 0, tl.int32)
     clipped = tl.full([BLOCK_R, BLOCK_C], 0, tl.int32)
+    lo = tl.full([BLOCK_R, BLOCK_C], _INF, ACC)
+    hi = tl.full([BLOCK_R, BLOCK_C], -_INF, ACC)
     for r0 in range(row_begin, row_end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         in_tile = (r < row_end)[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + r[:, None] * x_row_stride + c[None, :], mask=in_tile, other=0.0,
-                    eviction_policy="evict_first").to(ACC)
-        z = ((x - mean_hi[None, :]) - mean_lo[None, :]) * scale[None, :]
-        # The clamp keeps NaN as NaN (clamp_keep_nan).
-        y = tl.where(z < -hi, -hi, tl.where(z > hi, hi, z))
-        tl.store(out_ptr + r[:, None] * out_row_stride + c[None, :], y.to(out_ptr.dtype.element_ty),
-                 mask=in_tile, eviction_policy="evict_first")
-        if WITH_DIAG:
-            valid = in_tile & (tl.abs(x) < _INF)
-            if HAS_MASK:
-                m = tl.load(mask_ptr + r[:, None] * mask_cols + mask_c[None, :], mask=in_tile, other=0)
-                valid = valid & (m != 0)
-            clipped += (valid & (tl.abs(z) > hi)).to(tl.int32)
+        if PREVIOUS:  # x is not read again (but in the columns without a history)
+            x = tl.load(x_ptr + r[:, None] * x_row_stride + c[None, :], mask=in_tile, other=0.0,
+                        eviction_policy="evict_first").to(ACC)
+        else:  # the normalize pass reads x again
+            x = tl.load(x_ptr + r[:, None] * x_row_stride + c[None, :], mask=in_tile, other=0.0,
+                        eviction_policy="evict_last").to(ACC)
+        selected = in_tile
+        if HAS_MASK:
+            m = tl.load(mask_ptr + r[:, None] * mask_cols + mask_c[None, :], mask=in_tile, other=0)
+            selected = selected & (m != 0)
+        finite = tl.abs(x) < _INF
+        valid = selected & finite
+        if PREVIOUS:
+            z, y = _normalized(x, mean_hi, mean_lo, z_scale, bound)
+            written = in_tile & in_pass[None, :]
+            tl.store(out_ptr + r[:, None] * out_row_stride + c[None, :], y.to(out_ptr.dtype.element_ty),
+                     mask=written, eviction_policy="evict_first")
+            clipped += (valid & written & (tl.abs(z) > bound)).to(tl.int32)
+        nonfinite += (selected & ~finite).to(tl.int32)
+        lo = tl.minimum(lo, tl.where(valid, x, _INF))
+        hi = tl.maximum(hi, tl.where(valid, x, -_INF))
+        # The step's moments by the corrected two-pass algorithm (Chan, Golub & LeVeque 1983): with
+        # d = x - shift for a shift near the mean, S1 = sum d, S2 = sum d^2: mean = shift + S1/n,
+        # M2 = S2 - S1^2/n. The shift is the step mean in ACC, summed as x/n so it cannot overflow.
+        step_n = tl.sum(valid.to(ACC), 0)
+        shift = tl.sum(tl.where(valid, x * (1.0 / tl.maximum(step_n, 1.0))[None, :], 0.0), 0)
+        d = tl.where(valid, x - shift[None, :], 0.0)
+        s1 = tl.sum(d, 0).to(tl.float64)
+        s2 = tl.sum(d * d, 0).to(tl.float64)
+        if ACC != tl.float64:
+            # float32 squares overflow beyond |x - mean| ~ 1e19: redo S1 and S2 in float64.
+            if tl.max((~(tl.abs(s1) + s2 < _INF)).to(tl.int32), 0) > 0:
+                d64 = tl.where(valid, x.to(tl.float64) - shift.to(tl.float64)[None, :], 0.0)
+                s1 = tl.sum(d64, 0)
+                s2 = tl.sum(d64 * d64, 0)
+        step_n64, step_mean, step_m2 = shifted_moments(step_n, shift, s1, s2)
+        n, mean, m2 = chan_merge(n, mean, m2, step_n64, step_mean, step_m2)
 
+    nonfinite_n = tl.sum(nonfinite, 0).to(tl.float64)
+    clipped_n = tl.sum(clipped, 0).to(tl.float64)
+    col_lo = tl.min(lo, 0).to(tl.float64)
+    col_hi = tl.max(hi, 0).to(tl.float64)
+    if SPLIT:
+        store_table(partials_ptr + split.to(tl.int64) * (_TABLE_ROWS * cols), c, col_ok, cols, n, mean, m2,
+                    nonfinite_n, col_lo, col_hi)
+        if PREVIOUS:
+            tl.store(split_clipped_ptr + split.to(tl.int64) * cols + c, clipped_n, mask=col_ok)
+    elif UPDATE:
+        # The whole batch of these columns: the update, then y of the columns still without it.
+        y_mean, y_inv_std, _ = _update(c, col_ok, cols, n, mean, m2, nonfinite_n, col_lo, col_hi, mean_ptr, var_ptr,
+                                       count_ptr, diag_ptr, scale_ptr, steps_ptr, scalars, HAS_SCALE, HAS_STEPS,
+                                       WITH_OUTPUT, PREVIOUS, BLOCK_C)
+        if WITH_OUTPUT:
+            clipped_n += _normalize_rows(x_ptr, x_row_stride, out_ptr, out_row_stride, mask_ptr, mask_cols, mask_c, c,
+                                         col_ok & ~in_pass, row_begin, row_end, y_mean, y_inv_std, scalars[9],
+                                         HAS_MASK, ACC, BLOCK_R, BLOCK_C)
+            tl.store(diag_ptr + _D_CLIPPED * cols + c, clipped_n, mask=col_ok)
+    else:
+        store_table(table_ptr, c, col_ok, cols, n, mean, m2, nonfinite_n, col_lo, col_hi)
+
+
+@triton.jit
+def _merge_kernel(
+    tables_ptr, num_tables, split_clipped_ptr, x_ptr, x_row_stride, out_ptr, out_row_stride, mask_ptr, mask_cols,
+    mask_group, mean_ptr, var_ptr, count_ptr, diag_ptr, scale_ptr, steps_ptr, table_ptr, y_table_ptr, rows, cols,
+    min_weight: tl.float64, max_count: tl.float64, eps: tl.float64, min_std: tl.float64, max_std: tl.float64,
+    eps_on_std: tl.float64, unbiased: tl.float64, scale_min_weight: tl.float64, min_std_rel: tl.float64,
+    clip: tl.float64,
+    SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_STEPS: tl.constexpr,
+    UPDATE: tl.constexpr, WITH_OUTPUT: tl.constexpr, PREVIOUS: tl.constexpr, NORMALIZE: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, MERGE_R: tl.constexpr,
+):
+    """SPLITS: tables_ptr holds this call's split tables (merged in split order, MERGE_R a step);
+    else the processes' tables of merge_normalize (merged in part order). NORMALIZE: this program
+    writes y of all rows of x; else, with an output, the y table for the normalize launch."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = c < cols
+    if SPLITS:
+        n, mean, m2, nonfinite, lo, hi = merge_partials(tables_ptr, c, col_ok, cols, num_tables, BLOCK_C, MERGE_R)
+    else:
+        n, mean, m2, nonfinite, lo, hi = merge_column_parts(tables_ptr, c, col_ok, cols, num_tables)
+    if UPDATE:
+        scalars = _float64_scalars(min_weight, max_count, eps, min_std, max_std, eps_on_std, unbiased,
+                                   scale_min_weight, min_std_rel, clip)
+        y_mean, y_inv_std, history = _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr,
+                                             count_ptr, diag_ptr, scale_ptr, steps_ptr, scalars, HAS_SCALE,
+                                             HAS_STEPS, WITH_OUTPUT, PREVIOUS, BLOCK_C)
+        if WITH_OUTPUT:
+            pending = col_ok
+            clipped = tl.full([BLOCK_C], 0, tl.float64)
+            if SPLITS and PREVIOUS:
+                # The reduce pass wrote y of the columns with a history and counted their clipped entries.
+                pending = col_ok & ~history
+                for s0 in range(0, num_tables, MERGE_R):
+                    s = s0 + tl.arange(0, MERGE_R)
+                    ok = (s < num_tables)[:, None] & col_ok[None, :]
+                    clipped += tl.sum(tl.load(split_clipped_ptr + s[:, None].to(tl.int64) * cols + c[None, :], mask=ok,
+                                              other=0.0), 0)
+            if NORMALIZE:
+                clipped += _normalize_rows(x_ptr, x_row_stride, out_ptr, out_row_stride, mask_ptr, mask_cols,
+                                           c // mask_group, c, pending, 0, rows, y_mean, y_inv_std, scalars[9],
+                                           HAS_MASK, ACC, BLOCK_R, BLOCK_C)
+            else:
+                tl.store(y_table_ptr + _Y_MEAN * cols + c, y_mean, mask=col_ok)
+                tl.store(y_table_ptr + _Y_INV_STD * cols + c, y_inv_std, mask=col_ok)
+                tl.store(y_table_ptr + _Y_PENDING * cols + c, pending.to(tl.float64), mask=col_ok)
+            tl.store(diag_ptr + _D_CLIPPED * cols + c, clipped, mask=col_ok)
+    else:
+        store_table(table_ptr, c, col_ok, cols, n, mean, m2, nonfinite, lo, hi)
+
+
+@triton.jit
+def _normalize_kernel(
+    x_ptr, x_row_stride, out_ptr, out_row_stride, mask_ptr, mask_cols, mask_group,
+    mean_ptr, var_ptr, scale_ptr, y_table_ptr, diag_ptr, rows, cols, rows_per_split,
+    min_weight: tl.float64, max_count: tl.float64, eps: tl.float64, min_std: tl.float64, max_std: tl.float64,
+    eps_on_std: tl.float64, unbiased: tl.float64, scale_min_weight: tl.float64, min_std_rel: tl.float64,
+    clip: tl.float64,
+    HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr, FROM_Y_TABLE: tl.constexpr, WITH_DIAG: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """y from the statistics mean, var (and the relative floor's scale with HAS_SCALE), or with
+    FROM_Y_TABLE from the y table, in its pending columns only."""
+    col_tile = tl.program_id(0)
+    split = tl.num_programs(1) - 1 - tl.program_id(1)
+    c = col_tile * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = c < cols
+    row_begin = split.to(tl.int64) * rows_per_split
+    row_end = tl.minimum(row_begin + rows_per_split, rows)
+    scalars = _float64_scalars(min_weight, max_count, eps, min_std, max_std, eps_on_std, unbiased, scale_min_weight,
+                               min_std_rel, clip)
+    if FROM_Y_TABLE:
+        mean = tl.load(y_table_ptr + _Y_MEAN * cols + c, mask=col_ok, other=0.0)
+        inv_std = tl.load(y_table_ptr + _Y_INV_STD * cols + c, mask=col_ok, other=1.0)
+        pending = col_ok & (tl.load(y_table_ptr + _Y_PENDING * cols + c, mask=col_ok, other=0.0) != 0)
+    else:
+        mean = tl.load(mean_ptr + c, mask=col_ok, other=0.0)
+        scale = tl.full([BLOCK_C], 1.0, tl.float64)
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr + c, mask=col_ok, other=1.0)
+        inv_std = _output_inverse_std(tl.load(var_ptr + c, mask=col_ok, other=1.0), scale, scalars, HAS_SCALE)
+        pending = col_ok
+    clipped = _normalize_rows(x_ptr, x_row_stride, out_ptr, out_row_stride, mask_ptr, mask_cols, c // mask_group, c,
+                              pending, row_begin, row_end, mean, inv_std, scalars[9], HAS_MASK, ACC, BLOCK_R, BLOCK_C)
     if WITH_DIAG:
-        # Whole numbers add exactly in float64, whatever the order: the atomics stay deterministic.
-        clipped_n = tl.sum(clipped, 0).to(tl.float64)
-        tl.atomic_add(diag_ptr + _D_CLIPPED * cols + c, clipped_n, mask=col_ok, sem="relaxed")
+        tl.atomic_add(diag_ptr + _D_CLIPPED * cols + c, clipped, mask=pending, sem="relaxed")
 
 
 # The kernels are InterpretedFunctions when TRITON_INTERPRET=1 was set before this module was imported.
@@ -293,7 +420,7 @@ else:
 @dataclasses.dataclass(frozen=True)
 class Blocks:
     """How the kernels cut x: BLOCK_C columns a program, BLOCK_R rows a loop step, rows_per_split
-    rows a program (a multiple of BLOCK_R), and `merge` tables a step of the last program's merge."""
+    rows a program (a multiple of BLOCK_R), and `merge` tables a step of the split tables' merge."""
 
     rows: int
     cols: int
@@ -307,8 +434,8 @@ class Blocks:
 
 # A program steps over STEP_ELEMS elements of x at a time (16 a thread with 4 warps) made of
 # 256-byte row segments (two 128-byte lines); a split covers at least 768 bytes of each of its
-# columns, so its table (48 bytes per column) stays under ~6% of x; the last program of a column
-# tile merges MERGE_ELEMS table columns per step, in at most MAX_MERGE_STEPS steps.
+# columns, so its table (48 bytes per column) stays under ~6% of x; the merge takes MERGE_ELEMS
+# table columns per step, in at most MAX_MERGE_STEPS steps.
 STEP_ELEMS = 2048
 ROW_BYTES = 256
 MIN_SPLIT_BYTES = 768
@@ -332,17 +459,6 @@ def choose_blocks(rows: int, cols: int, element_size: int, programs: int, step_e
     return Blocks(rows=block_r, cols=block_c, rows_per_split=max(1, steps_per_split) * block_r, merge=merge)
 
 
-def split_scratch(splits: int, tiles: int, cols: int, device: torch.device):
-    """The per-call scratch of a split-rows reduce of `tiles` column (or group) tiles: the splits'
-    tables, float64 (splits, TABLE_ROWS, cols), and one int32 arrival counter per tile, zeroed.
-    Allocated on the current stream at each call (a memset, captured with the kernels in a CUDA
-    graph), so concurrent calls never share counters. (None, None) for a single split."""
-    if splits == 1:
-        return None, None
-    return (torch.empty((splits, TABLE_ROWS, cols), dtype=torch.float64, device=device),
-            torch.zeros(tiles, dtype=torch.int32, device=device))
-
-
 def acc_type(dtype: torch.dtype):
     """The accumulator of x's dtype: float64 for float64, float32 otherwise."""
     return tl.float64 if dtype == torch.float64 else tl.float32
@@ -352,33 +468,28 @@ def _optional(value: Optional[float], default: float) -> float:
     return default if value is None else float(value)
 
 
-def _update_scalars(momentum, max_count, eps, min_std, max_std, eps_on_std, unbiased,
-                    min_std_rel) -> tuple[float, ...]:
-    """min_weight (1 - momentum, 0 in cumulative mode), max_count, eps, min_std, max_std, the flags
-    eps_on_std and unbiased (0.0 or 1.0), the long-run scale's floor weight SCALE_WEIGHT_RATIO *
-    min_weight and min_std_rel (0 without) as floats."""
+def _scalars(momentum, max_count, eps, min_std, max_std, eps_on_std, unbiased, min_std_rel,
+             clip) -> tuple[float, ...]:
+    """The kernels' float scalars (_float64_scalars): min_weight (1 - momentum, 0 in cumulative
+    mode), max_count, eps, min_std, max_std, the flags eps_on_std and unbiased (0.0 or 1.0), the
+    long-run scale's floor weight SCALE_WEIGHT_RATIO * min_weight, min_std_rel (0 without) and clip."""
     min_weight = 1.0 - momentum if momentum is not None else 0.0
     return (min_weight, _optional(max_count, math.inf), float(eps), _optional(min_std, 0.0),
             _optional(max_std, math.inf), float(eps_on_std), float(unbiased), SCALE_WEIGHT_RATIO * min_weight,
-            _optional(min_std_rel, 0.0))
+            _optional(min_std_rel, 0.0), _optional(clip, math.inf))
 
 
-def _launch_reduce(x_rows, mask_rows, stats, table, *, with_output, scalars, blocks):
-    """The reduce kernel: into the statistics (mean, var, count, diag) when stats is given, else
-    into table."""
-    rows, cols = x_rows.shape
-    grid = blocks.grid(rows, cols)
-    partials, arrivals = split_scratch(grid[1], grid[0], cols, x_rows.device)
+def _rows_args(x_rows, out_rows, mask_rows) -> tuple:
+    """The kernels' arguments x_ptr .. mask_group for x_rows (rows, cols), the output and the mask."""
     mask_cols = mask_rows.shape[1] if mask_rows is not None else 1
-    mean, var, count, diag, scale = stats if stats is not None else (None,) * 5
-    wrap_triton(_reduce_kernel)[grid](
-        x_rows, x_rows.stride(0), mask_rows, mask_cols, cols // mask_cols,
-        mean, var, count, diag, scale, table, partials, arrivals, rows, cols, blocks.rows_per_split, *scalars,
-        HAS_MASK=mask_rows is not None, HAS_SCALE=scale is not None, UPDATE=stats is not None,
-        WITH_OUTPUT=with_output, SPLIT=grid[1] > 1, ACC=acc_type(x_rows.dtype), BLOCK_R=blocks.rows,
-        BLOCK_C=blocks.cols, MERGE_R=blocks.merge,
-        num_warps=blocks.num_warps,
-    )
+    return (x_rows, x_rows.stride(0), out_rows, out_rows.stride(0) if out_rows is not None else 0, mask_rows,
+            mask_cols, max(1, x_rows.shape[1] // mask_cols))
+
+
+def _float64(shape: tuple, device: torch.device) -> torch.Tensor:
+    """Per-call scratch: uninitialized (the kernels write every element they read), on the
+    caller's stream."""
+    return torch.empty(shape, dtype=torch.float64, device=device)
 
 
 def launch_running_norm(
@@ -386,25 +497,57 @@ def launch_running_norm(
     count: torch.Tensor, out_rows: Optional[torch.Tensor], diag: torch.Tensor, *, momentum: Optional[float],
     max_count: Optional[float], eps: float, min_std: Optional[float], max_std: Optional[float],
     clip: Optional[float], blocks: Blocks, eps_on_std: bool = False, unbiased: bool = False,
-    scale: Optional[torch.Tensor] = None, min_std_rel: Optional[float] = None,
+    scale: Optional[torch.Tensor] = None, min_std_rel: Optional[float] = None, previous: bool = False,
+    steps: Optional[torch.Tensor] = None,
 ) -> None:
-    """Reduces x_rows (rows >= 1, cols), merges it into mean/var/count (float64, cols elements) and
-    the long-run scale when given, fills diag (6, cols) and, when out_rows is given, writes y into
-    it. mask_rows: (rows, mask_cols) uint8 or None."""
-    _launch_reduce(x_rows, mask_rows, (mean, var, count, diag, scale), None, with_output=out_rows is not None,
-                   scalars=_update_scalars(momentum, max_count, eps, min_std, max_std, eps_on_std, unbiased,
-                                           min_std_rel), blocks=blocks)
-    if out_rows is not None:
-        _launch_normalize(x_rows, out_rows, mask_rows, mean, var, diag, eps=eps, min_std=min_std, max_std=max_std,
-                          clip=clip, eps_on_std=eps_on_std, scale=scale, min_std_rel=min_std_rel, blocks=blocks)
+    """Reduces x_rows (rows >= 0, cols >= 1), merges it into mean/var/count (float64, cols elements)
+    and the long-run scale when given, fills diag (6, cols), increments steps (int64, 0-dim) when
+    given and, when out_rows is given, writes y into it: from the updated statistics, or with
+    previous from those before x in the columns whose count was > 0. mask_rows: (rows, mask_cols)
+    uint8 or None. One launch when the blocks take one split, else three."""
+    rows, cols = x_rows.shape
+    grid = blocks.grid(rows, cols)
+    splits = grid[1]
+    with_output = out_rows is not None
+    previous = previous and with_output
+    scalars = _scalars(momentum, max_count, eps, min_std, max_std, eps_on_std, unbiased, min_std_rel, clip)
+    partials = _float64((splits, TABLE_ROWS, cols), x_rows.device) if splits > 1 else None
+    split_clipped = _float64((splits, cols), x_rows.device) if splits > 1 and previous else None
+    wrap_triton(_reduce_kernel)[grid](
+        *_rows_args(x_rows, out_rows, mask_rows), mean, var, count, diag, scale, steps if splits == 1 else None,
+        None, partials, split_clipped, rows, cols, blocks.rows_per_split, *scalars,
+        HAS_MASK=mask_rows is not None, HAS_SCALE=scale is not None, HAS_STEPS=steps is not None and splits == 1,
+        UPDATE=True, WITH_OUTPUT=with_output, PREVIOUS=previous, SPLIT=splits > 1, ACC=acc_type(x_rows.dtype),
+        BLOCK_R=blocks.rows, BLOCK_C=blocks.cols, num_warps=blocks.num_warps,
+    )
+    if splits == 1:
+        return
+    y_table = _float64((Y_TABLE_ROWS, cols), x_rows.device) if with_output else None
+    _launch_merge(partials, from_splits=True, x_rows=x_rows, stats=(mean, var, count, diag, scale), steps=steps,
+                  y_table=y_table, split_clipped=split_clipped, scalars=scalars, previous=previous,
+                  with_output=with_output, blocks=blocks)
+    if with_output:
+        _launch_normalize(x_rows, out_rows, mask_rows, diag=diag, y_table=y_table, scalars=scalars, blocks=blocks)
 
 
 def launch_batch_moments(x_rows: torch.Tensor, mask_rows: Optional[torch.Tensor], table: torch.Tensor, *,
                          blocks: Blocks) -> None:
     """The batch-moments table of x_rows (rows, cols) into table, float64 (6, cols): for the same
     blocks, exactly the moments launch_running_norm merges into the statistics."""
-    _launch_reduce(x_rows, mask_rows, None, table, with_output=False,
-                   scalars=_update_scalars(None, None, 0.0, None, None, False, False, None), blocks=blocks)
+    rows, cols = x_rows.shape
+    grid = blocks.grid(rows, cols)
+    splits = grid[1]
+    partials = _float64((splits, TABLE_ROWS, cols), x_rows.device) if splits > 1 else None
+    scalars = _scalars(None, None, 0.0, None, None, False, False, None, None)
+    wrap_triton(_reduce_kernel)[grid](
+        *_rows_args(x_rows, None, mask_rows), None, None, None, None, None, None, table if splits == 1 else None,
+        partials, None, rows, cols, blocks.rows_per_split, *scalars,
+        HAS_MASK=mask_rows is not None, HAS_SCALE=False, HAS_STEPS=False, UPDATE=False, WITH_OUTPUT=False,
+        PREVIOUS=False, SPLIT=splits > 1, ACC=acc_type(x_rows.dtype), BLOCK_R=blocks.rows, BLOCK_C=blocks.cols,
+        num_warps=blocks.num_warps,
+    )
+    if splits > 1:
+        _launch_merge(partials, from_splits=True, x_rows=x_rows, table=table, scalars=scalars, blocks=blocks)
 
 
 def launch_merge_normalize(
@@ -413,19 +556,22 @@ def launch_merge_normalize(
     momentum: Optional[float], max_count: Optional[float], eps: float, min_std: Optional[float],
     max_std: Optional[float], clip: Optional[float], blocks: Blocks, eps_on_std: bool = False,
     unbiased: bool = False, scale: Optional[torch.Tensor] = None, min_std_rel: Optional[float] = None,
+    previous: bool = False, steps: Optional[torch.Tensor] = None,
 ) -> None:
     """Merges the tables parts (P, 6, cols) in order into mean/var/count (and scale when given),
-    fills diag and, when out_rows is given, writes y for x_rows (rows >= 0, cols) into it."""
+    fills diag, increments steps when given and, when out_rows is given, writes y for x_rows
+    (rows >= 0, cols >= 0) into it, with the statistics launch_running_norm would use (previous as
+    there). One launch when x takes one split or there is no output, else two."""
     rows, cols = x_rows.shape
-    wrap_triton(_merge_parts_kernel)[(triton.cdiv(cols, blocks.cols),)](
-        parts, parts.shape[0], mean, var, count, diag, scale, cols,
-        *_update_scalars(momentum, max_count, eps, min_std, max_std, eps_on_std, unbiased, min_std_rel),
-        HAS_SCALE=scale is not None, WITH_OUTPUT=out_rows is not None, BLOCK_C=blocks.cols,
-        num_warps=blocks.num_warps,
-    )
-    if out_rows is not None and rows > 0:
-        _launch_normalize(x_rows, out_rows, mask_rows, mean, var, diag, eps=eps, min_std=min_std, max_std=max_std,
-                          clip=clip, eps_on_std=eps_on_std, scale=scale, min_std_rel=min_std_rel, blocks=blocks)
+    with_output = out_rows is not None
+    normalize_here = with_output and blocks.grid(rows, cols)[1] == 1
+    y_table = _float64((Y_TABLE_ROWS, cols), x_rows.device) if with_output and not normalize_here else None
+    scalars = _scalars(momentum, max_count, eps, min_std, max_std, eps_on_std, unbiased, min_std_rel, clip)
+    _launch_merge(parts, from_splits=False, x_rows=x_rows, mask_rows=mask_rows,
+                  out_rows=out_rows if normalize_here else None, stats=(mean, var, count, diag, scale), steps=steps,
+                  y_table=y_table, scalars=scalars, previous=previous, with_output=with_output, blocks=blocks)
+    if y_table is not None and rows > 0:
+        _launch_normalize(x_rows, out_rows, mask_rows, diag=diag, y_table=y_table, scalars=scalars, blocks=blocks)
 
 
 def launch_normalize(
@@ -435,22 +581,37 @@ def launch_normalize(
 ) -> None:
     """y = clamp((x - mean) / clamp(sqrt(var + eps), floor, max_std), -clip, clip) into out_rows
     (sqrt(var) + eps with eps_on_std; floor max(min_std, min_std_rel * scale) with min_std_rel)."""
-    _launch_normalize(x_rows, out_rows, None, mean, var, None, eps=eps, min_std=min_std, max_std=max_std,
-                      clip=clip, eps_on_std=eps_on_std, scale=scale, min_std_rel=min_std_rel, blocks=blocks)
+    _launch_normalize(x_rows, out_rows, None, stats=(mean, var, scale if min_std_rel is not None else None),
+                      scalars=_scalars(None, None, eps, min_std, max_std, eps_on_std, False, min_std_rel, clip),
+                      blocks=blocks)
 
 
-def _launch_normalize(x_rows, out_rows, mask_rows, mean, var, diag, *, eps, min_std, max_std, clip, eps_on_std,
-                      scale, min_std_rel, blocks):
-    """The normalize kernel; with diag, the clipped counts of the selected entries are added to it.
-    The relative floor applies with min_std_rel (scale then given)."""
+def _launch_merge(tables, *, from_splits, x_rows, scalars, blocks, mask_rows=None, out_rows=None, stats=None,
+                  steps=None, table=None, y_table=None, split_clipped=None, previous=False, with_output=False):
+    """The merge kernel, one program per column tile (at least one, for the step counter), over
+    tables: this call's split tables (from_splits) or merge_normalize's parts. With stats (mean,
+    var, count, diag, scale) it updates them and, with an output, writes y of every row of x_rows
+    into out_rows when given, else the y table; without, it writes the merged table."""
     rows, cols = x_rows.shape
-    mask_cols = mask_rows.shape[1] if mask_rows is not None else 1
-    relative = min_std_rel is not None
+    mean, var, count, diag, scale = stats if stats is not None else (None,) * 5
+    x_args = _rows_args(x_rows, out_rows, mask_rows) if out_rows is not None else (None, 0, None, 0, None, 1, 1)
+    wrap_triton(_merge_kernel)[(max(1, triton.cdiv(cols, blocks.cols)),)](
+        tables, tables.shape[0], split_clipped, *x_args, mean, var, count, diag, scale, steps, table, y_table, rows,
+        cols, *scalars, SPLITS=from_splits, HAS_MASK=x_args[4] is not None, HAS_SCALE=scale is not None,
+        HAS_STEPS=steps is not None, UPDATE=stats is not None, WITH_OUTPUT=with_output,
+        PREVIOUS=previous and with_output, NORMALIZE=out_rows is not None, ACC=acc_type(x_rows.dtype),
+        BLOCK_R=blocks.rows, BLOCK_C=blocks.cols, MERGE_R=blocks.merge, num_warps=blocks.num_warps,
+    )
+
+
+def _launch_normalize(x_rows, out_rows, mask_rows, *, scalars, blocks, stats=None, y_table=None, diag=None):
+    """The normalize kernel from stats (mean, var, and the relative floor's scale or None) or from
+    y_table; with diag, the clipped counts of the selected entries are added to it."""
+    rows, cols = x_rows.shape
+    mean, var, scale = stats if stats is not None else (None,) * 3
     wrap_triton(_normalize_kernel)[blocks.grid(rows, cols)](
-        x_rows, x_rows.stride(0), out_rows, out_rows.stride(0), mask_rows, mask_cols, cols // mask_cols,
-        mean, var, diag, scale if relative else None, rows, cols, blocks.rows_per_split,
-        float(eps), _optional(min_std, 0.0), _optional(max_std, math.inf), _optional(clip, math.inf),
-        float(eps_on_std), _optional(min_std_rel, 0.0), HAS_MASK=mask_rows is not None, HAS_SCALE=relative,
-        WITH_DIAG=diag is not None, ACC=acc_type(x_rows.dtype), BLOCK_R=blocks.rows, BLOCK_C=blocks.cols,
-        num_warps=blocks.num_warps,
+        *_rows_args(x_rows, out_rows, mask_rows), mean, var, scale, y_table, diag, rows, cols,
+        blocks.rows_per_split, *scalars, HAS_MASK=mask_rows is not None, HAS_SCALE=scale is not None,
+        FROM_Y_TABLE=y_table is not None, WITH_DIAG=diag is not None, ACC=acc_type(x_rows.dtype),
+        BLOCK_R=blocks.rows, BLOCK_C=blocks.cols, num_warps=blocks.num_warps,
     )
