@@ -42,6 +42,7 @@ if EXTENSION_ERROR is None:
     def _normalize_fake(x, mean, var, out, eps, min_std, max_std, clip, eps_on_std=False, scale=None,
                         min_std_rel=None):
         torch._check(out.shape == x.shape, lambda: "out must have x's shape")
+        _check_same_device(x, mean, None, out)
 
     @torch.library.register_fake("fastnorm::batch_moments")
     def _batch_moments_fake(x, mask, moments, shift=None):

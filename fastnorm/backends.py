@@ -124,6 +124,16 @@ class ExtensionBackend:
 
         return running_norm
 
+    def bind_normalize(self, mean, var, *, eps, min_std, max_std, clip, eps_on_std=False, scale=None,
+                       min_std_rel=None) -> Callable[[Tensor, Optional[Tensor], Tensor], None]:
+        op = torch.ops.fastnorm.normalize.default
+        hyper = (eps, min_std, max_std, clip, eps_on_std, scale, min_std_rel)
+
+        def normalize(x, mask, out):
+            op(x, mean, var, out, *hyper)
+
+        return normalize
+
     def normalize(self, x, mean, var, out, **hyper) -> None:
         torch.ops.fastnorm.normalize(x, mean, var, out, **hyper)
 
@@ -243,6 +253,13 @@ def bind_running_norm(backend: Backend, mean, var, count, diag, **hyper) -> Call
     if isinstance(backend, ExtensionBackend):
         return backend.bind_running_norm(mean, var, count, diag, **hyper)
     return lambda x, mask, out: backend.running_norm(x, mask, mean, var, count, out, diag, **hyper)
+
+
+def bind_normalize(backend: Backend, mean, var, **hyper) -> Callable[[Tensor, Optional[Tensor], Tensor], None]:
+    """backend.normalize bound as bind_running_norm binds running_norm: f(x, mask, out), mask unused."""
+    if isinstance(backend, ExtensionBackend):
+        return backend.bind_normalize(mean, var, **hyper)
+    return lambda x, mask, out: backend.normalize(x, mean, var, out, **hyper)
 
 
 # select_backend's choices: they depend on static facts only (the name, x's device, the op); keyed

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from fastnorm import _checks, distributed, export, reference
-from fastnorm.backends import bind_running_norm, check_backend_name, select_backend
+from fastnorm.backends import bind_normalize, bind_running_norm, check_backend_name, select_backend
 from fastnorm.monitoring.diagnostics import as_floats, running_norm_diagnostics
 from fastnorm.reference import DIAG_ROWS, MOMENT_ROWS
 
@@ -26,6 +26,7 @@ NORMALIZE_WITH = ("updated", "previous")
 # What the ops' arguments are computed from (_op_arguments and _bound_update cache them until one
 # of these is set again).
 _OP_ARGUMENT_SOURCES = frozenset(HYPER_PARAMETERS + ("backend", "mean", "var", "count", "steps", "scale", "_diag"))
+_OP_CACHES = ("_op_argument_cache", "_bound_update_cache", "_bound_normalize_cache")
 
 
 class RunningNorm(nn.Module):
@@ -175,8 +176,12 @@ class RunningNorm(nn.Module):
         """Normalizes x, first updating the statistics with it when ``update`` (default: training)."""
         if update is None:
             update = self.training
-        if update and not self.sync and not export.exporting():
-            return self._checked_update(x, mask, out)
+        if not export.exporting() and not (update and self.sync):
+            if update:
+                return self._checked_call(self._bound_update(), x, mask, out)
+            if mask is not None:
+                self._check_call(x, mask, out)  # the normalize op takes no mask: checked here
+            return self._checked_call(self._bound_normalize(), x, None, out)
         self._check_call(x, mask, out)
         if not update:
             return self._normalize(x, out)
@@ -184,16 +189,16 @@ class RunningNorm(nn.Module):
         self._update(x, mask, y)
         return y
 
-    def _checked_update(self, x: Tensor, mask: Optional[Tensor], out: Optional[Tensor]) -> Tensor:
-        # The common call, kept to one op. The C++ kernels check every argument before touching
-        # anything, so their checks come first and ours (clearer errors) run only when theirs
-        # fail; other backends are checked before the call.
-        bound, checks_arguments = self._bound_update()
+    def _checked_call(self, bound_op, x: Tensor, mask: Optional[Tensor], out: Optional[Tensor]) -> Tensor:
+        # The common calls, kept to one op each (an update also counts the step in it). The C++
+        # kernels check every argument before touching anything, so their checks come first and
+        # ours (clearer errors) run only when theirs fail; other backends are checked before.
+        op, checks_arguments = bound_op
         if not checks_arguments:
             self._check_call(x, mask, out)
         try:
             y = out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
-            bound(x, mask, y)  # it also counts the step (an empty batch is none)
+            op(x, mask, y)
         except (TypeError, ValueError, RuntimeError):
             self._check_call(x, mask, out)  # raises the error that names the argument, if it is one
             raise
@@ -206,8 +211,9 @@ class RunningNorm(nn.Module):
 
     def normalize(self, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
         """y for x with the current statistics; the statistics are not changed."""
-        _checks.check_x(x, self.shape, self.mean.device)
-        _checks.check_out(out, x)
+        if not export.exporting():
+            return self._checked_call(self._bound_normalize(), x, None, out)
+        self._check_call(x, None, out)
         return self._normalize(x, out)
 
     def denormalize(self, y: Tensor) -> Tensor:
@@ -279,13 +285,23 @@ class RunningNorm(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         # torch.save(module) and deepcopy: the cached op arguments hold closures and are rebuilt.
         state = self.__dict__.copy()
-        state.pop("_op_argument_cache", None)
-        state.pop("_bound_update_cache", None)
+        for cache in _OP_CACHES:
+            state.pop(cache, None)
         return state
 
+    def _bound_normalize(self) -> tuple[Callable[[Tensor, Optional[Tensor], Tensor], None], bool]:
+        """As _bound_update, for the normalize op (the mask argument is ignored)."""
+        bound = self.__dict__.get("_bound_normalize_cache")
+        if bound is None:
+            b = self._buffers
+            backend = select_backend(self.backend, b["mean"], "normalize")
+            bound = (bind_normalize(backend, b["mean"], b["var"], **self._op_arguments()[0]), backend.checks_arguments)
+            self.__dict__["_bound_normalize_cache"] = bound
+        return bound
+
     def _forget_op_arguments(self) -> None:
-        self.__dict__.pop("_op_argument_cache", None)
-        self.__dict__.pop("_bound_update_cache", None)
+        for cache in _OP_CACHES:
+            self.__dict__.pop(cache, None)
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)

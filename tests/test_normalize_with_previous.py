@@ -143,3 +143,20 @@ def test_split_ops_match_running_norm(split_backend, device, gen):
     torch.testing.assert_close(out, expected.y[:30], **Y_TOL[torch.float32])
     torch.testing.assert_close(state[0], expected.mean, rtol=2e-6, atol=2e-6)
     assert int(steps) == 1
+
+
+@pytest.mark.parametrize("first_step", [True, False])
+def test_in_place(backend, device, gen, first_step):
+    norm = RunningNorm((4, 6), backend=backend, device=device, normalize_with="previous")
+    twin = RunningNorm((4, 6), backend=backend, device=device, normalize_with="previous")
+    if not first_step:
+        history = randn((300, 4, 6), gen, device=device, mean=3.0)
+        norm(history)
+        twin(history)
+    x = randn((300, 4, 6), gen, device=device, mean=-2.0, scale=2.0)
+    expected = twin(x.clone())
+    y = norm(x, out=x)
+    assert y is x
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
+    torch.testing.assert_close(norm.mean, twin.mean, rtol=0, atol=0)
+    torch.testing.assert_close(norm.var, twin.var, rtol=0, atol=0)

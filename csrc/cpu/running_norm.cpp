@@ -135,8 +135,8 @@ void reset_diag(at::Tensor& diag, int64_t C, bool with_output) {
   if (!with_output) std::fill(d + kClipped * C, d + (kMaxAbsZ + 1) * C, std::numeric_limits<double>::quiet_NaN());
 }
 
-// y written in the reduce pass itself (normalize_with="previous"): each tile is normalized, then
-// reduced while it is still in cache, so x is read from memory once. clipped: per-column counts
+// y written in the reduce pass itself (normalize_with="previous"): each tile is reduced, then
+// normalized while it is still in cache, so x is read from memory once. clipped: per-column counts
 // (nullptr: not counted).
 struct FusedOutput {
   const at::Tensor* out_rows;
@@ -162,14 +162,13 @@ void reduce_batch(const BatchRows& batch, double* moments, const double* shift, 
   at::parallel_for(0, grid.size(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t offset = grid.chunk_of(i) * C;
-      if (fused) {
-        const Tile t = grid.tile(i, batch.x, fused->out_rows, batch.mask_or_null());
-        normalize(t, fused->y.mean, fused->y.inv_std, fused->y.clip.value_or(kInf),
-                  count_clipped ? part_clipped + offset + t.col_begin : nullptr);
-      }
       const Tile t = grid.tile(i, batch.x, nullptr, batch.mask_or_null(), shift);
       const int64_t at = offset + t.col_begin;
       reduce(t, {part_moments + at, part_f64 + at, part_f64 + parts + at, part_f64 + 2 * parts + at});
+      if (fused) {  // after the reduce: out may be x itself
+        normalize(grid.tile(i, batch.x, fused->out_rows, batch.mask_or_null()), fused->y.mean, fused->y.inv_std,
+                  fused->y.clip.value_or(kInf), count_clipped ? part_clipped + at : nullptr);
+      }
     }
   });
   for (int64_t c = 0; c < C; ++c) {
