@@ -191,8 +191,9 @@ def running_norm(lib, device, x, mask, stats, hyper, *, out=None, with_output=Tr
         out = torch.full_like(x, float("nan"))
     if diag is None:
         diag = torch.full((6, cols), -7.0, dtype=torch.float64)
+    mask_rows = mask_as_rows(mask, x.shape[0])  # alive until the call returns (it may be a copy)
     problem = make_problem(as_rows(x, cols), mean, var, hyper, out_rows=out.reshape(x.shape[0], cols) if out is not None
-                           else None, mask_rows=mask_as_rows(mask, x.shape[0]), count=count, diag=diag, steps=steps)
+                           else None, mask_rows=mask_rows, count=count, diag=diag, steps=steps)
     plan = Plan()
     lib.emulated_running_norm(device, ctypes.byref(problem), ctypes.byref(plan))
     return out, diag, plan
@@ -203,7 +204,8 @@ def batch_moments(lib, device, x, mask, stats_shape):
     first) and the plan."""
     cols = math.prod(stats_shape)
     moments = torch.full((6, *stats_shape), float("nan"), dtype=torch.float64)
-    problem = make_problem(as_rows(x, cols), None, None, None, mask_rows=mask_as_rows(mask, x.shape[0]))
+    mask_rows = mask_as_rows(mask, x.shape[0])  # alive until the call returns (it may be a copy)
+    problem = make_problem(as_rows(x, cols), None, None, None, mask_rows=mask_rows)
     problem.moments = moments.data_ptr()
     plan = Plan()
     lib.emulated_batch_moments(device, ctypes.byref(problem), ctypes.byref(plan))
@@ -218,8 +220,9 @@ def merge_normalize(lib, device, x, mask, parts, stats, hyper, *, with_output=Tr
     out = torch.full_like(x, float("nan")) if with_output else None
     diag = torch.full((6, cols), -7.0, dtype=torch.float64)
     parts = parts.contiguous()
+    mask_rows = mask_as_rows(mask, x.shape[0])  # alive until the call returns (it may be a copy)
     problem = make_problem(as_rows(x, cols), mean, var, hyper, out_rows=out.reshape(x.shape[0], cols) if with_output
-                           else None, mask_rows=mask_as_rows(mask, x.shape[0]), count=count, diag=diag, steps=steps)
+                           else None, mask_rows=mask_rows, count=count, diag=diag, steps=steps)
     problem.parts, problem.num_parts = parts.data_ptr(), parts.shape[0]
     plan = Plan()
     lib.emulated_merge_normalize(device, ctypes.byref(problem), ctypes.byref(plan))
