@@ -457,9 +457,6 @@ __device__ __forceinline__ void normalize_thread_rows(const Problem& p, const La
 // ---------------------------------------------------------------------------------------------
 // Kernels.
 
-// Reduce and merge, then either the running update (with one row split, y too) or, for
-// batch_moments (p.moments set), the batch's table. At most 128 registers, so that two blocks
-// share a multiprocessor (16 warps keep enough loads in flight).
 // The clipped entries the warp's threads counted in the reduce pass, added per tile column into
 // `clipped` (shared). Every lane of the warp must call it.
 template <typename acc_t, int V>
