@@ -51,7 +51,8 @@ class Problem(ctypes.Structure):
                 ("eps", ctypes.c_double), ("min_std", ctypes.c_double), ("max_std", ctypes.c_double),
                 ("clip", ctypes.c_double), ("eps_on_std", ctypes.c_bool), ("moments", ctypes.c_void_p),
                 ("parts", ctypes.c_void_p),
-                ("num_parts", ctypes.c_int64), ("scale", ctypes.c_void_p), ("min_std_rel", ctypes.c_double)]
+                ("num_parts", ctypes.c_int64), ("scale", ctypes.c_void_p), ("min_std_rel", ctypes.c_double),
+                ("previous", ctypes.c_bool), ("out_overlaps_x", ctypes.c_bool), ("steps", ctypes.c_void_p)]
 
 
 class Plan(ctypes.Structure):
@@ -135,13 +136,19 @@ def no_misaligned_access(capfd):
     assert "runtime error" not in err, err
 
 
-def make_problem(x_rows, mean, var, hyper, *, out_rows=None, mask_rows=None, count=None, diag=None):
+def make_problem(x_rows, mean, var, hyper, *, out_rows=None, mask_rows=None, count=None, diag=None, steps=None):
+    """The launchers' problem, as the binding builds it; hyper holds the op's keyword arguments
+    (previous among them) and steps, when given, is the 0-dim int64 update counter."""
     p = Problem()
     p.dtype = DTYPE_KIND[x_rows.dtype]
     p.rows, p.cols = x_rows.shape
     p.x, p.x_row_stride = x_rows.data_ptr(), x_rows.stride(0)
     if out_rows is not None:
         p.with_output, p.out, p.out_row_stride = True, out_rows.data_ptr(), out_rows.stride(0)
+        p.out_overlaps_x = out_rows.data_ptr() == x_rows.data_ptr()  # the tests' only overlap: out=x
+    if steps is not None:
+        assert steps.dtype == torch.int64 and steps.dim() == 0
+        p.steps = steps.data_ptr()
     if mask_rows is not None:
         p.mask, p.mask_cols = mask_rows.data_ptr(), mask_rows.shape[1]
     if mean is not None:
@@ -159,6 +166,7 @@ def make_problem(x_rows, mean, var, hyper, *, out_rows=None, mask_rows=None, cou
         p.eps_on_std = hyper.get("eps_on_std", False)
         if hyper.get("scale") is not None:
             p.scale, p.min_std_rel = hyper["scale"].data_ptr(), hyper.get("min_std_rel") or 0.0
+        p.previous = hyper.get("previous", False) and p.with_output
     return p
 
 
@@ -173,16 +181,19 @@ def mask_as_rows(mask, rows):
     return mask.reshape(rows, mask.numel() // rows if rows else 1).contiguous() if mask is not None else None
 
 
-def running_norm(lib, device, x, mask, stats, hyper, *, out=None, with_output=True):
-    """fastnorm::running_norm on x (rows, *stats_shape), mutating stats; returns (y, diag, plan). y is
-    poisoned (NaN) first, diag filled with -7, so that an unwritten element shows."""
+def running_norm(lib, device, x, mask, stats, hyper, *, out=None, with_output=True, steps=None, diag=None):
+    """fastnorm::running_norm on x (rows, *stats_shape), mutating stats (and steps, when given);
+    returns (y, diag, plan). y is poisoned (NaN) first, diag (unless given) filled with -7, so that an
+    unwritten element shows."""
     mean, var, count = stats
     cols = mean.numel()
     if with_output and out is None:
         out = torch.full_like(x, float("nan"))
-    diag = torch.full((6, cols), -7.0, dtype=torch.float64)
+    if diag is None:
+        diag = torch.full((6, cols), -7.0, dtype=torch.float64)
+    mask_rows = mask_as_rows(mask, x.shape[0])  # alive until the call returns (it may be a copy)
     problem = make_problem(as_rows(x, cols), mean, var, hyper, out_rows=out.reshape(x.shape[0], cols) if out is not None
-                           else None, mask_rows=mask_as_rows(mask, x.shape[0]), count=count, diag=diag)
+                           else None, mask_rows=mask_rows, count=count, diag=diag, steps=steps)
     plan = Plan()
     lib.emulated_running_norm(device, ctypes.byref(problem), ctypes.byref(plan))
     return out, diag, plan
@@ -193,23 +204,25 @@ def batch_moments(lib, device, x, mask, stats_shape):
     first) and the plan."""
     cols = math.prod(stats_shape)
     moments = torch.full((6, *stats_shape), float("nan"), dtype=torch.float64)
-    problem = make_problem(as_rows(x, cols), None, None, None, mask_rows=mask_as_rows(mask, x.shape[0]))
+    mask_rows = mask_as_rows(mask, x.shape[0])  # alive until the call returns (it may be a copy)
+    problem = make_problem(as_rows(x, cols), None, None, None, mask_rows=mask_rows)
     problem.moments = moments.data_ptr()
     plan = Plan()
     lib.emulated_batch_moments(device, ctypes.byref(problem), ctypes.byref(plan))
     return moments, plan
 
 
-def merge_normalize(lib, device, x, mask, parts, stats, hyper, *, with_output=True):
-    """fastnorm::merge_normalize of the tables parts (P, 6, *stats_shape) with x, mutating stats;
-    returns (y or None, diag, plan), y and diag poisoned first."""
+def merge_normalize(lib, device, x, mask, parts, stats, hyper, *, with_output=True, steps=None):
+    """fastnorm::merge_normalize of the tables parts (P, 6, *stats_shape) with x, mutating stats (and
+    steps, when given); returns (y or None, diag, plan), y and diag poisoned first."""
     mean, var, count = stats
     cols = mean.numel()
     out = torch.full_like(x, float("nan")) if with_output else None
     diag = torch.full((6, cols), -7.0, dtype=torch.float64)
     parts = parts.contiguous()
+    mask_rows = mask_as_rows(mask, x.shape[0])  # alive until the call returns (it may be a copy)
     problem = make_problem(as_rows(x, cols), mean, var, hyper, out_rows=out.reshape(x.shape[0], cols) if with_output
-                           else None, mask_rows=mask_as_rows(mask, x.shape[0]), count=count, diag=diag)
+                           else None, mask_rows=mask_rows, count=count, diag=diag, steps=steps)
     problem.parts, problem.num_parts = parts.data_ptr(), parts.shape[0]
     plan = Plan()
     lib.emulated_merge_normalize(device, ctypes.byref(problem), ctypes.byref(plan))

@@ -226,6 +226,81 @@ def test_number_of_launches(gen, path, launches):
     assert len(names) == len(launches) and all(want in name for want, name in zip(launches, names)), names
 
 
+# A RunningNorm call, once its plan is cached: one kernel when the batch fits one launch (the
+# update, diag and the step counter inside it), else the counters' memset, the reduce and the
+# normalize launch (which, with normalize_with="previous" and every column with a history, reads no
+# x: the reduce wrote y).
+@pytest.mark.parametrize("normalize_with", ["updated", "previous"])
+@pytest.mark.parametrize("path, launches", [("one_launch", ["running_norm_kernel"]),
+                                            ("row_splits", ["Memset", "running_norm_kernel", "normalize_kernel"])])
+def test_running_norm_call_launches(gen, normalize_with, path, launches):
+    rows = ROWS[path]
+    norm = RunningNorm(SHAPE, backend="cuda", device=CUDA, normalize_with=normalize_with)
+    x = randn((rows, *SHAPE), gen, device=CUDA)
+    mask = make_mask("agents", rows, gen)
+    out = torch.empty_like(x)
+    norm(x, mask=mask, out=out)  # plans and occupancy queries cached; every column gets a history
+    torch.cuda.synchronize()
+    for call_mask in (mask, None):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            norm(x, mask=call_mask, out=out)
+            torch.cuda.synchronize()
+        names = device_activities(prof)
+        assert len(names) == len(launches) and all(want in name for want, name in zip(launches, names)), names
+    assert int(norm.steps) == 3
+
+
+@needs_advantages_kernel
+@pytest.mark.parametrize("path", list(ROWS))
+def test_rollout_step_replays_in_a_cuda_graph_as_it_runs_eagerly(gen, path):
+    # A rollout step: observations through RunningNorm in both modes (updating), advantages through
+    # normalize_advantages; captured once, replayed on new inputs copied into the static tensors,
+    # and run eagerly on the same inputs by twin modules: the same bits everywhere.
+    rows = ROWS[path]
+
+    def norms():
+        return [RunningNorm(SHAPE, backend="cuda", device=CUDA, normalize_with=w, clip=2.5)
+                for w in ("updated", "previous")]
+
+    def step(modules, x, mask, adv):
+        ys = [m(x, mask=mask) for m in modules]
+        normalized, stats = normalize_advantages(adv, mask=mask[:, 0].contiguous(), dim=0, backend="cuda")
+        return ys, normalized, stats
+
+    graphed, eager = norms(), norms()
+    static_x = randn((rows, *SHAPE), gen, device=CUDA)
+    static_mask = make_mask("agents", rows, gen)
+    static_adv = randn((rows, 4), gen, device=CUDA)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph asks
+        step(graphed, static_x, static_mask, static_adv)
+    torch.cuda.current_stream().wait_stream(side)
+    step(eager, static_x, static_mask, static_adv)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step(graphed, static_x, static_mask, static_adv)
+    for replay in range(4):
+        x = randn((rows, *SHAPE), gen, device=CUDA, mean=2.0 * replay, scale=1.0 + replay)
+        mask = make_mask("agents", rows, gen)
+        adv = randn((rows, 4), gen, device=CUDA, mean=float(replay))
+        static_x.copy_(x)
+        static_mask.copy_(mask)
+        static_adv.copy_(adv)
+        graph.replay()
+        ys, normalized, stats = step(eager, x, mask, adv)
+        torch.cuda.synchronize()
+        for got, want in zip(static_out[0], ys):
+            assert torch.equal(got, want)
+        assert torch.equal(static_out[1], normalized)
+        assert all(torch.equal(a, b) for a, b in zip(static_out[2], stats))
+        for g, e in zip(graphed, eager):
+            for name in ("mean", "var", "count", "steps", "_diag"):
+                assert torch.equal(getattr(g, name), getattr(e, name)), name
+    assert [int(g.steps) for g in graphed] == [1 + 4, 1 + 4]
+    assert not torch.equal(static_out[0][0], static_out[0][1])  # the modes differ once there is a history
+
+
 def test_normalize_matches_reference(gen):
     norm = RunningNorm(SHAPE, backend="cuda", device=CUDA)
     norm(randn((500, *SHAPE), gen, device=CUDA))

@@ -15,12 +15,21 @@
 // so that what the first launch read last is still in L2. batch_moments runs the same reduce and
 // writes the merged moments instead of updating; merge_normalize merges given tables per column,
 // updates, and runs the normalize launch.
+//
+// normalize_with="previous" (Problem::previous): in a column whose count was > 0, y uses the
+// statistics from before the batch, which every block reads before the reduce; a thread whose
+// columns all have a history writes their y in the reduce pass, from the values it has just loaded
+// (x read once), and counts their clipped entries. The tile's last block updates the statistics
+// only after every block of the tile has arrived, so no block reads updated statistics as old
+// ones. The other threads (a column without a history uses the updated statistics, i.e. the
+// batch's own) write y in the normalize step, which skips the rest.
 #include "running_norm.h"
 
 #include <cuda_runtime.h>
 #include <math.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "column_state.cuh"
 #include "elements.cuh"
@@ -51,8 +60,24 @@ struct KernelArgs {
   Problem p;
   TileGrid grid;
   double* partials;  // row_splits batch-moments tables (kNumMomentRows, cols), one per split
-  int* arrivals;     // (column_tiles): blocks of the tile done storing their partials
+  // (kNumOutputRows, cols): what y uses per column, written by the update for the normalize launch
+  // (nullptr: the normalize launch reads p's statistics, as fastnorm::normalize)
+  double* outputs;
+  unsigned long long* clipped;  // (cols): entries the reduce pass clipped (zeroed before the launch)
+  int* arrivals;                // (column_tiles): blocks of the tile done storing their partials
 };
+
+// What y uses in a column: z = (x - mean) * inv_std; in_reduce: the reduce pass wrote its y.
+struct OutputColumn {
+  double mean, inv_std;
+  bool in_reduce;
+};
+
+// Rows of KernelArgs::outputs (in_reduce as 1 or 0).
+enum OutputRow : int { kOutputMean = 0, kOutputInvStd = 1, kOutputInReduce = 2, kNumOutputRows = 3 };
+
+// The columns of a tile: one 128-byte segment of 2-byte elements at most.
+constexpr int kMaxTileColumns = kSegmentBytes / 2;
 
 // The mask column that column `col` reads (0 for a per-row mask).
 __device__ __forceinline__ int64_t mask_column(const Problem& p, int64_t col) {
@@ -107,6 +132,72 @@ __device__ __noinline__ ColumnSummary recompute_column(ColumnReader<scalar_t> c,
   return s;
 }
 
+// The lower bound of column c's divisor (std_floor): min_std, or the relative floor where larger.
+__device__ __forceinline__ double column_floor(const Problem& p, int64_t c) {
+  return p.scale != nullptr ? std_floor(p.min_std, p.min_std_rel, p.scale[c]) : p.min_std;
+}
+
+// What y would use in column c with p's statistics as they are now.
+__device__ __forceinline__ OutputColumn output_column(const Problem& p, int64_t c) {
+  return {p.mean[c], 1.0 / bounded_std(p.var[c], p.eps, p.eps_on_std, column_floor(p, c), p.max_std), false};
+}
+
+// Whether running_norm writes y in its reduce pass where every column of a thread has a history
+// (the kWritesY instance of running_norm_kernel).
+__host__ __device__ inline bool reduce_writes_y(const Problem& p) {
+  return p.previous && p.with_output && !p.out_overlaps_x;
+}
+
+// y written in the reduce pass: the coefficients from the statistics before the batch and the
+// clipped entries counted per column. writes: every column of the thread has a history.
+template <typename acc_t, int V>
+struct ReduceOutput {
+  bool writes;
+  SplitMean<acc_t> mean[V];
+  acc_t scale[V];
+  unsigned clipped[V];
+};
+
+// Read before the reduce, so before the tile's last block updates the statistics.
+template <typename acc_t, int V, bool kWritesY>
+__device__ __forceinline__ ReduceOutput<acc_t, V> reduce_output(const Problem& p, const Layout& l) {
+  ReduceOutput<acc_t, V> o;
+  o.writes = kWritesY && l.has_columns;
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const int64_t c = o.writes ? l.col + j : 0;
+    const OutputColumn y = o.writes ? output_column(p, c) : OutputColumn{0.0, 0.0, false};
+    o.writes = o.writes && p.count[c] > 0.0;
+    o.mean[j] = split_mean<acc_t>(y.mean);
+    o.scale[j] = static_cast<acc_t>(y.inv_std);
+    o.clipped[j] = 0;
+  }
+  return o;
+}
+
+// y of row r (every entry, selected or not) from the values v the reduce loaded, as normalize_rows
+// computes it, counting the selected finite entries with |z| > clip. Column j reads mask column
+// mask_first + mask_step[j] (with an element mask).
+template <typename scalar_t, int V, bool kElementMask>
+__device__ __forceinline__ void write_reduced_row(const Problem& p, const Layout& l, int64_t r,
+                                                  const Vec<scalar_t, V>& v, int64_t mask_first,
+                                                  const int (&mask_step)[V],
+                                                  ReduceOutput<typename Acc<scalar_t>::type, V>& o) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const acc_t clip = static_cast<acc_t>(p.clip);
+  const bool row_selected = kElementMask || is_selected(p.mask, p.mask_cols, r, 0);
+  Vec<scalar_t, V> out;
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const acc_t a = to_acc(v.v[j]);
+    const acc_t z = ((a - o.mean[j].hi) - o.mean[j].lo) * o.scale[j];
+    from_acc(clamp_keep_nan(z, -clip, clip), out.v[j]);
+    const bool selected = kElementMask ? p.mask[r * p.mask_cols + mask_first + mask_step[j]] : row_selected;
+    o.clipped[j] += selected && is_finite(a) && (z > clip || z < -clip) ? 1u : 0u;
+  }
+  store<scalar_t, V>(static_cast<scalar_t*>(p.out) + r * p.out_row_stride + l.col, out);
+}
+
 // A thread's sums over its rows for each of its V columns, about a shift taken from the data (its
 // first selected value), in acc_t: the corrected two-pass formula (moments_from_shifted_sums)
 // turns them into moments. Without an element mask whole rows are selected together: one count.
@@ -119,10 +210,12 @@ struct ThreadSums {
 };
 
 // Sums the thread's rows. Without an element mask (no mask, or a per-row one) values are not
-// tested: NaN or inf leave the sums non-finite, and column_state recomputes that column.
-template <typename scalar_t, int V, bool kElementMask>
+// tested: NaN or inf leave the sums non-finite, and column_state recomputes that column. Where
+// o.writes, also writes y of every row (write_reduced_row).
+template <typename scalar_t, int V, bool kElementMask, bool kWritesY>
 __device__ __forceinline__ void sum_thread_rows(const Problem& p, const Layout& l, const ThreadRows& rows,
-                                                ThreadSums<typename Acc<scalar_t>::type, V, kElementMask>& t) {
+                                                ThreadSums<typename Acc<scalar_t>::type, V, kElementMask>& t,
+                                                ReduceOutput<typename Acc<scalar_t>::type, V>& o) {
   using acc_t = typename Acc<scalar_t>::type;
   const scalar_t* x = static_cast<const scalar_t*>(p.x) + l.col;
   // Column j reads mask column mask_first + mask_step[j] (a small offset: one register each).
@@ -140,22 +233,26 @@ __device__ __forceinline__ void sum_thread_rows(const Problem& p, const Layout& 
     t.count[i] = t.nonfinite[i] = acc_t(0);
     t.has_shift[i] = false;
   }
-  // The element-mask path holds more per column: fewer rows at once keeps it within 128 registers.
-  constexpr int kRowsAtOnce = kElementMask && V > 4 ? 2 : kUnroll;
+  // The element-mask path and y's coefficients hold more per column: fewer rows at once keeps them
+  // within 128 registers.
+  constexpr int kRowsAtOnce = V <= 4 ? kUnroll : kElementMask && kWritesY ? 1 : kElementMask || kWritesY ? 2 : kUnroll;
   for (int64_t k = 0; k < rows.n; k += kRowsAtOnce) {
     Vec<scalar_t, V> v[kRowsAtOnce];
     bool take[kRowsAtOnce];
 #pragma unroll
     for (int u = 0; u < kRowsAtOnce; ++u) {
       take[u] = k + u < rows.n;
-      if (!take[u]) continue;
-      const int64_t r = rows.row(k + u);
-      v[u] = load<scalar_t, V>(x + r * p.x_row_stride);
-      if (!kElementMask) take[u] = is_selected(p.mask, p.mask_cols, r, 0);
+      if (take[u]) v[u] = load<scalar_t, V>(x + rows.row(k + u) * p.x_row_stride);
+    }
+    if (kWritesY && o.writes) {
+#pragma unroll
+      for (int u = 0; u < kRowsAtOnce; ++u) {
+        if (take[u]) write_reduced_row<scalar_t, V, kElementMask>(p, l, rows.row(k + u), v[u], mask_first, mask_step, o);
+      }
     }
 #pragma unroll
     for (int u = 0; u < kRowsAtOnce; ++u) {
-      if (!take[u]) continue;
+      if (!take[u] || (!kElementMask && !is_selected(p.mask, p.mask_cols, rows.row(k + u), 0))) continue;
       if constexpr (kElementMask) {
         const bool* mask_row = p.mask + rows.row(k + u) * p.mask_cols + mask_first;
 #pragma unroll
@@ -233,33 +330,46 @@ __device__ __forceinline__ ColumnSummary merge_partials(const KernelArgs& a, con
   return s;
 }
 
-// The lower bound of column c's divisor (std_floor): min_std, or the relative floor where larger.
-__device__ __forceinline__ double column_floor(const Problem& p, int64_t c) {
-  return p.scale != nullptr ? std_floor(p.min_std, p.min_std_rel, p.scale[c]) : p.min_std;
-}
-
-// With the batch's state of column c: the diagnostics, the running update and the bound on |z|
-// (from the extreme values, z being monotonic in x) that later decides whether clipped entries are
-// counted, as the C++ CPU kernel does.
-__device__ __forceinline__ void finish_column(const Problem& p, int64_t c, const ColumnSummary& s) {
+// With the batch's state of column c: the diagnostics (every row), the running update, and what y
+// uses (returned): the statistics from before the update with p.previous where the count was > 0,
+// else the updated ones. Also the bound on |z| (from the extreme values, z being monotonic in x)
+// that later decides whether clipped entries are counted, as the C++ CPU kernel does.
+// reduce_wrote_y: the reduce pass wrote y where every column of a thread has a history, and
+// counted `clipped` of the column's entries.
+__device__ __forceinline__ OutputColumn finish_column(const Problem& p, int64_t c, const ColumnSummary& s,
+                                                      bool reduce_wrote_y, double clipped) {
   const Moments& m = s.moments;
   double* diag = p.diag + c;  // diagnostic row i at diag[i * p.cols]
   diag[kBatchCount * p.cols] = m.count;
   diag[kBatchMean * p.cols] = m.mean;
   diag[kBatchVar * p.cols] = m.count > 0.0 ? m.m2 / m.count : 0.0;
   diag[kNonFinite * p.cols] = s.nonfinite;
+  const bool keeps_previous = p.previous && p.count[c] > 0.0;
+  const OutputColumn before = output_column(p, c);
   double mean = p.mean[c], var = p.var[c], count = p.count[c];
   update_running_stats(mean, var, count, m, p.update, p.scale ? p.scale + c : nullptr);
   p.mean[c] = mean;
   p.var[c] = var;
   p.count[c] = count;
+  OutputColumn y = keeps_previous ? before : output_column(p, c);
+  y.in_reduce = keeps_previous && reduce_wrote_y;
   if (p.with_output) {
-    const double inv_std = 1.0 / bounded_std(var, p.eps, p.eps_on_std, column_floor(p, c), p.max_std);
-    diag[kClipped * p.cols] = 0.0;
-    diag[kMaxAbsZ * p.cols] = m.count > 0.0 ? fmax(s.max - mean, mean - s.min) * inv_std : 0.0;
+    diag[kClipped * p.cols] = clipped;
+    diag[kMaxAbsZ * p.cols] = m.count > 0.0 ? fmax(s.max - y.mean, y.mean - s.min) * y.inv_std : 0.0;
   } else {
     diag[kClipped * p.cols] = diag[kMaxAbsZ * p.cols] = nan("");
   }
+  return y;
+}
+
+__device__ __forceinline__ void store_output_column(double* table, int64_t cols, int64_t c, const OutputColumn& y) {
+  table[kOutputMean * cols + c] = y.mean;
+  table[kOutputInvStd * cols + c] = y.inv_std;
+  table[kOutputInReduce * cols + c] = y.in_reduce ? 1.0 : 0.0;
+}
+
+__device__ __forceinline__ OutputColumn load_output_column(const double* table, int64_t cols, int64_t c) {
+  return {table[kOutputMean * cols + c], table[kOutputInvStd * cols + c], table[kOutputInReduce * cols + c] != 0.0};
 }
 
 // y for the thread's rows, last to first (the reverse of the reduce: recent reads are the cached
@@ -316,20 +426,26 @@ __device__ __forceinline__ void normalize_rows(const Problem& p, const Layout& l
   }
 }
 
-// The normalization coefficients of the thread's columns from the current statistics, then y.
-// Every thread of the block must call it (the clip decision is taken per warp).
+// y of the thread's rows with the coefficients y of its columns, unless the reduce pass wrote
+// them all. Every thread of the block must call it (the clip decision is taken per warp).
 template <typename scalar_t, int V>
-__device__ __forceinline__ void normalize_thread_rows(const Problem& p, const Layout& l, const ThreadRows& rows) {
+__device__ __forceinline__ void normalize_thread_rows(const Problem& p, const Layout& l, ThreadRows rows,
+                                                      const OutputColumn (&y)[V]) {
   using acc_t = typename Acc<scalar_t>::type;
   SplitMean<acc_t> mean[V];
   acc_t scale[V];
-  bool can_clip = false;
+  bool can_clip = false, written = l.has_columns;
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     const int64_t c = l.has_columns ? l.col + j : 0;
-    mean[j] = split_mean<acc_t>(p.mean[c]);
-    scale[j] = static_cast<acc_t>(1.0 / bounded_std(p.var[c], p.eps, p.eps_on_std, column_floor(p, c), p.max_std));
+    mean[j] = split_mean<acc_t>(y[j].mean);
+    scale[j] = static_cast<acc_t>(y[j].inv_std);
     can_clip |= l.has_columns && p.diag != nullptr && p.diag[kMaxAbsZ * p.cols + c] > p.clip;
+    written = written && y[j].in_reduce;
+  }
+  if (written) {  // nothing left to do, but the warp's collectives still count this lane
+    rows.n = 0;
+    can_clip = false;
   }
   if (__any_sync(kAllLanes, can_clip)) {
     normalize_rows<scalar_t, V, true>(p, l, rows, mean, scale);
@@ -341,20 +457,43 @@ __device__ __forceinline__ void normalize_thread_rows(const Problem& p, const La
 // ---------------------------------------------------------------------------------------------
 // Kernels.
 
+// The clipped entries the warp's threads counted in the reduce pass, added per tile column into
+// `clipped` (shared). Every lane of the warp must call it.
+template <typename acc_t, int V>
+__device__ __forceinline__ void add_clipped_of_warp(const ReduceOutput<acc_t, V>& o, const Layout& l,
+                                                    unsigned* clipped) {
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const unsigned n = sum_row_lanes_of_warp(o.clipped[j], l.column_threads);
+    if (l.has_columns && holds_group_result(l.column_threads) && n > 0) atomicAdd(clipped + l.column_lane * V + j, n);
+  }
+}
+
 // Reduce and merge, then either the running update (with one row split, y too) or, for
-// batch_moments (p.moments set), the batch's table. At most 128 registers, so that two blocks
-// share a multiprocessor (16 warps keep enough loads in flight).
-template <typename scalar_t, int V, bool kElementMask>
+// batch_moments (p.moments set), the batch's table. kWritesY (reduce_writes_y): y of the columns
+// with a history in the reduce pass; an instance of its own, as its coefficients and counters
+// would cost the other registers. At most 128 registers, so that two blocks share a
+// multiprocessor (16 warps keep enough loads in flight).
+template <typename scalar_t, int V, bool kElementMask, bool kWritesY>
 __global__ void __launch_bounds__(kThreads, 2) running_norm_kernel(const KernelArgs a) {
+  using acc_t = typename Acc<scalar_t>::type;
   __shared__ ColumnSummary shared[kMergeCapacity];
+  __shared__ unsigned clipped_of_tile[kMaxTileColumns];  // by the reduce pass (previous)
+  __shared__ OutputColumn output_of_tile[kMaxTileColumns];
   __shared__ bool last_to_arrive;
   const TileGrid& g = a.grid;
   const int64_t tile = blockIdx.x % g.column_tiles, split = blockIdx.x / g.column_tiles;
   const Layout l = layout_of<V>(g, tile);
   const ThreadRows rows = thread_rows(g, l, split);
+  if (kWritesY) {
+    if (threadIdx.x < kMaxTileColumns) clipped_of_tile[threadIdx.x] = 0;
+    __syncthreads();
+  }
   {
-    ThreadSums<typename Acc<scalar_t>::type, V, kElementMask> sums;
-    sum_thread_rows<scalar_t, V, kElementMask>(a.p, l, rows, sums);
+    ReduceOutput<acc_t, V> output = reduce_output<acc_t, V, kWritesY>(a.p, l);
+    ThreadSums<acc_t, V, kElementMask> sums;
+    sum_thread_rows<scalar_t, V, kElementMask, kWritesY>(a.p, l, rows, sums, output);
+    if (kWritesY) add_clipped_of_warp<acc_t, V>(output, l, clipped_of_tile);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       publish_row_lanes<V>(column_summary<scalar_t, V, kElementMask>(a.p, l, rows, sums, j), j, l.column_threads,
@@ -369,6 +508,8 @@ __global__ void __launch_bounds__(kThreads, 2) running_norm_kernel(const KernelA
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         store_column_summary(table, a.p.cols, l.col + j, merged_row_lanes<V>(shared, j, l.column_threads, kThreads));
+        const unsigned clipped = kWritesY ? clipped_of_tile[l.column_lane * V + j] : 0u;
+        if (clipped > 0) atomicAdd(a.clipped + l.col + j, static_cast<unsigned long long>(clipped));
       }
     }
     __threadfence();  // the partials are visible device-wide before the counter says they are there
@@ -384,40 +525,74 @@ __global__ void __launch_bounds__(kThreads, 2) running_norm_kernel(const KernelA
   if (merges) {
 #pragma unroll
     for (int j = 0; j < V; ++j) {
+      const int64_t c = l.col + j;
       const ColumnSummary s = merged_row_lanes<V>(shared, j, l.column_threads, kThreads);
       if (a.p.moments != nullptr) {
-        store_column_summary(a.p.moments, a.p.cols, l.col + j, s);
+        store_column_summary(a.p.moments, a.p.cols, c, s);
+        continue;
+      }
+      const double clipped = !kWritesY            ? 0.0
+                             : g.row_splits > 1 ? static_cast<double>(__ldcg(a.clipped + c))
+                                                : static_cast<double>(clipped_of_tile[l.column_lane * V + j]);
+      const OutputColumn y = finish_column(a.p, c, s, kWritesY, clipped);
+      if (g.row_splits > 1) {
+        if (a.p.with_output) store_output_column(a.outputs, a.p.cols, c, y);
       } else {
-        finish_column(a.p, l.col + j, s);
+        output_of_tile[l.column_lane * V + j] = y;
       }
     }
   }
+  if (tile == 0 && threadIdx.x == 0 && a.p.steps != nullptr) ++*a.p.steps;  // one block: the tile's last
   if (g.row_splits > 1 || !a.p.with_output) return;
-  __syncthreads();  // row lane 0's updated statistics are visible to the block
-  normalize_thread_rows<scalar_t, V>(a.p, l, rows);
+  __syncthreads();  // row lane 0's updated statistics and y's coefficients are visible to the block
+  OutputColumn y[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) y[j] = output_of_tile[l.has_columns ? l.column_lane * V + j : 0];
+  normalize_thread_rows<scalar_t, V>(a.p, l, rows, y);
 }
 
 // y alone, the blocks taken in the reverse order of running_norm_kernel's (its last reads are the
-// likeliest still in L2).
+// likeliest still in L2), with the coefficients a.outputs (or p's statistics where null).
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads) normalize_kernel(const KernelArgs a) {
   const int64_t block = gridDim.x - 1 - blockIdx.x;
   const Layout l = layout_of<V>(a.grid, block % a.grid.column_tiles);
   const ThreadRows rows = thread_rows(a.grid, l, block / a.grid.column_tiles);
-  normalize_thread_rows<scalar_t, V>(a.p, l, rows);
+  OutputColumn y[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const int64_t c = l.has_columns ? l.col + j : 0;
+    y[j] = a.outputs != nullptr ? load_output_column(a.outputs, a.p.cols, c) : output_column(a.p, c);
+  }
+  normalize_thread_rows<scalar_t, V>(a.p, l, rows, y);
 }
 
 // merge_normalize's first half, a thread per column: the parts merged in order, the running
-// update and the diagnostics of the merged batch (finish_column, as running_norm).
-__global__ void __launch_bounds__(kThreads) merge_parts_kernel(const Problem p) {
+// update, the diagnostics of the merged batch (finish_column, as running_norm) and y's
+// coefficients into `outputs`; the step counted once.
+__global__ void __launch_bounds__(kThreads) merge_parts_kernel(const Problem p, double* outputs) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (c < p.cols) finish_column(p, c, merge_column_parts(p.parts, p.num_parts, p.cols, c));
+  if (c < p.cols) {
+    const OutputColumn y = finish_column(p, c, merge_column_parts(p.parts, p.num_parts, p.cols, c), false, 0.0);
+    if (outputs != nullptr) store_output_column(outputs, p.cols, c, y);
+  }
+  if (c == 0 && p.steps != nullptr) ++*p.steps;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Host: plans and launches.
 
 bool has_element_mask(const Problem& p) { return p.mask != nullptr && p.mask_cols > 1; }
+
+// Calls fn with the flags of p's running_norm_kernel instance, as std::bool_constant: element mask,
+// y in the reduce pass.
+template <typename Fn>
+auto with_kernel_flags(const Problem& p, Fn&& fn) {
+  using Yes = std::true_type;
+  using No = std::false_type;
+  if (has_element_mask(p)) return reduce_writes_y(p) ? fn(Yes(), Yes()) : fn(Yes(), No());
+  return reduce_writes_y(p) ? fn(No(), Yes()) : fn(No(), No());
+}
 
 // The widest vector the layout allows: 16-byte aligned rows (or a single row) whose width is a
 // multiple of it, in x and in out.
@@ -451,37 +626,51 @@ LaunchPlan tile_plan(const Problem& p, int element_bytes, int vector_width, int6
   const int64_t splits = std::max({int64_t{1}, wanted, ceil_div(p.rows, row_threads * kMaxRowsPerThread)});
   plan.rows_per_split = std::max<int64_t>(1, ceil_div(p.rows, splits));
   plan.row_splits = std::max<int64_t>(1, ceil_div(p.rows, plan.rows_per_split));
-  if (with_partials && plan.row_splits > 1) {
-    plan.workspace_bytes = sizeof(double) * kNumMomentRows * plan.row_splits * p.cols + sizeof(int) * plan.column_tiles;
-  }
   return plan;
 }
 
-KernelArgs kernel_args(const Problem& p, const LaunchPlan& plan, void* workspace) {
-  const TileGrid grid{p.rows, p.cols, plan.column_threads, plan.column_tiles, plan.row_splits, plan.rows_per_split};
-  KernelArgs a{p, grid, nullptr, nullptr};
-  if (plan.workspace_bytes > 0) {
-    a.partials = static_cast<double*>(workspace);
-    a.arrivals = reinterpret_cast<int*>(a.partials + kNumMomentRows * plan.row_splits * p.cols);
-  }
-  return a;
+// The workspace of running_norm_kernel with several splits, in this order: the partial tables, y's
+// coefficients, then the counters it needs zeroed (clipped entries, arrivals), contiguous so that
+// one memset resets them.
+struct SplitWorkspace {
+  size_t outputs, counters, counter_bytes, total;
+};
+
+SplitWorkspace split_workspace(const Problem& p, const LaunchPlan& plan) {
+  SplitWorkspace w;
+  w.outputs = sizeof(double) * kNumMomentRows * plan.row_splits * p.cols;
+  w.counters = w.outputs + sizeof(double) * kNumOutputRows * p.cols;
+  w.counter_bytes = sizeof(unsigned long long) * p.cols + sizeof(int) * plan.column_tiles;
+  w.total = w.counters + w.counter_bytes;
+  return w;
 }
 
-// running_norm_kernel (after a reset of the arrival counters when the rows are split), then, with
-// several splits and an output, normalize_kernel.
+TileGrid tile_grid(const Problem& p, const LaunchPlan& plan) {
+  return {p.rows, p.cols, plan.column_threads, plan.column_tiles, plan.row_splits, plan.rows_per_split};
+}
+
+// running_norm_kernel (after a reset of the counters when the rows are split), then, with several
+// splits and an output, normalize_kernel.
 void launch_reduce(const Problem& p, const LaunchPlan& plan, void* workspace, cudaStream_t stream) {
-  const KernelArgs a = kernel_args(p, plan, workspace);
-  if (plan.row_splits > 1) cudaMemsetAsync(a.arrivals, 0, sizeof(int) * plan.column_tiles, stream);
+  KernelArgs a{p, tile_grid(p, plan), nullptr, nullptr, nullptr, nullptr};
+  if (plan.row_splits > 1) {
+    const SplitWorkspace w = split_workspace(p, plan);
+    char* base = static_cast<char*>(workspace);
+    a.partials = reinterpret_cast<double*>(base);
+    a.outputs = reinterpret_cast<double*>(base + w.outputs);
+    a.clipped = reinterpret_cast<unsigned long long*>(base + w.counters);
+    a.arrivals = reinterpret_cast<int*>(a.clipped + p.cols);
+    cudaMemsetAsync(base + w.counters, 0, w.counter_bytes, stream);
+  }
   const unsigned grid = static_cast<unsigned>(plan.column_tiles * plan.row_splits);
   with_scalar_type(p.dtype, [&](auto element) {
     using scalar_t = decltype(element);
     with_vector_width<scalar_t>(plan.vector_width, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      if (has_element_mask(p)) {
-        running_norm_kernel<scalar_t, V, true><<<grid, kThreads, 0, stream>>>(a);
-      } else {
-        running_norm_kernel<scalar_t, V, false><<<grid, kThreads, 0, stream>>>(a);
-      }
+      with_kernel_flags(p, [&](auto element_mask, auto writes_y) {
+        constexpr bool kElementMask = decltype(element_mask)::value, kWritesY = decltype(writes_y)::value;
+        running_norm_kernel<scalar_t, V, kElementMask, kWritesY><<<grid, kThreads, 0, stream>>>(a);
+      });
       if (plan.row_splits > 1 && p.with_output) normalize_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(a);
     });
   });
@@ -494,9 +683,13 @@ LaunchPlan plan_running_norm(const Problem& p) {
     using scalar_t = decltype(element);
     return with_vector_width<scalar_t>(vector_width<scalar_t>(p), [&](auto width) {
       constexpr int V = decltype(width)::value;
-      const int64_t resident = has_element_mask(p) ? resident_blocks<running_norm_kernel<scalar_t, V, true>>()
-                                                   : resident_blocks<running_norm_kernel<scalar_t, V, false>>();
-      return tile_plan(p, sizeof(scalar_t), V, resident, true);
+      const int64_t resident = with_kernel_flags(p, [&](auto element_mask, auto writes_y) {
+        return resident_blocks<running_norm_kernel<scalar_t, V, decltype(element_mask)::value,
+                                                   decltype(writes_y)::value>>();
+      });
+      LaunchPlan plan = tile_plan(p, sizeof(scalar_t), V, resident, true);
+      if (plan.row_splits > 1) plan.workspace_bytes = split_workspace(p, plan).total;
+      return plan;
     });
   });
 }
@@ -504,12 +697,15 @@ LaunchPlan plan_running_norm(const Problem& p) {
 void launch_running_norm(const Problem& p, const LaunchPlan& plan, void* workspace, cudaStream_t stream) {
   Problem update = p;
   update.moments = nullptr;
+  if (p.rows == 0) update.steps = nullptr;  // a batch without rows is no update step
   launch_reduce(update, plan, workspace, stream);
 }
 
 void launch_batch_moments(const Problem& p, const LaunchPlan& plan, void* workspace, cudaStream_t stream) {
   Problem reduce = p;
   reduce.with_output = false;
+  reduce.previous = false;
+  reduce.steps = nullptr;
   launch_reduce(reduce, plan, workspace, stream);
 }
 
@@ -523,8 +719,17 @@ LaunchPlan plan_normalize(const Problem& p) {
   });
 }
 
-void launch_normalize(const Problem& p, const LaunchPlan& plan, cudaStream_t stream) {
-  const KernelArgs a = kernel_args(p, plan, nullptr);
+LaunchPlan plan_merge_normalize(const Problem& p) {
+  LaunchPlan plan = plan_normalize(p);
+  plan.workspace_bytes = sizeof(double) * kNumOutputRows * p.cols;
+  return plan;
+}
+
+namespace {
+
+// normalize_kernel with y's coefficients `outputs` (nullptr: p's statistics).
+void launch_normalize_kernel(const Problem& p, const LaunchPlan& plan, double* outputs, cudaStream_t stream) {
+  const KernelArgs a{p, tile_grid(p, plan), nullptr, outputs, nullptr, nullptr};
   const unsigned grid = static_cast<unsigned>(plan.column_tiles * plan.row_splits);
   with_scalar_type(p.dtype, [&](auto element) {
     using scalar_t = decltype(element);
@@ -535,9 +740,17 @@ void launch_normalize(const Problem& p, const LaunchPlan& plan, cudaStream_t str
   });
 }
 
-void launch_merge_normalize(const Problem& p, const LaunchPlan& plan, cudaStream_t stream) {
-  merge_parts_kernel<<<static_cast<unsigned>(ceil_div(p.cols, kThreads)), kThreads, 0, stream>>>(p);
-  if (p.with_output && p.rows > 0) launch_normalize(p, plan, stream);
+}  // namespace
+
+void launch_normalize(const Problem& p, const LaunchPlan& plan, cudaStream_t stream) {
+  launch_normalize_kernel(p, plan, nullptr, stream);
+}
+
+void launch_merge_normalize(const Problem& p, const LaunchPlan& plan, void* workspace, cudaStream_t stream) {
+  double* outputs = p.with_output ? static_cast<double*>(workspace) : nullptr;
+  const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, ceil_div(p.cols, kThreads)));
+  merge_parts_kernel<<<blocks, kThreads, 0, stream>>>(p, outputs);
+  if (p.with_output && p.rows > 0 && p.cols > 0) launch_normalize_kernel(p, plan, outputs, stream);
 }
 
 }  // namespace cuda

@@ -40,6 +40,12 @@ struct Problem {
   int64_t num_parts;
   double* scale;       // (cols) float64 long-run scale, updated with the statistics; nullptr: not tracked
   double min_std_rel;  // the relative floor min_std_rel * scale (0: none; scale must be set otherwise)
+  // normalize_with="previous": y uses the statistics from before the update in every column whose
+  // count was > 0 (the others: the updated ones). running_norm then writes y of those columns in
+  // its reduce pass, while it reads x, unless out overlaps x (the reduce may read x again).
+  bool previous;
+  bool out_overlaps_x;
+  int64_t* steps;  // 0-dim update counter, incremented once by the launch (nullptr: none)
 };
 
 // How the kernels cover a problem: chosen from its sizes, its layout and the device, never from
@@ -50,15 +56,16 @@ struct LaunchPlan {
   int64_t column_tiles;    // blocks across columns
   int64_t row_splits;      // blocks across rows; 1: a single launch reduces, merges and normalizes
   int64_t rows_per_split;
-  size_t workspace_bytes;  // device scratch for launch_running_norm: partial moments, arrival counters
+  size_t workspace_bytes;  // device scratch: partial moments, y's coefficients, clip and arrival counters
 };
 
 LaunchPlan plan_running_norm(const Problem& p);
 
-// Reduces x, merges the batch into the running statistics, fills diag and, with p.with_output,
-// writes y: one kernel when plan.row_splits == 1, else a memset of the arrival counters, a reduce
-// and a normalize kernel. Enqueued on `stream` without synchronizing; errors are left for
-// cudaGetLastError (C10_CUDA_KERNEL_LAUNCH_CHECK).
+// Reduces x, merges the batch into the running statistics, fills diag (every row: no reset
+// needed), increments p.steps and, with p.with_output, writes y: one kernel when
+// plan.row_splits == 1, else a memset of the clip and arrival counters, a reduce and a normalize
+// kernel (which, with p.previous, skips the columns whose y the reduce wrote). Enqueued on `stream`
+// without synchronizing; errors are left for cudaGetLastError (C10_CUDA_KERNEL_LAUNCH_CHECK).
 void launch_running_norm(const Problem& p, const LaunchPlan& plan, void* workspace, cudaStream_t stream);
 
 // The batch-moments table of x (MomentRow rows) into p.moments, with the reduce of
@@ -69,14 +76,18 @@ void launch_batch_moments(const Problem& p, const LaunchPlan& plan, void* worksp
 
 LaunchPlan plan_normalize(const Problem& p);
 
+// plan_normalize's plan with merge_normalize's workspace: y's coefficients per column.
+LaunchPlan plan_merge_normalize(const Problem& p);
+
 // y = clamp((x - mean) / bounded std, -clip, clip) into p.out, with the statistics unchanged.
 void launch_normalize(const Problem& p, const LaunchPlan& plan, cudaStream_t stream);
 
 // Merges the p.num_parts >= 1 tables p.parts per column in part order (merge_column_parts), updates
-// the running statistics with the merged batch, fills diag and, with p.with_output, writes y for x
-// (p.rows may be 0): a merge kernel over the columns, then the normalize kernel of plan
-// (plan_normalize), which counts the clipped entries of x.
-void launch_merge_normalize(const Problem& p, const LaunchPlan& plan, cudaStream_t stream);
+// the running statistics with the merged batch, fills diag, increments p.steps and, with
+// p.with_output, writes y for x (p.rows may be 0, and p.cols too: then only the step is counted): a
+// merge kernel over the columns, then the normalize kernel of plan (plan_merge_normalize), which
+// counts the clipped entries of x.
+void launch_merge_normalize(const Problem& p, const LaunchPlan& plan, void* workspace, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastnorm

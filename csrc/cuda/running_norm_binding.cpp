@@ -1,6 +1,7 @@
 // The CUDA kernels of fastnorm::running_norm, ::normalize, ::batch_moments and ::merge_normalize
 // (running_norm.cu) bound to the op schemas of csrc/ops.cpp: argument checks, views, scratch
 // allocation, the current stream. Compiled only when torch has CUDA.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -58,6 +59,15 @@ void set_output(Problem& p, const at::Tensor& out_rows) {
   p.out_row_stride = out_rows.stride(0);
 }
 
+// normalize_with="previous" where y is written (the kernels then need to know whether writing y
+// can change x), and the update counter.
+void set_previous_and_steps(Problem& p, bool previous, const at::Tensor& x_rows, const at::Tensor& out_rows,
+                            int64_t* steps) {
+  p.previous = previous && p.with_output;
+  p.out_overlaps_x = p.with_output && at::get_overlap_status(out_rows, x_rows) != at::MemOverlapStatus::No;
+  p.steps = steps;
+}
+
 void set_mask(Problem& p, const at::Tensor& mask_2d, const RowsGeometry& g) {
   p.mask = mask_2d.data_ptr<bool>();
   p.mask_cols = g.mask_cols;
@@ -81,10 +91,11 @@ void running_norm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& mas
                        std::optional<double> momentum, std::optional<double> max_count, double eps,
                        std::optional<double> min_std, std::optional<double> max_std, std::optional<double> clip,
                        bool eps_on_std, bool unbiased, const std::optional<at::Tensor>& scale,
-                       std::optional<double> min_std_rel) {
+                       std::optional<double> min_std_rel, bool previous, const std::optional<at::Tensor>& steps) {
   const RowsGeometry g =
       check_running_norm_args(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip);
   double* scale_ptr = check_scale_args(x, mean, scale, min_std_rel);
+  int64_t* steps_ptr = check_steps_arg(x, steps);
   if (g.cols == 0) return;
   const c10::cuda::CUDAGuard device_guard(x.device());
   const at::Tensor x_rows = readable_rows(x, g);
@@ -96,7 +107,9 @@ void running_norm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& mas
   if (mask) set_mask(p, mask_2d, g);
   set_update(p, count, diag, momentum, max_count, unbiased);
   set_scale(p, scale_ptr, min_std_rel);
+  set_previous_and_steps(p, previous, x_rows, out_rows, steps_ptr);
 
+  // One kernel when the batch fits one launch: it also resets diag and counts the step.
   const LaunchPlan plan = plan_running_norm(p);
   const at::Tensor workspace = workspace_for(x, plan.workspace_bytes);
   launch_running_norm(p, plan, workspace.data_ptr(), at::cuda::getCurrentCUDAStream());
@@ -125,12 +138,20 @@ void merge_normalize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& 
                           at::Tensor& diag, std::optional<double> momentum, std::optional<double> max_count,
                           double eps, std::optional<double> min_std, std::optional<double> max_std,
                           std::optional<double> clip, bool eps_on_std, bool unbiased,
-                          const std::optional<at::Tensor>& scale, std::optional<double> min_std_rel) {
+                          const std::optional<at::Tensor>& scale, std::optional<double> min_std_rel, bool previous,
+                          const std::optional<at::Tensor>& steps) {
   const RowsGeometry g = check_merge_normalize_args(x, mask, parts, mean, var, count, out, diag, momentum, max_count,
                                                     eps, min_std, max_std, clip);
   double* scale_ptr = check_scale_args(x, mean, scale, min_std_rel);
-  if (g.cols == 0) return;
+  int64_t* steps_ptr = check_steps_arg(x, steps);
   const c10::cuda::CUDAGuard device_guard(x.device());
+  if (g.cols == 0) {  // no column to update, but a step of the group all the same
+    Problem step{};
+    step.steps = steps_ptr;
+    if (steps_ptr) launch_merge_normalize(step, LaunchPlan{}, nullptr, at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   const at::Tensor x_rows = readable_rows(x, g);
   const at::Tensor mask_2d = mask ? mask_rows(*mask, g) : at::Tensor();
   const at::Tensor out_rows = out ? writable_rows(*out, g) : at::Tensor();
@@ -140,10 +161,13 @@ void merge_normalize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& 
   if (mask) set_mask(p, mask_2d, g);
   set_update(p, count, diag, momentum, max_count, unbiased);
   set_scale(p, scale_ptr, min_std_rel);
+  set_previous_and_steps(p, previous, x_rows, out_rows, steps_ptr);
   p.parts = parts.data_ptr<double>();
   p.num_parts = parts.size(0);
 
-  launch_merge_normalize(p, plan_normalize(p), at::cuda::getCurrentCUDAStream());
+  const LaunchPlan plan = plan_merge_normalize(p);
+  const at::Tensor workspace = workspace_for(x, plan.workspace_bytes);
+  launch_merge_normalize(p, plan, workspace.data_ptr(), at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (out) finish_writable_rows(*out, out_rows);
 }

@@ -224,6 +224,18 @@ inline int atomicAdd(int* address, int value) {
   return old;
 }
 
+inline unsigned atomicAdd(unsigned* address, unsigned value) {
+  const unsigned old = *address;
+  *address = old + value;
+  return old;
+}
+
+inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long value) {
+  const unsigned long long old = *address;
+  *address = old + value;
+  return old;
+}
+
 inline double atomicAdd(double* address, double value) {
   const double old = *address;
   *address = old + value;

@@ -52,7 +52,7 @@ void emulate_reduce(int device, const fastnorm::cuda::Problem* problem, Launch l
   *plan_out = chosen(plan);
 }
 
-// Plans a normalize pass (normalize, merge_normalize), runs `launch` and reports the plan.
+// Plans a normalize pass (fastnorm::normalize), runs `launch` and reports the plan.
 template <typename Launch>
 void emulate_normalize(int device, const fastnorm::cuda::Problem* problem, Launch launch, EmulatedPlan* plan_out) {
   emu::device = device;
@@ -118,7 +118,11 @@ void emulated_batch_moments(int device, const fastnorm::cuda::Problem* problem, 
 }
 
 void emulated_merge_normalize(int device, const fastnorm::cuda::Problem* problem, EmulatedPlan* plan_out) {
-  emulate_normalize(device, problem, fastnorm::cuda::launch_merge_normalize, plan_out);
+  emu::device = device;
+  const fastnorm::cuda::LaunchPlan plan = fastnorm::cuda::plan_merge_normalize(*problem);
+  std::vector<unsigned char> workspace = garbage(plan.workspace_bytes);
+  fastnorm::cuda::launch_merge_normalize(*problem, plan, workspace.data(), nullptr);
+  *plan_out = chosen(plan);
 }
 
 void emulated_normalize_advantages(int device, const fastnorm::cuda::AdvantageProblem* problem,
