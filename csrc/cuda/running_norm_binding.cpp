@@ -117,8 +117,11 @@ void running_norm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& mas
   if (out) finish_writable_rows(*out, out_rows);
 }
 
-void batch_moments_cuda(const at::Tensor& x, const std::optional<at::Tensor>& mask, at::Tensor& moments) {
-  const RowsGeometry g = check_batch_moments_args(x, mask, moments);
+// shift is checked and not needed: the CUDA blocks sum about their own mean (two passes), as
+// running_norm's do, so the split halves keep its bits without it.
+void batch_moments_cuda(const at::Tensor& x, const std::optional<at::Tensor>& mask, at::Tensor& moments,
+                        const std::optional<at::Tensor>& shift) {
+  const RowsGeometry g = check_batch_moments_args(x, mask, moments, shift);
   if (g.cols == 0) return;
   const c10::cuda::CUDAGuard device_guard(x.device());
   const at::Tensor x_rows = readable_rows(x, g);
