@@ -99,7 +99,9 @@ void reduce_units(const Tile& t, int64_t first, int64_t n_units, int64_t rows, i
     const int64_t mask_col = t.mask_cols > 1 ? (t.col_begin + j % cols) / t.mask_group : 0;
     return is_finite(v) && (t.mask == nullptr || t.mask[(s.unit_row[u] + j / cols) * t.mask_cols + mask_col]);
   };
-  const int64_t per_block = block_rows(width);
+  // One-pass blocks (with a shift) need not stay in cache for a second pass: as many rows as the
+  // float32 sums allow, so fewer per-column merges; a block that falls back re-reads from L3.
+  const int64_t per_block = s.shift && !kSelect ? kMaxBlockRows : block_rows(width);
   for (int64_t u0 = 0; u0 < n_units; u0 += per_block) {
     const int64_t u1 = u0 + per_block < n_units ? u0 + per_block : n_units;
     int64_t n = 0;
@@ -137,7 +139,7 @@ void reduce_tile(const Tile& t, const ColumnReduction& out) {
   const int64_t w = units.width;
   acc_t* acc = thread_scratch<acc_t, kReduceAccSlot>(9 * w);
   double* f64 = thread_scratch<double, kReduceF64Slot>(7 * w);
-  const int64_t max_block = block_rows(units.cols) > block_rows(w) ? block_rows(units.cols) : block_rows(w);
+  const int64_t max_block = kMaxBlockRows;  // block_rows() never exceeds it
   const ReduceState<scalar_t, acc_t> s{
       {f64, f64 + w, f64 + 2 * w, f64 + 4 * w, f64 + 5 * w},
       f64 + 3 * w,
