@@ -46,10 +46,13 @@ def timed_backends(x: torch.Tensor, op: str = "running_norm") -> list[str]:
             and not backend.not_supported_reasons(x, op) and not backend.auto_skip_reasons(x)]
 
 
-def fastnorm_case(x: torch.Tensor, stats_shape, backend: str) -> Case:
-    norm = fastnorm.RunningNorm(stats_shape, backend=backend, device=x.device)
+def fastnorm_case(x: torch.Tensor, stats_shape, backend: str, normalize_with: str = "updated") -> Case:
+    norm = fastnorm.RunningNorm(stats_shape, backend=backend, device=x.device, normalize_with=normalize_with)
     out = torch.empty_like(x)
-    return Case(f"fastnorm {backend}", lambda: norm(x, out=out), "update + normalize, out=")
+    if normalize_with == "updated":
+        return Case(f"fastnorm {backend}", lambda: norm(x, out=out), "update + normalize, out=")
+    return Case(f"fastnorm {backend}, previous", lambda: norm(x, out=out),
+                "normalize_with='previous': y from the statistics before x, one pass")
 
 
 def reference_float32_step(x: torch.Tensor, state: dict) -> torch.Tensor:
@@ -115,6 +118,7 @@ def build_cases(x: torch.Tensor, stats_shape) -> tuple[list[Case], dict[str, str
     """Every case for x, the copy first, and the peers that had to be skipped (with why)."""
     cases = [copy_case(x)]
     cases += [fastnorm_case(x, stats_shape, name) for name in timed_backends(x)]
+    cases += [fastnorm_case(x, stats_shape, name, "previous") for name in timed_backends(x)]
     cases += [reference_case(x, stats_shape, torch.float32), compiled_reference_case(x, stats_shape),
               reference_case(x, stats_shape, torch.float64), seed_case(x, stats_shape), batch_norm_case(x, stats_shape)]
     peers, skipped = peer_cases(x, stats_shape)
