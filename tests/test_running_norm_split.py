@@ -166,7 +166,7 @@ def test_empty_x_still_takes_the_group_update(split_backend, device, gen):
     norm = RunningNorm(stats, backend=split_backend, device=device)
     others = randn((40,) + stats, gen, device=device, mean=3.0)
     parts = torch.stack([moments_of(split_backend, randn((0,) + stats, gen, device=device), None, stats),
-                         moments_of(split_backend, others, None, stats)])
+                         moments_of(split_backend, others, None, stats, shift=norm.mean)])
     state, diag = fresh_state(stats, device), torch.full_like(norm._diag, math.nan)
     y = split_step(split_backend, others[:0], None, parts, state, diag, norm)
     norm(others)

@@ -172,9 +172,9 @@ bool block_sums_if_finite(const scalar_t* const* units, int64_t n, int64_t width
 // Fast path with a given shift per column (the running mean), all entries selected: one pass over
 // the block, S1 = sum (x - shift) and S2 = sum (x - shift)^2, 8 rows at a time so that each
 // per-column accumulator is loaded and stored once per 8 rows. Valid where the shift is near the
-// block's mean: returns false, changing nothing, if a value is NaN or inf or a column's shift lies
-// more than its spread from its mean (S1^2 > S2 n / 2; below that, M2 = S2 - S1^2/n >= S2/2 loses
-// at most a bit to cancellation). The caller then takes the two-pass path.
+// column's mean (S1^2 <= S2 n / 2: then M2 = S2 - S1^2/n >= S2/2 loses at most a bit to
+// cancellation); a column beyond that is summed again in two passes. Returns false, changing
+// nothing the caller reads, if a value is NaN or inf: the caller then takes the careful path.
 template <typename scalar_t, typename acc_t>
 bool block_sums_shifted_if_finite(const scalar_t* const* units, int64_t n, int64_t width,
                                   const acc_t* __restrict__ shift, const BlockSums<acc_t>& b) {
@@ -220,16 +220,30 @@ bool block_sums_shifted_if_finite(const scalar_t* const* units, int64_t n, int64
       hi[j] = max_of(hi[j], v);
     }
   }
+  double probe = 0.0;  // S2 finite: every value was (and S1 then is); NaN or inf otherwise
+  for (int64_t j = 0; j < width; ++j) probe += static_cast<double>(s2[j]) - static_cast<double>(s2[j]);
+  if (!is_finite(probe)) return false;
   const acc_t half_n = static_cast<acc_t>(0.5 * static_cast<double>(n));
-  bool ok = true;
-  // S2 finite: every value was (and S1 then is); false for NaN too.
-  for (int64_t j = 0; j < width; ++j) ok &= is_finite(s2[j]) && s1[j] * s1[j] <= half_n * s2[j];
-  if (!ok) return false;
   for (int64_t j = 0; j < width; ++j) {
     b.min[j] = lo[j];
     b.max[j] = hi[j];
-    b.shift[j] = shift[j];
     b.cnt[j] = static_cast<acc_t>(n);
+    b.shift[j] = shift[j];
+    if (s1[j] * s1[j] <= half_n * s2[j]) continue;
+    // This column's shift is too far from its mean: two passes over its n values, about their
+    // mean (a column, not the block: with few rows per block some column always fails by chance).
+    double sum = 0.0;
+    for (int64_t u = 0; u < n; ++u) sum += static_cast<double>(to_acc<acc_t>(units[u][j]));
+    const acc_t mean = static_cast<acc_t>(sum / static_cast<double>(n));
+    acc_t a1 = 0, a2 = 0;
+    for (int64_t u = 0; u < n; ++u) {
+      const acc_t d = to_acc<acc_t>(units[u][j]) - mean;
+      a1 += d;
+      a2 += d * d;
+    }
+    s1[j] = a1;
+    s2[j] = a2;
+    b.shift[j] = mean;
   }
   return true;
 }
