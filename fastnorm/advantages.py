@@ -103,11 +103,14 @@ def normalize_advantages(
     x = adv.reshape(outer, groups, inner) if order is None else adv.permute(order).reshape(outer, groups, inner)
     if mask is not None:
         mask = mask.reshape(-1) if order is None else broadcast_mask(mask, adv.shape).permute(order).reshape(-1)
-    y = out if out is not None else torch.empty(adv.shape, dtype=adv.dtype, device=adv.device)
-    direct = order is None and y.is_contiguous()
-    y_op = y.view(outer, groups, inner) if direct else torch.empty((outer, groups, inner), dtype=adv.dtype,
-                                                                   device=adv.device)
-    stats = torch.empty((len(STAT_ROWS), groups), dtype=torch.float64, device=adv.device)
+    if out is None and order is None:  # the common case: y allocated in the op's layout
+        y_op = adv.new_empty((outer, groups, inner))
+        y, direct = y_op.view(adv.shape), True
+    else:
+        y = out if out is not None else torch.empty_like(adv, memory_format=torch.contiguous_format)
+        direct = order is None and y.is_contiguous()
+        y_op = y.view(outer, groups, inner) if direct else adv.new_empty((outer, groups, inner))
+    stats = adv.new_empty((len(STAT_ROWS),) + group_shape, dtype=torch.float64)
     if sync:
         # The fused op split around the all-gather: this rank's moments, every rank's merged.
         # A backend implements advantage_moments and normalize_advantages_from together.
@@ -115,15 +118,16 @@ def normalize_advantages(
         moments = torch.empty((len(MOMENT_ROWS), groups), dtype=torch.float64, device=adv.device)
         chosen.advantage_moments(x, mask, moments)
         parts = distributed.all_gather_moments(moments, process_group, "normalize_advantages(sync=True)")
-        chosen.normalize_advantages_from(x, parts, y_op, stats, min_std=float(min_std), unbiased=unbiased)
+        chosen.normalize_advantages_from(x, parts, y_op, stats.view(len(STAT_ROWS), groups), min_std=float(min_std),
+                                         unbiased=unbiased)
     else:
         select_backend(backend, adv, "normalize_advantages").normalize_advantages(
-            x, mask, y_op, stats, min_std=float(min_std), unbiased=unbiased)
+            x, mask, y_op, stats.view(len(STAT_ROWS), groups), min_std=float(min_std), unbiased=unbiased)
     if not direct:
         target = y if order is None else y.permute(order)
         target.copy_(y_op.view(target.shape))
 
-    count, mean, std_raw, norm_max_abs = stats.view((len(STAT_ROWS),) + group_shape).unbind(0)  # STAT_ROWS
+    count, mean, std_raw, norm_max_abs = stats.unbind(0)  # STAT_ROWS
     return y, AdvantageStats(mean, std_raw, count, norm_max_abs, std_raw < min_std)
 
 

@@ -13,7 +13,7 @@ import fastnorm
 from fastnorm import RunningNorm
 from helpers import random_mask, randn
 
-ALLOCATIONS = {"aten.empty_like.default", "aten.empty.memory_format", "aten.empty_strided.default"}
+ALLOCATIONS = {"aten.empty_like.default", "aten.empty.memory_format", "aten.empty_strided.default", "aten.new_empty.default"}
 VIEWS = {"aten.view.default", "aten._unsafe_view.default", "aten.reshape.default", "aten.unbind.int"}
 
 
