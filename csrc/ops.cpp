@@ -1,7 +1,7 @@
 // The fastnorm operator schemas (one TORCH_LIBRARY block), and the _C module whose import loads
 // this library so that the static registrations run. Device kernels register themselves in
-// cpu/running_norm.cpp, cpu/advantages.cpp, cuda/running_norm_binding.cpp and
-// cuda/advantages_binding.cpp.
+// cpu/running_norm.cpp, cpu/advantages.cpp, cuda/running_norm_binding.cpp,
+// cuda/advantages_binding.cpp and (for every device) normalized_advantages.cpp.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -64,6 +64,14 @@ TORCH_LIBRARY(fastnorm, m) {
   m.def(
       "normalize_advantages(Tensor x, Tensor? mask, Tensor(a!) out, Tensor(b!) stats, float min_std, "
       "bool unbiased) -> ()");
+  // normalize_advantages with its outputs allocated: adv of any shape seen as x (outer, groups,
+  // inner) (a view, or a copy where the layout needs one), mask flat as there; returns y (adv's
+  // shape, contiguous), the stat rows count, mean, std_raw, norm_max_abs (float64, group_shape:
+  // rows of one table) and std_below_floor (std_raw < min_std, bool). One op for the common call
+  // of fastnorm.normalize_advantages, in eager mode (normalized_advantages.cpp).
+  m.def(
+      "normalized_advantages(Tensor adv, Tensor? mask, int outer, int groups, int inner, int[] group_shape, "
+      "float min_std, bool unbiased) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // normalize_advantages split in two halves, so that the group moments of several processes can
   // be combined in between (normalize_advantages(sync=True) all-gathers them). Running both halves
   // on one x with parts = moments[None] gives exactly what normalize_advantages gives.

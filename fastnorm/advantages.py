@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fastnorm import _checks, distributed, export
 from fastnorm.advantages_reference import MOMENT_ROWS, STAT_ROWS, broadcast_mask
-from fastnorm.backends import check_backend_name, select_backend
+from fastnorm.backends import ExtensionBackend, check_backend_name, select_backend
 
 
 class AdvantageStats(NamedTuple):
@@ -99,6 +99,12 @@ def normalize_advantages(
     _check_call(adv, mask, min_std, unbiased, out, sync, process_group)
     backend = check_backend_name(backend)
     order, (outer, groups, inner), group_shape = _layout(adv.shape, reduced_dims(dim, adv.dim()))
+    if not sync and out is None and order is None and not torch.compiler.is_compiling():
+        chosen = select_backend(backend, adv, "normalize_advantages")
+        if isinstance(chosen, ExtensionBackend):  # the common call, as one op (csrc/normalized_advantages.cpp)
+            y, count, mean, std_raw, norm_max_abs, std_below_floor = torch.ops.fastnorm.normalized_advantages.default(
+                adv, mask, outer, groups, inner, group_shape, float(min_std), unbiased)
+            return y, AdvantageStats(mean, std_raw, count, norm_max_abs, std_below_floor)
 
     x = adv.reshape(outer, groups, inner) if order is None else adv.permute(order).reshape(outer, groups, inner)
     if mask is not None:
