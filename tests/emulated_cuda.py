@@ -101,12 +101,14 @@ def _build() -> ctypes.CDLL:
             f.write(source)
         rewritten.append(path)
     library = os.path.join(build, "libfastnorm_cuda_emulated.so")
+    # -Bsymbolic binds the kernels' runtime calls (cudaMemsetAsync, ...) to emulated_ops.cpp's, also in
+    # a process whose CUDA torch made the real libcudart global (tests/test_cuda_emulator.py).
     # UBSan's alignment check stands in for the GPU's fault on a misaligned vector access (x86 allows
     # them): it reports on stderr, which the tests' no_misaligned_access fixture turns into a failure.
     command = [compiler, "-std=c++17", "-O1", "-U_FORTIFY_SOURCE", "-fsanitize=alignment", "-fPIC", "-shared",
                "-Wall", "-Wno-unknown-pragmas", "-include", os.path.join(EMULATOR_DIR, "cuda_emulator.h"),
                "-I", os.path.join(ROOT, "csrc", "cuda"), "-I", include, *rewritten,
-               os.path.join(EMULATOR_DIR, "emulated_ops.cpp"), "-Wl,--no-undefined", "-o", library]
+               os.path.join(EMULATOR_DIR, "emulated_ops.cpp"), "-Wl,--no-undefined", "-Wl,-Bsymbolic", "-o", library]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     lib = ctypes.CDLL(library)
