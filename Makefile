@@ -54,11 +54,14 @@ $(DEPS_STAMP): $(PY) setup.py
 
 # The editable install registers the package (without compiling); build_ext then builds the
 # extension in place, incrementally, quietly: its output goes to $(BUILD_LOG), printed if it fails.
+# Last, a bad-argument call in a fresh process must raise its whole message (a libstdc++ linked
+# statically crashes there: fastnorm/_toolchain.py).
 BUILD_LOG := $(VENV)/build.log
-$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES) fastnorm/_toolchain.py
 	FASTNORM_NO_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	@echo "building fastnorm._C (log: $(BUILD_LOG))"
 	@.ci/quiet $(BUILD_LOG) $(PY) setup.py build_ext --inplace
+	$(PY) .ci/check_errors_raise.py cpu
 	touch $@
 
 # Every .cu under csrc/ through nvcc for sm_90 with torch's half-precision flags, and the CUDA torch

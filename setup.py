@@ -7,6 +7,7 @@ pure-PyTorch reference. Build against the torch you have: pip install --no-build
 """
 
 import glob
+import importlib.util
 import os
 
 from setuptools import setup
@@ -14,11 +15,30 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _toolchain():
+    """fastnorm/_toolchain.py, loaded by path (the package itself imports torch)."""
+    spec = importlib.util.spec_from_file_location("_fastnorm_toolchain", os.path.join(ROOT, "fastnorm", "_toolchain.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _extensions():
     if os.environ.get("FASTNORM_NO_EXTENSION") == "1":
         return [], {}
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    toolchain = _toolchain()
+    os.environ.update(toolchain.choose_compiler())  # a CXX that links libstdc++ statically is replaced
+
+    class BuildLinkingLibstdcxx(BuildExtension.with_options(use_ninja=True)):
+        """BuildExtension, then a check that each extension needs libstdc++.so.6 (_toolchain.py)."""
+
+        def build_extensions(self):
+            super().build_extensions()
+            for ext in self.extensions:
+                toolchain.check_extension(self.get_ext_fullpath(ext.name))
 
     def sources(pattern):
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
@@ -47,7 +67,7 @@ def _extensions():
     else:
         extension = CppExtension("fastnorm._C", srcs, extra_compile_args={"cxx": cxx_flags},
                                  extra_link_args=link_flags)
-    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [extension], {"build_ext": BuildLinkingLibstdcxx}
 
 
 # One extra per framework of fastnorm.integrations (pip install 'fastnorm[rsl_rl]'), pinned.

@@ -5,8 +5,9 @@ Usage: python .ci/check_cuda_build.py ARCH [ARCH ...]   (ARCH: 8.0, 9.0, ... as 
 
 Fails, saying what is wrong, unless: fastnorm imports from site-packages with its extension loaded;
 every op named in OPS, and every fastnorm op with a CPU kernel, has a CUDA kernel registered;
-fastnorm.backends() reports the cuda backend unavailable for want of a device at most; and the
-extension holds machine code for each ARCH.
+fastnorm.backends() reports the cuda backend unavailable for want of a device at most; the
+extension holds machine code for each ARCH; and a bad-argument call raises its whole message, on
+the CPU and, where there is a GPU, on cuda (check_errors_raise.py: each in a fresh process).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import subprocess
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import check_errors_raise  # noqa: E402
 
 OPS = ("running_norm", "normalize", "batch_moments", "merge_normalize", "normalize_advantages",
        "advantage_moments", "normalize_advantages_from")
@@ -69,7 +73,11 @@ def problems(archs: list[str]) -> list[str]:
     for arch in archs:
         if arch.replace(".", "") not in built:
             found.append(f"{library} holds no sm_{arch.replace('.', '')} machine code (found {built})")
-    return found
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    crashes = [p for p in map(check_errors_raise.problem, devices) if p is not None]
+    if not crashes:
+        print(f"bad-argument calls raised their whole message on: {', '.join(devices)}")
+    return found + crashes
 
 
 def main() -> None:
