@@ -75,3 +75,37 @@ def interleaved_medians(cases: list[Case], device: torch.device, plan: Plan) -> 
             if len(samples[case.name]) < targets[case.name]:
                 samples[case.name].append(time_it(case.step))
     return {name: (statistics.median(times), len(times)) for name, times in samples.items()}
+
+
+class Rotation:
+    """Argument tuples that every loop built on it cycles through, each loop going on where the
+    last one stopped, so that a loop starts on the tuple touched longest ago: with more than twice
+    the L2 in the tuples, every call reads its input from memory, as a rollout's fresh batch is."""
+
+    def __init__(self, args: list[tuple]):
+        self.args, self.cursor = args, 0
+
+    def loop(self, fn: Callable[..., object], calls: int) -> Callable[[], None]:
+        """A step running fn on the next `calls` tuples."""
+        def step():
+            args, start = self.args, self.cursor
+            for k in range(start, start + calls):
+                fn(*args[k % len(args)])
+            self.cursor = (start + calls) % len(args)
+        return step
+
+
+def cuda_graph(fn: Callable[[], object], calls: int, warmup: int = 3) -> "torch.cuda.CUDAGraph":
+    """fn() captured `calls` times in one CUDA graph, after warm-up calls on a side stream (what
+    torch.cuda.graphs' documentation asks for)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph
