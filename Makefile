@@ -114,8 +114,9 @@ check-cuda-build: $(CUDA_DEPS_STAMP)
 # holds the machine's CUDA torch. gpu-check-rehearsal runs each stage tiny on this CPU (CI does).
 GPU_PYTHON ?= python3
 OUT ?= gpu-check-out
+GPU_CHECK_ARGS ?=
 gpu-check:
-	$(GPU_PYTHON) .ci/gpu_check.py --out $(OUT)
+	$(GPU_PYTHON) .ci/gpu_check.py --out $(OUT) $(GPU_CHECK_ARGS)
 
 gpu-check-rehearsal: $(BUILD_STAMP)
 	$(PY) .ci/gpu_check.py --cpu-rehearsal --out $(VENV)/gpu-check-rehearsal
