@@ -18,7 +18,7 @@ machine with its own CUDA torch (run with that python), in one 10-minute device 
 Each stage runs under its own budget, cut to what is left before --deadline (seconds from the
 start), and its process group is killed when it runs over. The plan is printed first. OUT holds at
 most 8 files (the device tool's limit): build.log, tests.log, failures.txt, bench.log, bench.md,
-speed.txt, summary.txt, and results.tar.gz (tests.xml, bench.json, bench.png).
+speed.txt, summary.txt, and results.tar.gz (tests.xml, bench.json, bench.png, speed.json).
 
 --cpu-rehearsal runs every stage tiny on the CPU (the CPU build, two test files, the advantages
 section of the benchmark; no wheels, no speed): CI runs it so that this script cannot rot.
@@ -57,8 +57,9 @@ NEEDS_FRAMEWORK = {"tests/test_rsl_rl.py": ("rsl_rl", "tensordict"), "tests/test
 # The rehearsal's tests: a few quick files, enough to exercise the run and the per-file summary.
 REHEARSAL_TESTS = ("tests/test_reference.py", "tests/test_running_norm_api.py")
 SPEED_SCRIPT = "bench/gpu_speed.py"
+SPEED_MARGIN_S = 20  # its start (torch, CUDA) and the rows' overrun, beyond its own --budget-s
 # Folded into results.tar.gz at the end, to keep OUT within 8 files.
-TARRED = ("tests.xml", "bench.json", "bench.png")
+TARRED = ("tests.xml", "bench.json", "bench.png", "speed.json")
 # What the summary and the tar need after the last stage.
 RESERVE_S = 10
 Command = Union[list, str]  # a command, or why the stage is skipped
@@ -67,22 +68,22 @@ Command = Union[list, str]  # a command, or why the stage is skipped
 @dataclass
 class Stage:
     """One step: what it does (for the plan), its budget, its log under OUT, and a function giving
-    its command when it starts (or why it is skipped)."""
+    its command when it starts, from the seconds it may take (or why it is skipped)."""
 
     name: str
     what: str
     budget_s: int
     log: str
-    command: Callable[[], Command]
+    command: Callable[[int], Command]
     env: dict = field(default_factory=dict)
 
     def run(self, out: str, seconds_left: float) -> dict:
         """Runs the stage into its log: ok, failed (exit status), timed out, skipped or not run."""
         start = time.monotonic()
-        command = self.command()
+        budget = int(min(self.budget_s, seconds_left - RESERVE_S))
+        command = self.command(budget)
         if isinstance(command, str):
             return self.result(f"skipped: {command}", start)
-        budget = int(min(self.budget_s, seconds_left - RESERVE_S))
         if budget < 10:
             return self.result(f"not run: {max(0, int(seconds_left))} s left before the deadline", start)
         path = os.path.join(out, self.log)
@@ -179,37 +180,39 @@ def stages(args, out: str, plan: dict) -> list[Stage]:
     if not args.cpu_rehearsal:
         build_env["TORCH_CUDA_ARCH_LIST"] = args.arch
     result = [Stage("wheels", f".whl/*.whl into {args.site}, on PYTHONPATH after", 20, "build.log",
-                    lambda: wheels_command(args))]
+                    lambda budget: wheels_command(args))]
     if not has_module("fastnorm.triton_kernels"):  # a fresh clone: register the package (no compiling)
         result.append(Stage("install", "pip install --no-index --no-deps -e .", 20, "build.log",
-                            lambda: [python, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
+                            lambda budget: [python, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
                                      "--no-index", "-e", "."], {"FASTNORM_NO_EXTENSION": "1"}))
     result.append(Stage("build", f"setup.py build_ext --inplace, MAX_JOBS={args.jobs}"
                         + ("" if args.cpu_rehearsal else f", sm_{args.arch.replace('.', '')}"), args.build_budget,
-                        "build.log", lambda: [python, "setup.py", "build_ext", "--inplace"], build_env))
+                        "build.log", lambda budget: [python, "setup.py", "build_ext", "--inplace"], build_env))
     if not args.cpu_rehearsal:
         result.append(Stage("check", ".ci/check_cuda_build.py", 30, "build.log",
-                            lambda: [python, ".ci/check_cuda_build.py", args.arch]))
+                            lambda budget: [python, ".ci/check_cuda_build.py", args.arch]))
     workers = f"{args.workers} xdist workers, " if args.workers > 1 else ""
     result.append(Stage("tests", f"pytest on {device}: {workers}{args.test_timeout} s a test", args.test_budget,
-                        "tests.log", lambda: pytest_command(args, out, plan),
+                        "tests.log", lambda budget: pytest_command(args, out, plan),
                         {"FASTNORM_TEST_DEVICE": device, "FASTNORM_SEED": str(args.seed), "OMP_NUM_THREADS": "2"}))
     bench = [python, "bench/run.py"] + ([] if args.full_bench else ["--quick"]) + [
         "--device", device, "--json", f"{out}/bench.json", "--plot", f"{out}/bench.png"]
     if args.cpu_rehearsal:
         bench += ["--sections", "advantages"]
     result.append(Stage("bench", f"bench/run.py{'' if args.full_bench else ' --quick'} --device {device}",
-                        args.bench_budget, "bench.log", lambda: bench))
-    result.append(Stage("speed", SPEED_SCRIPT, args.speed_budget, "speed.txt", lambda: speed_command(args)))
+                        args.bench_budget, "bench.log", lambda budget: bench))
+    result.append(Stage("speed", f"{SPEED_SCRIPT} --budget-s (its budget - {SPEED_MARGIN_S} s)", args.speed_budget,
+                        "speed.txt", lambda budget: speed_command(args, out, budget)))
     return result
 
 
-def speed_command(args) -> Command:
+def speed_command(args, out: str, budget: int) -> Command:
     if args.cpu_rehearsal:
         return "the CPU rehearsal does not time the GPU"
     if not os.path.exists(os.path.join(ROOT, SPEED_SCRIPT)):
         return f"{SPEED_SCRIPT} is not in this tree"
-    return [sys.executable, SPEED_SCRIPT]
+    return [sys.executable, SPEED_SCRIPT, "--budget-s", str(max(budget - SPEED_MARGIN_S, 10)),
+            "--json", f"{out}/speed.json"]
 
 
 def print_plan(stage_list: list[Stage], args):
