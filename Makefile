@@ -19,7 +19,7 @@ SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.c
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: test bench build clean check-cuda check-cuda-build gpu-check gpu-check-rehearsal
+.PHONY: test bench build clean check-cuda check-cuda-build gpu-check gpu-check-rehearsal gpu-wheels
 
 # The second run tests the Triton kernels on the CPU through Triton's interpreter (the tests of
 # the triton backend only: -k triton).
@@ -117,11 +117,30 @@ check-cuda-build: $(CUDA_DEPS_STAMP)
 # holds the machine's CUDA torch. gpu-check-rehearsal runs each stage tiny on this CPU (CI does).
 GPU_PYTHON ?= python3
 OUT ?= gpu-check-out
+GPU_CHECK_ARGS ?=
 gpu-check:
-	$(GPU_PYTHON) .ci/gpu_check.py --out $(OUT)
+	$(GPU_PYTHON) .ci/gpu_check.py --out $(OUT) $(GPU_CHECK_ARGS)
 
 gpu-check-rehearsal: $(BUILD_STAMP)
 	$(PY) .ci/gpu_check.py --cpu-rehearsal --out $(VENV)/gpu-check-rehearsal
+
+# The wheels .ci/gpu_check.py installs on the GPU machine, which has no network (Python 3.12, torch
+# 2.11): the pure-Python frameworks at setup.py's versions and what they import that the image
+# lacks (/work/.library/device/KINDS.md), into .whl/ (gitignored; carried with carry=[".whl"]).
+# tensordict (rsl-rl-lib needs it) is compiled, against no torch. vmas and gym (vmas imports it) are
+# sdists only: built into wheels here. Files already in .whl/ are kept: idempotent. README, "The GPU check".
+GPU_WHEELS ?= rsl-rl-lib==5.5.1 tensordict==0.14.3 pyvers==0.2.3 gitpython==3.2.1 gitdb==4.0.12 smmap==5.0.3 \
+	skrl==2.1.1 gymnasium==1.4.0 farama-notifications==0.0.6 stable-baselines3==2.9.2 \
+	pyglet==1.5.27 gym-notices==0.0.8 rl-games==1.6.5 tensorboardx==2.6.5
+GPU_SDISTS ?= vmas==1.5.2 gym==0.26.2
+GPU_WHEEL_PLATFORM := --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+gpu-wheels:
+	mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps $(GPU_WHEEL_PLATFORM) -d .whl $(GPU_WHEELS)
+	for spec in $(GPU_SDISTS); do ls .whl/$${spec%%==*}-$${spec##*==}-*.whl >/dev/null 2>&1 || \
+	  $(PYTHON) -m pip wheel -q --no-deps -w .whl $$spec || exit 1; done
+	@du -ch .whl/*.whl | tail -1
 
 # The frameworks the integrations are tested in, and the export tests' ONNX tools: the tests need
 # them all (none is skipped in CI), so a failed install fails here.

@@ -1,6 +1,7 @@
-"""The one-screen summary of .ci/gpu_check.py: each stage's status, the tests per file, the
-benchmark's summary tables, and each GPU-UNVERIFIED prediction of bench/NOTES.md beside what the
-benchmark measured (or why nothing was matched)."""
+"""The one-screen summary of .ci/gpu_check.py: each stage's status, the tests per file (and the
+files that never ran), crashed workers, the failures, the benchmark's summary tables, and each
+GPU-UNVERIFIED prediction of bench/NOTES.md beside what the benchmark measured (or why nothing was
+matched)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ import os
 import re
 import xml.etree.ElementTree as ET
 
-OUTCOMES = ("passed", "failed", "error", "skipped")
+OUTCOMES = ("passed", "failed", "error", "skipped", "crashed")
+# failures.txt's entries (.ci/failures_plugin.py): "==== <nodeid> (<when>)" or "==== worker gwN down".
+ENTRY = re.compile(r"^==== (\S+) \((setup|call|teardown|collection|worker crashed)\)$", re.M)
+WORKER_DOWN = re.compile(r"^==== worker (\S+) down$", re.M)
+CRASH_MESSAGE = "crashed while running"
 # A test's line in pytest -v output, with or without xdist: "tests/x.py::t PASSED", "[gw1] ... PASSED tests/x.py::t".
 VERBOSE_LINE = re.compile(r"(?:(tests/\S+?\.py)::\S*\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)"
                           r"|(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+(tests/\S+?\.py)::)")
@@ -24,8 +29,10 @@ def tests_per_file(out: str) -> tuple[dict, str]:
     if os.path.exists(xml_path):
         for case in ET.parse(xml_path).iter("testcase"):
             name = _test_file(case.get("classname") or case.get("name", ""))
-            kinds = {child.tag for child in case}
+            kinds = {child.tag: child.get("message") or "" for child in case}
             outcome = next((k for k in ("failure", "error", "skipped") if k in kinds), "passed")
+            if CRASH_MESSAGE in kinds.get(outcome, ""):  # xdist reports a crashed worker's test so
+                outcome = "crashed"
             counts[name][{"failure": "failed"}.get(outcome, outcome)] += 1
         return counts, "tests.xml"
     log_path = os.path.join(out, "tests.log")
@@ -35,7 +42,22 @@ def tests_per_file(out: str) -> tuple[dict, str]:
                 path = match.group(1) or match.group(4)
                 word = (match.group(2) or match.group(3)).lower()
                 counts[os.path.basename(path)][{"xfail": "skipped", "xpass": "passed"}.get(word, word)] += 1
+    for nodeid in failures(out)["crashed"]:  # the log reads FAILED for them
+        name = os.path.basename(nodeid.split("::")[0])
+        if counts[name]["failed"]:
+            counts[name]["failed"] -= 1
+            counts[name]["crashed"] += 1
     return counts, "tests.log (no junit XML: the run was cut short)"
+
+
+def failures(out: str) -> dict:
+    """failures.txt's entries: {"failed": ["nodeid (when)", ...], "crashed": [nodeid, ...], "workers down": [gwN, ...]}."""
+    path = os.path.join(out, "failures.txt")
+    text = open(path, errors="replace").read() if os.path.exists(path) else ""
+    entries = ENTRY.findall(text)
+    return {"failed": [f"{nodeid} ({when})" for nodeid, when in entries if when != "worker crashed"],
+            "crashed": [nodeid for nodeid, when in entries if when == "worker crashed"],
+            "workers down": WORKER_DOWN.findall(text)}
 
 
 def _test_file(dotted: str) -> str:
@@ -129,17 +151,43 @@ def prediction_lines(notes_path: str, out: str) -> list[str]:
     return lines
 
 
-def summary(results: list[dict], out: str, notes_path: str, seconds: float) -> str:
-    """The summary's text."""
+def test_lines(out: str, files: list[str], left_out: dict[str, str], listed: int = 40) -> list[str]:
+    """Each test file's outcomes (or that it never ran, or why it was left out), the crashed
+    workers, and the first `listed` failures of failures.txt."""
+    counts, source = tests_per_file(out)
+    names = sorted(set(counts) | {os.path.basename(f) for f in files})
+    if not names and not left_out:
+        return []
+    lines = [f"tests per file (from {source}):"]
+    for name in names:
+        c = counts.get(name)
+        result = " ".join(f"{k} {c[k]}" for k in OUTCOMES if c[k]) if c else ""
+        lines.append(f"  {name:<40} " + (result or "NEVER RAN (no result: the stage ended first, or not collected)"))
+    for name, why in sorted(left_out.items()):
+        lines.append(f"  {os.path.basename(name):<40} left out: {why}")
+    total = sum(counts.values(), collections.Counter())
+    never = sum(1 for name in names if not counts.get(name))
+    lines.append(f"  {'total':<40} " + " ".join(f"{k} {total[k]}" for k in OUTCOMES)
+                 + f"; files never ran {never}, left out {len(left_out)}")
+    found = failures(out)
+    lines.append(f"crashed workers: {len(found['workers down'])}"
+                 + (f" ({', '.join(found['workers down'])}; while running: {', '.join(found['crashed']) or '-'})"
+                    if found["workers down"] else ""))
+    failed = found["failed"] + [f"{nodeid} (worker crashed)" for nodeid in found["crashed"]]
+    if failed:
+        lines.append(f"failures (tracebacks in failures.txt), {len(failed)}:")
+        lines += [f"  {entry}" for entry in failed[:listed]]
+        if len(failed) > listed:
+            lines.append(f"  ... and {len(failed) - listed} more")
+    return lines
+
+
+def summary(results: list[dict], out: str, notes_path: str, seconds: float, files: list[str] = (),
+            left_out: dict[str, str] | None = None) -> str:
+    """The summary's text; `files` are the test files the tests stage ran, `left_out` those it did not (and why)."""
     lines = [f"==== gpu check summary ({seconds:.0f} s; logs and results in {out})"]
     lines += [f"{r['name']:>8}: {r['status']} ({r['seconds']:.0f} s)" for r in results]
-    counts, source = tests_per_file(out)
-    if counts:
-        lines.append(f"tests per file (from {source}):")
-        for name, c in sorted(counts.items()):
-            lines.append(f"  {name:<40} " + " ".join(f"{k} {c[k]}" for k in OUTCOMES if c[k]))
-        total = sum(counts.values(), collections.Counter())
-        lines.append(f"  {'total':<40} " + " ".join(f"{k} {total[k]}" for k in OUTCOMES))
+    lines += test_lines(out, list(files), left_out or {})
     lines.append("benchmark summary:")
     lines += summary_tables(out)
     lines.append("GPU-UNVERIFIED predictions of bench/NOTES.md and what this run measured:")

@@ -102,6 +102,14 @@ def pairs():
     ]
 
 
+def missing_module(error: ImportError) -> str:
+    """The module an ImportError could not find; fastnorm's integrations re-raise without a name,
+    from the framework's own ModuleNotFoundError."""
+    while error is not None and not getattr(error, "name", None):
+        error = error.__cause__
+    return getattr(error, "name", None) or ""
+
+
 def build(maker, x, stats_shape):
     """(step, why it cannot run)."""
     try:
@@ -109,9 +117,9 @@ def build(maker, x, stats_shape):
         step()  # a step that cannot run fails here, not in the timed rounds
         return step, ""
     except ImportError as error:
-        missing = getattr(error, "name", "") or ""
+        missing = missing_module(error)
         on_branch = not missing.startswith("fastnorm.integrations")
-        return None, (f"not installed ({missing})" if on_branch else "not on this branch")
+        return None, (f"not installed ({missing.split('.')[0]})" if on_branch else "not on this branch")
     except Exception as error:  # a class whose constructor differs: say so rather than stop the run
         return None, f"failed: {type(error).__name__}: {error}"
 

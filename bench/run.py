@@ -6,8 +6,9 @@ the memory floor, and whether it fixes the failures the seed analyses describe.
 Runs every section in SECTIONS in turn, prints its tables, and writes the results with the
 device, versions and date to bench/results/<device>-<date>.json (or --json PATH), the tables as
 markdown beside it (.md) and the fraction-of-copy bar chart (.png, or --plot PATH; needs
-matplotlib, which `pip install fastnorm[bench]` brings). --quick measures fewer shapes, sizes and
-rounds: under two minutes on a 2-core CPU.
+matplotlib, which `pip install fastnorm[bench]` brings). The JSON and markdown are rewritten after
+each section, so a run stopped midway keeps what it measured. --quick measures fewer shapes, sizes
+and rounds: under two minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -83,6 +84,22 @@ def busy_warning(env: dict) -> str:
             "shape). Each row is compared with the copy timed in the same interleaved rounds.")
 
 
+def write_results(path: str, env: dict, quick: bool, results: dict, markdown: list[str]):
+    """The JSON at path and the markdown beside it (.md), rewritten after each section: a run
+    stopped midway keeps the sections done."""
+    env["load_average_at_end"] = os.getloadavg()
+    stem = os.path.splitext(path)[0]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"environment": env, "quick": quick, "sections": results}, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(f"# fastnorm benchmark, {env['date']}: {env['device_name']} ({env['device']}, {env['threads']} threads), "
+                f"torch {env['torch']}{', quick' if quick else ''}\n\n"
+                f"Load average (1 min) {env['load_average_at_start'][0]:.1f} at the start, "
+                f"{env['load_average_at_end'][0]:.1f} at the end, on {env['cpus']} CPUs.{busy_warning(env)}\n\n"
+                + "\n".join(markdown))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -99,6 +116,8 @@ def main(argv=None):
           f"{[name for name, reasons in env['backends'].items() if not reasons]}, load average "
           f"{env['load_average_at_start'][0]:.1f} (other processes share these cores: expect noise)\n")
 
+    path = args.json or os.path.join(RESULTS, f"{device.type}-{env['date']}.json")
+    stem = os.path.splitext(path)[0]
     results, markdown, details = {}, [], []
     for name in args.sections:
         section = importlib.import_module(name)
@@ -112,23 +131,10 @@ def main(argv=None):
         results[name] = {"seconds": seconds, **result.records}
         markdown += [f"## {section.TITLE}", ""] + [as_markdown(t) + "\n" for t in result.tables if not t.detail]
         details += [as_markdown(t) + "\n" for t in result.tables if t.detail]
-
-    env["load_average_at_end"] = os.getloadavg()
-    path = args.json or os.path.join(RESULTS, f"{device.type}-{env['date']}.json")
-    stem = os.path.splitext(path)[0]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"environment": env, "quick": args.quick, "sections": results}, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(f"# fastnorm benchmark, {env['date']}: {env['device_name']} ({device.type}, {env['threads']} threads), "
-                f"torch {env['torch']}{', quick' if args.quick else ''}\n\n"
-                f"Load average (1 min) {env['load_average_at_start'][0]:.1f} at the start, "
-                f"{env['load_average_at_end'][0]:.1f} at the end, on {env['cpus']} CPUs.{busy_warning(env)}\n\n"
-                + "\n".join(markdown + (["## Details", ""] + details if details else [])))
+        write_results(path, env, args.quick, results, markdown + (["## Details", ""] + details if details else []))
+        if name == "running_norm":
+            print(plot.fraction_of_copy(results["running_norm"]["rows"], args.plot or stem + ".png", env) + "\n")
     print(f"results written to {path} and {stem}.md")
-    if "running_norm" in results:
-        plot_path = args.plot or stem + ".png"
-        print(plot.fraction_of_copy(results["running_norm"]["rows"], plot_path, env))
 
 
 if __name__ == "__main__":

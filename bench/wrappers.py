@@ -10,11 +10,13 @@ SB3, rewards, no episode end) without work of its own, so the time is the wrappe
 with fastnorm's subclasses (``fastnorm.integrations.gymnasium.VectorNormalizeObservation``,
 ``fastnorm.integrations.sb3.VecNormalize``) in their default mode and with ``fixes=True``.
 Issue 15's bar: at most 1.2x the library's time from 8 to 64 envs, faster from 1024 envs up.
+A library that is not installed (`pip install 'fastnorm[gymnasium,sb3]'`) is skipped, with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import warnings
@@ -32,6 +34,18 @@ SMALL_BAR, LARGE_FROM = 1.2, 1024  # issue 15: <= 1.2x the library's step up to 
 SECTION = {False: dict(envs=[8, 16, 64, 256, 1024, 4096], features=16),
            True: dict(envs=[8, 64, 1024], features=16)}
 PLANS = {False: Plan(rounds=400, warmup=50, budget_s=0.4), True: Plan(rounds=150, warmup=20, budget_s=0.15)}
+# Each library's wrappers and the packages they import.
+LIBRARIES = {"Gymnasium": ("gymnasium",), "SB3": ("gymnasium", "stable_baselines3")}
+
+
+def why_not_installed(library: str) -> str:
+    """Why `library`'s wrappers cannot be measured here ("" when they can)."""
+    for module in LIBRARIES[library]:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            return f"{type(error).__name__}: {error}"
+    return ""
 
 
 def gym_stub(num_envs: int, features: int, rng: np.random.Generator):
@@ -143,7 +157,21 @@ def bar_verdict(record: dict) -> str:
     return "-"
 
 
-def table(records: list[dict]) -> Table:
+def measure_all(envs: list[int], features: int, plan: Plan) -> tuple[list[dict], dict[str, str]]:
+    """The records of every installed library at every number of envs, and {library: why it is skipped}."""
+    records, skipped = [], {}
+    for library in LIBRARIES:
+        skipped[library] = why_not_installed(library)
+        if skipped[library]:
+            print(f"  {library} skipped: {skipped[library]}", flush=True)
+            continue
+        for num_envs in envs:
+            print(f"  {library} wrapper, {num_envs} envs x {features} features", flush=True)
+            records.append(measure(library, num_envs, features, plan))
+    return records, {library: reason for library, reason in skipped.items() if reason}
+
+
+def table(records: list[dict], skipped: dict[str, str]) -> Table:
     t = Table("Wrapper step on cpu: microseconds (ratio to the library's wrapper)",
               ["library", "envs", "features", "library us", "fastnorm us", "fastnorm fixes=True us", "bar"])
     for r in records:
@@ -153,19 +181,16 @@ def table(records: list[dict]) -> Table:
                        f"{us['fastnorm fixes=True']:.1f} ({ratio['fastnorm fixes=True']:.2f}x)", bar_verdict(r)])
     t.notes.append(f"bar (issue 15): fastnorm default at most {SMALL_BAR}x the library's step up to 64 envs, "
                    f"faster (< 1x) from {LARGE_FROM} envs; medians of interleaved rounds; stub envs without work")
+    t.notes += [f"skipped {library}: {reason}; pip install 'fastnorm[gymnasium,sb3]'" for library, reason in skipped.items()]
     return t
 
 
 def run(device: torch.device, quick: bool) -> SectionResult:
     if device.type != "cpu":
         print("(the wrappers take numpy observations: measured on the CPU whatever --device says)")
-    spec, plan = SECTION[quick], PLANS[quick]
-    records = []
-    for library in ("Gymnasium", "SB3"):
-        for num_envs in spec["envs"]:
-            print(f"  {library} wrapper, {num_envs} envs x {spec['features']} features", flush=True)
-            records.append(measure(library, num_envs, spec["features"], plan))
-    return SectionResult([table(records)], {"rows": records})
+    spec = SECTION[quick]
+    records, skipped = measure_all(spec["envs"], spec["features"], PLANS[quick])
+    return SectionResult([table(records, skipped)], {"rows": records, "skipped": skipped})
 
 
 def main(argv=None):
@@ -174,10 +199,8 @@ def main(argv=None):
     parser.add_argument("--features", type=int, default=16)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
-    plan = PLANS[args.quick]
     envs = [int(n) for n in args.envs.split(",")] if args.envs else SECTION[args.quick]["envs"]
-    records = [measure(library, n, args.features, plan) for library in ("Gymnasium", "SB3") for n in envs]
-    print(as_text(table(records)))
+    print(as_text(table(*measure_all(envs, args.features, PLANS[args.quick]))))
 
 
 if __name__ == "__main__":
