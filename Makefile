@@ -127,11 +127,14 @@ gpu-check-rehearsal: $(BUILD_STAMP)
 # The wheels .ci/gpu_check.py installs on the GPU machine, which has no network (Python 3.12, torch
 # 2.11): the pure-Python frameworks at setup.py's versions and what they import that the image
 # lacks (/work/.library/device/KINDS.md), into .whl/ (gitignored; carried with carry=[".whl"]).
-# tensordict (rsl-rl-lib needs it) is compiled, against no torch. vmas and gym (vmas imports it) are
-# sdists only: built into wheels here. Files already in .whl/ are kept: idempotent. README, "The GPU check".
+# tensordict (rsl-rl-lib needs it) is compiled, against no torch. torchrl's compiled extension was
+# built for another torch and does not load on 2.11 (torchrl warns; its replay-buffer C++ parts are
+# missing), its Python parts run: tests/test_integrations_torchrl.py passes on torch 2.11 here. vmas
+# and gym (vmas imports it) are sdists only: built into wheels here. Files already in .whl/ are kept:
+# idempotent. README, "The GPU check".
 GPU_WHEELS ?= rsl-rl-lib==5.5.1 tensordict==0.14.3 pyvers==0.2.3 gitpython==3.2.1 gitdb==4.0.12 smmap==5.0.3 \
 	skrl==2.1.1 gymnasium==1.4.0 farama-notifications==0.0.6 stable-baselines3==2.9.2 \
-	pyglet==1.5.27 gym-notices==0.0.8 rl-games==1.6.5 tensorboardx==2.6.5
+	pyglet==1.5.27 gym-notices==0.0.8 rl-games==1.6.5 tensorboardx==2.6.5 torchrl==0.14.1 hoptorch==0.1.4
 GPU_SDISTS ?= vmas==1.5.2 gym==0.26.2
 GPU_WHEEL_PLATFORM := --only-binary=:all: --python-version 3.12 --implementation cp \
 	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
