@@ -15,7 +15,8 @@
 // the reduce so that its last reads are still in L2. One run (groups == 1: global, masked rows)
 // takes 2 kernels: each reduce block stores its warps' pieces merged (a tree), and each block of
 // the normalize merges that short table itself (a tree, the same bits in every block) instead of
-// a merge kernel; block 0 writes the stats.
+// a merge kernel; block 0 writes the stats. Columns of a group each (inner == 1) skip the merge
+// kernel too: the normalize reads each column's moments from the table.
 //
 // The split ops run these passes apart: advantage_moments the reduce and merge, storing each
 // group's moments instead; normalize_advantages_from merge_group_parts_kernel (the parts' merge
@@ -391,14 +392,31 @@ __device__ __forceinline__ Vec<scalar_t, V> advantages_of(const Vec<scalar_t, V>
   return y;
 }
 
+// A lane's next kUnroll vectors of a piece ending at `end`, from entry i on.
+template <typename scalar_t, int V>
+__device__ __forceinline__ void load_vectors(const scalar_t* x, int64_t i, int64_t end, Vec<scalar_t, V> (&v)[kUnroll]) {
+  constexpr int64_t stride = kWarpSize * V;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (i + u * stride < end) v[u] = load<scalar_t, V>(x + i + u * stride);
+  }
+}
+
 // Runs layout: each warp its piece, the pieces in the reverse order of the reduce. kMergeTable
-// (one run): each block first merges the reduce's table itself (merge_table_by_block, the same
-// bits in every block) instead of a merge kernel, and block 0 writes the stats.
+// (one run): each block merges the reduce's table itself (merge_table_by_block, the same bits in
+// every block) instead of a merge kernel, while its first loads of x are in flight; block 0
+// writes the stats.
 template <typename scalar_t, int V, bool kMergeTable>
 __global__ void __launch_bounds__(kThreads) normalize_runs_kernel(const RunArgs a, int64_t table_cols) {
   using acc_t = typename Acc<scalar_t>::type;
   const int64_t pieces = a.runs * a.pieces_per_run;
   const int64_t warp = pieces - 1 - (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize);
+  const Piece piece = warp >= 0 ? piece_of(a, warp) : Piece{0, 0, 0};
+  const scalar_t* x = static_cast<const scalar_t*>(a.p.x);
+  scalar_t* y = static_cast<scalar_t*>(a.p.out);
+  const int64_t stride = kWarpSize * V, first = piece.first + (threadIdx.x % kWarpSize) * V;
+  Vec<scalar_t, V> v[kUnroll];
+  load_vectors<scalar_t, V>(x, first, piece.end, v);
   GroupCoef<acc_t> group;
   if constexpr (kMergeTable) {
     const ColumnSummary s = merge_table_by_block(a.partials, table_cols);
@@ -407,20 +425,12 @@ __global__ void __launch_bounds__(kThreads) normalize_runs_kernel(const RunArgs 
     group = coef_of<acc_t>(r);
   }
   if (warp < 0) return;
-  const Piece piece = piece_of(a, warp);
   GroupCoef<acc_t> k[V];
   if constexpr (!kMergeTable) group = coef_of<acc_t>(a.coef, a.p.groups, piece.run % a.p.groups);
 #pragma unroll
   for (int j = 0; j < V; ++j) k[j] = group;
-  const scalar_t* x = static_cast<const scalar_t*>(a.p.x);
-  scalar_t* y = static_cast<scalar_t*>(a.p.out);
-  const int64_t stride = kWarpSize * V;
-  for (int64_t i = piece.first + (threadIdx.x % kWarpSize) * V; i < piece.end; i += kUnroll * stride) {
-    Vec<scalar_t, V> v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (i + u * stride < piece.end) v[u] = load<scalar_t, V>(x + i + u * stride);
-    }
+  for (int64_t i = first; i < piece.end; i += kUnroll * stride) {
+    if (i != first) load_vectors<scalar_t, V>(x, i, piece.end, v);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (i + u * stride < piece.end) store<scalar_t, V>(y + i + u * stride, advantages_of<scalar_t, V>(v[u], k));
@@ -429,14 +439,17 @@ __global__ void __launch_bounds__(kThreads) normalize_runs_kernel(const RunArgs 
 }
 
 // Columns layout: x as (outer, groups * inner) rows in column tiles (tile_grid.cuh); column c is
-// in group c / inner. The blocks in the reverse order of the reduce's.
+// in group c / inner. The blocks in the reverse order of the reduce's. kFromTable (inner == 1: a
+// group per column): the coefficients straight from the reduce's table of columns, no merge kernel
+// (a column merged with nothing keeps its bits), and the first row split writes the stats.
 struct ColumnArgs {
   AdvantageProblem p;
   TileGrid grid;
   const double* coef;
+  const double* table;
 };
 
-template <typename scalar_t, int V>
+template <typename scalar_t, int V, bool kFromTable>
 __global__ void __launch_bounds__(kThreads) normalize_columns_kernel(const ColumnArgs a) {
   using acc_t = typename Acc<scalar_t>::type;
   const int64_t block = gridDim.x - 1 - blockIdx.x;
@@ -445,7 +458,16 @@ __global__ void __launch_bounds__(kThreads) normalize_columns_kernel(const Colum
   if (rows.n == 0) return;
   GroupCoef<acc_t> k[V];
 #pragma unroll
-  for (int j = 0; j < V; ++j) k[j] = coef_of<acc_t>(a.coef, a.p.groups, (l.col + j) / a.p.inner);
+  for (int j = 0; j < V; ++j) {
+    if constexpr (kFromTable) {
+      const ColumnSummary s = column_of_part(a.table, 0, a.grid.cols, l.col + j);
+      const AdvantageGroup r = advantage_group(s.moments, s.min, s.max, a.p.min_std, a.p.unbiased);
+      if (block < a.grid.column_tiles && l.row_lane == 0) store_stats(a.p, l.col + j, r);
+      k[j] = coef_of<acc_t>(r);
+    } else {
+      k[j] = coef_of<acc_t>(a.coef, a.p.groups, (l.col + j) / a.p.inner);
+    }
+  }
   const int64_t width = a.grid.cols;
   const scalar_t* x = static_cast<const scalar_t*>(a.p.x) + l.col;
   scalar_t* y = static_cast<scalar_t*>(a.p.out) + l.col;
@@ -484,6 +506,12 @@ bool normalizes(const AdvantagePlan& plan) { return plan.passes != AdvantagePass
 
 // The runs layout with a single run (groups == 1): a partial per reduce block, no merge kernel.
 bool one_run(const AdvantagePlan& plan) { return !plan.columns && plan.runs == 1; }
+
+// Whether normalize_advantages' normalize kernel takes the reduce's table itself, without a merge
+// kernel: one run (each block merges the blocks' partials) or columns of a group each (inner == 1).
+bool normalize_merges(const AdvantageProblem& p, const AdvantagePlan& plan) {
+  return reduces(plan) && normalizes(plan) && (one_run(plan) || (plan.columns && p.inner == 1));
+}
 
 // Blocks of the runs kernels (reduce and normalize): a warp per piece.
 int64_t run_blocks(const AdvantagePlan& plan) { return ceil_div(plan.runs * plan.pieces_per_run, kWarpsPerBlock); }
@@ -582,11 +610,14 @@ RunMask run_mask(const AdvantageProblem& p, int vector_width) {
   return p.mask != nullptr && p.mask_group % vector_width != 0 ? RunMask::kPerEntry : RunMask::kPerVector;
 }
 
-// Blocks of the reduce kernel of this layout (one run or runs per group) the device holds at once.
+// Blocks of the runs kernels the device holds at once: the reduce's, and for one run the fewer of
+// the reduce's and the merging normalize's (more registers), so that one wave of the reduce is one
+// of the normalize. From x's vector width alone, so that advantage_moments gets the same pieces.
 template <typename scalar_t, int V>
 int64_t resident_run_blocks(bool single_run) {
-  return single_run ? resident_blocks<reduce_one_run_kernel<scalar_t, V, RunMask::kPerVector>>()
-                    : resident_blocks<reduce_runs_kernel<scalar_t, V, RunMask::kPerVector>>();
+  if (!single_run) return resident_blocks<reduce_runs_kernel<scalar_t, V, RunMask::kPerVector>>();
+  return std::min(resident_blocks<reduce_one_run_kernel<scalar_t, V, RunMask::kPerVector>>(),
+                  resident_blocks<normalize_runs_kernel<scalar_t, V, true>>());
 }
 
 // Pieces of kWarpSize * V * vectors-per-lane entries, V the reduce's vector width, the vectors per
@@ -676,7 +707,11 @@ void launch_normalize_columns(const ColumnArgs& a, const AdvantagePlan& plan, cu
     using scalar_t = decltype(element);
     with_vector_width<scalar_t>(plan.normalize.vector_width, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      normalize_columns_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(a);
+      if (a.table != nullptr) {
+        normalize_columns_kernel<scalar_t, V, true><<<grid, kThreads, 0, stream>>>(a);
+      } else {
+        normalize_columns_kernel<scalar_t, V, false><<<grid, kThreads, 0, stream>>>(a);
+      }
     });
   });
 }
@@ -689,7 +724,7 @@ void reduce_pass(const AdvantageProblem& p, const AdvantagePlan& plan, const Scr
   if (one_run(plan)) {
     const int64_t blocks = run_blocks(plan);
     if (blocks > 0) launch_reduce_runs(run_args(p, plan, s.table, s.coef), plan, stream);
-    if (normalizes(plan) && blocks > 0) return;
+    if (normalize_merges(p, plan) && blocks > 0) return;
     merge.columns = {s.table, blocks, 1, blocks, 0, 1};
     merge_one_run_kernel<<<1, kThreads, 0, stream>>>(merge);
     return;
@@ -699,6 +734,7 @@ void reduce_pass(const AdvantageProblem& p, const AdvantagePlan& plan, const Scr
     Problem reduce = columns_problem(p, mask, plan.mask_cols);
     reduce.moments = s.table;
     launch_batch_moments(reduce, plan.reduce, s.reduce, stream);
+    if (normalize_merges(p, plan)) return;
     merge.columns = {s.table, row_width(p), 1, p.inner, 0, p.inner};
   } else {
     const int64_t pieces = plan.runs * plan.pieces_per_run;
@@ -718,10 +754,10 @@ void normalize_pass(const AdvantageProblem& p, const AdvantagePlan& plan, const 
   if (plan.columns) {
     const LaunchPlan& n = plan.normalize;
     const TileGrid grid{p.outer, row_width(p), n.column_threads, n.column_tiles, n.row_splits, n.rows_per_split};
-    launch_normalize_columns(ColumnArgs{p, grid, s.coef}, plan, stream);
+    launch_normalize_columns(ColumnArgs{p, grid, s.coef, normalize_merges(p, plan) ? s.table : nullptr}, plan, stream);
   } else {
-    const bool merge_table = one_run(plan) && reduces(plan);
-    launch_normalize_runs(run_args(p, plan, s.table, s.coef), plan, merge_table, table_columns(p, plan), stream);
+    launch_normalize_runs(run_args(p, plan, s.table, s.coef), plan, normalize_merges(p, plan), table_columns(p, plan),
+                          stream);
   }
 }
 

@@ -45,7 +45,7 @@ enum class ColumnMask : int { kNone, kDirect, kExpandedRows, kExpandedEntries };
 //    merged by each normalize block, no merge kernel);
 //  - columns (groups > 1 with short inner runs): x as (outer, groups * inner) rows goes through
 //    batch_moments' reduce (running_norm.cu), the columns' moments merge per group in order, then
-//    column tiles normalize.
+//    column tiles normalize (inner == 1: straight from the columns' moments, no merge kernel).
 struct AdvantagePlan {
   AdvantagePasses passes;
   bool columns;
@@ -70,7 +70,7 @@ AdvantagePlan plan_advantages(const AdvantageProblem& p, AdvantagePasses passes)
 //
 // normalize_advantages (kBoth): writes stats and y = (x - mean) / max(std_raw, min_std) per group
 // (0 for a group without a selected finite entry) into p.out: 2 kernels for one run (groups ==
-// 1), else 3 or 4 (and a memset).
+// 1), memset + 2 for columns of a group each (inner == 1), else 3 or 4 (and a memset).
 void launch_normalize_advantages(const AdvantageProblem& p, const AdvantagePlan& plan, void* workspace,
                                  cudaStream_t stream);
 
