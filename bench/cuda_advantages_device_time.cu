@@ -8,7 +8,14 @@
 #include "advantages.h"
 using namespace fastnorm::cuda;
 
-#define CK(x) do { cudaError_t ck_ = (x); if (ck_ != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(ck_), __LINE__); exit(1);} } while (0)
+#define CK(x)                                                                      \
+  do {                                                                             \
+    cudaError_t ck_ = (x);                                                         \
+    if (ck_ != cudaSuccess) {                                                      \
+      printf("CUDA %s at line %d\n", cudaGetErrorString(ck_), __LINE__);           \
+      exit(1);                                                                     \
+    }                                                                              \
+  } while (0)
 
 __global__ void fill(float* x, bool* m, int64_t n, int64_t nm, unsigned seed) {
   for (int64_t i = blockIdx.x * 256ll + threadIdx.x; i < n; i += gridDim.x * 256ll) {

@@ -44,7 +44,8 @@ def graph_us(fn):
 
 CASES = [("global", 1 << 20), ("masked rows", 1 << 20), ("per agent", 1 << 20),
          ("global", 1 << 24), ("masked rows", 1 << 24), ("per agent", 1 << 24)]
-print(f"{'case':18s} {'impl':14s} {'loop us':>8s} {'graph us':>8s} {'of copy L':>9s} {'of copy G':>9s} {'vs eager L':>10s} {'vs eager G':>10s}")
+print(f"{'case':18s} {'impl':14s} {'loop us':>8s} {'graph us':>8s} {'of copy L':>9s} {'of copy G':>9s} "
+      f"{'vs eager L':>10s} {'vs eager G':>10s}")
 for layout, n in CASES:
     shape = (n // 16, 16)
     dim = 0 if layout == "per agent" else None
@@ -78,12 +79,13 @@ for layout, n in CASES:
     for name, (loop, graph) in res.items():
         cl, cg = res["copy"]
         el, eg = res["eager"]
-        print(f"{layout + ' ' + str(n >> 20) + 'M':18s} {name:14s} {loop:8.2f} {graph:8.2f} {cl / loop:9.3f} {cg / graph:9.3f} "
-              f"{el / loop:10.2f} {eg / graph:10.2f}")
+        print(f"{layout + ' ' + str(n >> 20) + 'M':18s} {name:14s} {loop:8.2f} {graph:8.2f} {cl / loop:9.3f} "
+              f"{cg / graph:9.3f} {el / loop:10.2f} {eg / graph:10.2f}")
     # correctness against float64
     x, m = xs[0], ms[0]
     y, st = fastnorm.normalize_advantages(x, mask=m, dim=dim, backend="cuda")
-    y_ref, st_ref = fastnorm.normalize_advantages(x.cpu(), mask=None if m is None else m.cpu(), dim=dim, backend="reference")
+    y_ref, st_ref = fastnorm.normalize_advantages(x.cpu(), mask=None if m is None else m.cpu(), dim=dim,
+                                                  backend="reference")
     print("  max |y - ref|", float((y.cpu() - y_ref).abs().max()), " std rel err",
           float(((st.std_raw.cpu() - st_ref.std_raw) / st_ref.std_raw).abs().max()))
     del xs, ys, ms, flat

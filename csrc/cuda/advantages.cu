@@ -2,9 +2,10 @@
 // ::normalize_advantages_from (the layouts are described in advantages.h).
 //
 // Runs layout: warp w reduces piece w % pieces_per_run of run w / pieces_per_run, its lanes taking
-// consecutive vectors (coalesced loads; their width from x alone, never from the mask's layout). A lane sums at most kMaxVectorsPerLane vectors in float
-// (float64 for float64 x) about one shift, its first selected finite value, so that the sums of
-// its V slots add up in float64 into the corrected two-pass formula (moments_from_shifted_sums).
+// consecutive vectors (coalesced loads; their width from x alone, never from the mask's layout).
+// A lane sums at most kMaxVectorsPerLane vectors in float (float64 for float64 x) about one shift,
+// its first selected finite value, so that the sums of its V slots add up in float64 into the
+// corrected two-pass formula (moments_from_shifted_sums).
 // The lanes merge by a shuffle tree and lane 0 stores the piece's moments as one column of a
 // batch-moments table. Columns layout: batch_moments' reduce (running_norm.cu) writes one column
 // per (group, inner index) of x viewed as (outer, groups * inner) rows.
@@ -178,8 +179,8 @@ __device__ __forceinline__ ColumnSummary lane_summary(const LaneSums<acc_t, V>& 
 }
 
 // The exact two-pass moments in float64 of a lane's entries: the path for lanes whose float sums
-// overflowed (huge values).
-// Its arguments are scalars, not the kernel's (a reference would copy them to local memory).
+// overflowed (huge values). Scalar arguments: a reference to the kernel's would copy them to local
+// memory in every reduce.
 template <typename scalar_t, int V>
 __device__ __noinline__ ColumnSummary recompute_lane(const scalar_t* x, const bool* mask, int64_t mask_group,
                                                      int64_t first, int64_t end) {
@@ -394,7 +395,8 @@ __device__ __forceinline__ Vec<scalar_t, V> advantages_of(const Vec<scalar_t, V>
 
 // A lane's next kUnroll vectors of a piece ending at `end`, from entry i on.
 template <typename scalar_t, int V>
-__device__ __forceinline__ void load_vectors(const scalar_t* x, int64_t i, int64_t end, Vec<scalar_t, V> (&v)[kUnroll]) {
+__device__ __forceinline__ void load_vectors(const scalar_t* x, int64_t i, int64_t end,
+                                             Vec<scalar_t, V> (&v)[kUnroll]) {
   constexpr int64_t stride = kWarpSize * V;
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
