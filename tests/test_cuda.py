@@ -459,11 +459,17 @@ def test_split_ops_number_of_launches(gen, path, moments_launches):
 # pieces, columns (16 groups, each over 256 x 64 rows; the mask covers the first dim only, so it is
 # expanded per row; enough rows for batch_moments' split reduce).
 ADVANTAGE_CASES = {
-    "one_run": (((3_000_001,), None, (3_000_001,)),
-                ["reduce_runs_kernel", "merge_groups_kernel", "normalize_runs_kernel"]),
+    "one_run": (((3_000_001,), None, (3_000_001,)), ["reduce_one_run_kernel", "normalize_runs_kernel"]),
     "runs_per_group": (((40, 8_192), 1, (40,)), ["reduce_runs_kernel", "merge_groups_kernel", "normalize_runs_kernel"]),
     "columns": (((256, 64, 16), (0, 1), (256,)), ["expand_mask_kernel", "Memset", "running_norm_kernel",
-                                                  "merge_groups_kernel", "normalize_columns_kernel"]),
+                                                  "normalize_columns_kernel"]),
+}
+# advantage_moments of the same cases: the fused op's reduce, then the merge that the fused op
+# leaves to its normalize kernel where it can (one run, columns of a group each).
+ADVANTAGE_MOMENTS_LAUNCHES = {
+    "one_run": ["reduce_one_run_kernel", "merge_one_run_kernel"],
+    "runs_per_group": ["reduce_runs_kernel", "merge_groups_kernel"],
+    "columns": ["expand_mask_kernel", "Memset", "running_norm_kernel", "merge_groups_kernel"],
 }
 
 
@@ -689,7 +695,7 @@ def test_advantage_split_ops_number_of_launches(gen, case):
     moments = torch.empty(1, 5, shape[1], dtype=torch.float64, device=CUDA)
     out, table = torch.empty_like(x), torch.empty(4, shape[1], dtype=torch.float64, device=CUDA)
     for expected_names, call in [
-        (fused_launches[:-1], lambda: torch.ops.fastnorm.advantage_moments(x, mask, moments[0])),
+        (ADVANTAGE_MOMENTS_LAUNCHES[case], lambda: torch.ops.fastnorm.advantage_moments(x, mask, moments[0])),
         (["merge_group_parts_kernel", fused_launches[-1]],
          lambda: torch.ops.fastnorm.normalize_advantages_from(x, moments, out, table, 1e-4, True)),
     ]:

@@ -182,3 +182,19 @@ def test_columns_with_split_rows(emulator, gen):
     y, stats, plan = emu.normalize_advantages(emulator, H100_SMS, x, mask)
     assert plan.columns and plan.reduce_row_splits > 1
     assert_matches(y, stats, *expected(x, mask), torch.bfloat16)
+
+
+@pytest.mark.parametrize("shape,group", [((1, 1, 180), 3), ((1, 1, 4096), 2), ((1, 1, 4104), 6),
+                                         ((3, 5, 40), 5), ((2, 3, 700), 7), ((12, 15, 1), 3), ((12, 5, 3), 15)],
+                         ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mask_layout_does_not_change_the_bits(emulator, gen, shape, group, dtype):
+    # A mask over groups of entries and the same mask expanded per entry select the same entries:
+    # the plan (the entries' partition, the order of the sums) must not depend on its layout.
+    x = randn(shape, gen, dtype=dtype, mean=0.5, scale=2.0)
+    mask = random_mask((x.numel() // group,), gen)
+    y, stats, plan = emu.normalize_advantages(emulator, H100_SMS, x, mask)
+    y_full, stats_full, plan_full = emu.normalize_advantages(emulator, H100_SMS, x, mask.repeat_interleave(group))
+    assert (plan.vector_width, plan.pieces, plan.reduce_row_splits) == \
+        (plan_full.vector_width, plan_full.pieces, plan_full.reduce_row_splits)
+    assert torch.equal(stats, stats_full) and torch.equal(y, y_full)

@@ -41,10 +41,11 @@ enum class ColumnMask : int { kNone, kDirect, kExpandedRows, kExpandedEntries };
 // How the kernels cover a problem, from its sizes, its layout and the device, never from values.
 //  - runs: the runs of entries that share a group (all of x when groups == 1, else each
 //    x[o, g, :]) are cut into pieces, a warp reduces each piece; the pieces' moments merge per
-//    group in order, then the warps normalize their pieces;
+//    group in order, then the warps normalize their pieces (one run: a partial per reduce block,
+//    merged by each normalize block, no merge kernel);
 //  - columns (groups > 1 with short inner runs): x as (outer, groups * inner) rows goes through
 //    batch_moments' reduce (running_norm.cu), the columns' moments merge per group in order, then
-//    column tiles normalize.
+//    column tiles normalize (inner == 1: straight from the columns' moments, no merge kernel).
 struct AdvantagePlan {
   AdvantagePasses passes;
   bool columns;
@@ -68,7 +69,8 @@ AdvantagePlan plan_advantages(const AdvantageProblem& p, AdvantagePasses passes)
 // cudaGetLastError (C10_CUDA_KERNEL_LAUNCH_CHECK). Each takes the plan of its passes.
 //
 // normalize_advantages (kBoth): writes stats and y = (x - mean) / max(std_raw, min_std) per group
-// (0 for a group without a selected finite entry) into p.out: 3 or 4 kernels (and a memset).
+// (0 for a group without a selected finite entry) into p.out: 2 kernels for one run (groups ==
+// 1), memset + 2 for columns of a group each (inner == 1), else 3 or 4 (and a memset).
 void launch_normalize_advantages(const AdvantageProblem& p, const AdvantagePlan& plan, void* workspace,
                                  cudaStream_t stream);
 
