@@ -49,7 +49,7 @@ $(PY):
 
 $(DEPS_STAMP): $(PY) setup.py
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q "setuptools>=64" wheel ninja numpy pytest hypothesis triton tensorboard google-crc32c matplotlib
+	$(PY) -m pip install -q "setuptools>=64" wheel ninja numpy pytest pytest-xdist pytest-timeout hypothesis triton tensorboard google-crc32c matplotlib
 	touch $@
 
 # The editable install registers the package (without compiling); build_ext then builds the

@@ -95,7 +95,7 @@ setup(
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "pytest-xdist", "pytest-timeout", "hypothesis"],
         "monitor": ["tensorboard", "google-crc32c", "matplotlib"],
         # The frameworks of fastnorm.integrations, at the versions they are tested against.
         **FRAMEWORKS,
