@@ -220,3 +220,18 @@ def test_opcheck_arguments_launch_what_cuda_accepts(emulator, gen, device, with_
     torch.testing.assert_close(count, expected.count, rtol=0, atol=0)
     torch.testing.assert_close(var, expected.var, **STAT_TOL[torch.float32])
     assert_diag_close(diag, expected.diag, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(1,), (2,), (4,), (8,), (64,)], ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "rows"])
+def test_narrow_tiles_with_row_splits(emulator, gen, dtype, shape, mask_kind):
+    # A tile of 1-64 columns: its last block merges the splits' partials with 4 to 256 threads per
+    # column, lanes spanning up to 8 warps; at 4 columns or fewer enough splits (68-136) that
+    # several of a column's warps hold some, and more splits than lanes at 64 columns.
+    rows = 70000 if math.prod(shape) <= 4 else 5000
+    stats = fresh_stats(shape, gen)
+    for _ in range(2):
+        x = randn((rows, *shape), gen, dtype=dtype, mean=1.0, scale=2.0)
+        plan = check_step(emulator, H100_SMS, x, make_mask(mask_kind, rows, shape, gen), stats, HYPER, scale=2.0)
+        assert plan.row_splits > 1

@@ -325,15 +325,36 @@ __device__ __forceinline__ ColumnSummary load_partial(const KernelArgs& a, int64
           __ldcg(t + kMomentNonFinite * cols), __ldcg(t + kMomentMin * cols), __ldcg(t + kMomentMax * cols)};
 }
 
-// This thread's share of the merge of every split's partials of column `col`: splits row_lane,
-// row_lane + row_threads, ... in order (the block's row lanes then merge the shares).
-__device__ __forceinline__ ColumnSummary merge_partials(const KernelArgs& a, const Layout& l, int64_t col) {
+// The tile's last block merges every split's partials of the tile with all its threads: tile
+// column q gets kThreads / tile_columns consecutive threads (its lanes), lane k merging splits k,
+// k + lanes, ... in order, then the lanes merge by a shuffle tree, lower lanes first (and through
+// shared memory in warp order where a column's lanes span warps). Tile column q's state ends in
+// shared[q]. Every thread of the block calls it; then __syncthreads.
+__device__ __forceinline__ void merge_partials_of_tile(const KernelArgs& a, int64_t tile, int tile_columns,
+                                                       ColumnSummary* shared) {
+  const int t = static_cast<int>(threadIdx.x);
+  const int lanes = kThreads / tile_columns;
+  const int q = t / lanes, k = t % lanes;
+  const int64_t c = tile * tile_columns + q;
   ColumnSummary s = empty_column_summary();
-  if (!l.has_columns) return s;
-  for (int64_t split = l.row_lane; split < a.grid.row_splits; split += l.row_threads) {
-    s = merge_summaries(s, load_partial(a, split, col));
+  if (c < a.p.cols) {
+#pragma unroll 4
+    for (int64_t split = k; split < a.grid.row_splits; split += lanes) {
+      s = merge_summaries(s, load_partial(a, split, c));
+    }
   }
-  return s;
+  const int width = lanes < kWarpSize ? lanes : kWarpSize;
+  for (int offset = 1; offset < width; offset *= 2) s = merge_summaries(s, shuffle_down(s, offset));
+  constexpr int kWarpStates = kMaxTileColumns;  // where the warps' states wait, past the tile's columns
+  static_assert(kWarpStates + kThreads / kWarpSize <= kMergeCapacity, "the merge's shared states");
+  if (lanes > kWarpSize) {
+    if (t % kWarpSize == 0) shared[kWarpStates + t / kWarpSize] = s;
+    __syncthreads();
+    for (int w = 1; k == 0 && w < lanes / kWarpSize; ++w) {
+      s = merge_summaries(s, shared[kWarpStates + t / kWarpSize + w]);
+    }
+  }
+  if (k == 0) shared[q] = s;
 }
 
 // With the batch's state of column c: the diagnostics (every row), the running update, and what y
@@ -529,12 +550,11 @@ __global__ void __launch_bounds__(kThreads, 2) running_norm_kernel(const KernelA
     __syncthreads();
     if (!last_to_arrive) return;
     __threadfence();
-#pragma unroll
-    for (int j = 0; j < V; ++j) publish_row_lanes<V>(merge_partials(a, l, l.col + j), j, l.column_threads, shared);
+    merge_partials_of_tile(a, tile, tile_columns, shared);
     __syncthreads();
   }
   if (owns_column) {
-    const ColumnSummary s = merged_tile_column<V>(shared, t, l.column_threads, kThreads);
+    const ColumnSummary s = g.row_splits > 1 ? shared[t] : merged_tile_column<V>(shared, t, l.column_threads, kThreads);
     if (a.p.moments != nullptr) {
       store_column_summary(a.p.moments, a.p.cols, c, s);
     } else {
