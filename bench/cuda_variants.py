@@ -33,19 +33,20 @@ MAX_BUFFERS = 64
 LOOP_SECONDS = 4e-3  # device time of one eager loop
 GRAPH_CALLS = 20
 HYPER = (0.99, None, 1e-4, 1e-2, None, 10.0, False, False, None, None)  # momentum .. min_std_rel
+DEVICE, BACKEND = "cuda", "cuda"
 
 
 def rotation(shape, dtype):
     """Inputs rotated through ROTATE_BYTES (at most MAX_BUFFERS of them) and as many outputs."""
     nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
     n = max(2, min(MAX_BUFFERS, math.ceil(ROTATE_BYTES / nbytes)))
-    xs = [torch.randn(shape, device="cuda").mul_(2.0).add_(1.0).to(dtype) for _ in range(n)]
+    xs = [torch.randn(shape, device=DEVICE).mul_(2.0).add_(1.0).to(dtype) for _ in range(n)]
     return xs, [torch.empty_like(x) for x in xs]
 
 
 def running_norm_step(shape, xs, outs, previous):
     """One call of the raw op on buffer i (statistics of a RunningNorm warmed up by one update)."""
-    norm = fastnorm.RunningNorm(shape[1:], backend="cuda", device="cuda")
+    norm = fastnorm.RunningNorm(shape[1:], backend=BACKEND, device=DEVICE)
     norm(xs[0])
     mean, var, count, diag, steps = norm.mean, norm.var, norm.count, norm._diag, norm.steps
     op = torch.ops.fastnorm.running_norm.default
@@ -57,8 +58,8 @@ def running_norm_step(shape, xs, outs, previous):
 
 def batch_norm_step(shape, xs, outs):
     cols = math.prod(shape[1:])
-    running_mean = torch.zeros(cols, device="cuda")
-    running_var = torch.ones(cols, device="cuda")
+    running_mean = torch.zeros(cols, device=DEVICE)
+    running_var = torch.ones(cols, device=DEVICE)
     flat = [x.view(-1, cols) for x in xs]
 
     def step(i):
