@@ -138,6 +138,16 @@ def no_misaligned_access(capfd):
     assert "runtime error" not in err, err
 
 
+# cudaError_t values the emulated launches report (cuda_runtime_api.h).
+CUDA_ERROR_INVALID_CONFIGURATION = 9
+
+
+def check_launched(status: int, op: str) -> None:
+    """Fails where an emulated op's launches left a CUDA error (what the binding's
+    C10_CUDA_KERNEL_LAUNCH_CHECK raises on a GPU), e.g. a launch configuration CUDA refuses."""
+    assert status == 0, f"{op}: the launches left CUDA error {status}"
+
+
 def make_problem(x_rows, mean, var, hyper, *, out_rows=None, mask_rows=None, count=None, diag=None, steps=None):
     """The launchers' problem, as the binding builds it; hyper holds the op's keyword arguments
     (previous among them) and steps, when given, is the 0-dim int64 update counter."""
@@ -197,7 +207,7 @@ def running_norm(lib, device, x, mask, stats, hyper, *, out=None, with_output=Tr
     problem = make_problem(as_rows(x, cols), mean, var, hyper, out_rows=out.reshape(x.shape[0], cols) if out is not None
                            else None, mask_rows=mask_rows, count=count, diag=diag, steps=steps)
     plan = Plan()
-    lib.emulated_running_norm(device, ctypes.byref(problem), ctypes.byref(plan))
+    check_launched(lib.emulated_running_norm(device, ctypes.byref(problem), ctypes.byref(plan)), "running_norm")
     return out, diag, plan
 
 
@@ -210,7 +220,7 @@ def batch_moments(lib, device, x, mask, stats_shape):
     problem = make_problem(as_rows(x, cols), None, None, None, mask_rows=mask_rows)
     problem.moments = moments.data_ptr()
     plan = Plan()
-    lib.emulated_batch_moments(device, ctypes.byref(problem), ctypes.byref(plan))
+    check_launched(lib.emulated_batch_moments(device, ctypes.byref(problem), ctypes.byref(plan)), "batch_moments")
     return moments, plan
 
 
@@ -227,7 +237,7 @@ def merge_normalize(lib, device, x, mask, parts, stats, hyper, *, with_output=Tr
                            else None, mask_rows=mask_rows, count=count, diag=diag, steps=steps)
     problem.parts, problem.num_parts = parts.data_ptr(), parts.shape[0]
     plan = Plan()
-    lib.emulated_merge_normalize(device, ctypes.byref(problem), ctypes.byref(plan))
+    check_launched(lib.emulated_merge_normalize(device, ctypes.byref(problem), ctypes.byref(plan)), "merge_normalize")
     return out, diag, plan
 
 
@@ -257,7 +267,8 @@ def normalize_advantages(lib, device, x, mask=None, *, min_std=1e-4, unbiased=Tr
     stats = torch.full((4, x.shape[1]), -7.0, dtype=torch.float64)
     p = advantage_problem(x, mask, out=out, stats=stats, min_std=min_std, unbiased=unbiased)
     plan = AdvantagePlan()
-    lib.emulated_normalize_advantages(device, ctypes.byref(p), ctypes.byref(plan))
+    status = lib.emulated_normalize_advantages(device, ctypes.byref(p), ctypes.byref(plan))
+    check_launched(status, "normalize_advantages")
     return out, stats, plan
 
 
@@ -268,7 +279,7 @@ def advantage_moments(lib, device, x, mask=None):
     p = advantage_problem(x, mask)
     p.moments = moments.data_ptr()
     plan = AdvantagePlan()
-    lib.emulated_advantage_moments(device, ctypes.byref(p), ctypes.byref(plan))
+    check_launched(lib.emulated_advantage_moments(device, ctypes.byref(p), ctypes.byref(plan)), "advantage_moments")
     return moments, plan
 
 
@@ -283,5 +294,6 @@ def normalize_advantages_from(lib, device, x, parts, *, min_std=1e-4, unbiased=T
     p = advantage_problem(x, out=out, stats=stats, min_std=min_std, unbiased=unbiased)
     p.parts, p.num_parts = parts.data_ptr(), parts.shape[0]
     plan = AdvantagePlan()
-    lib.emulated_normalize_advantages_from(device, ctypes.byref(p), ctypes.byref(plan))
+    status = lib.emulated_normalize_advantages_from(device, ctypes.byref(p), ctypes.byref(plan))
+    check_launched(status, "normalize_advantages_from")
     return out, stats, plan

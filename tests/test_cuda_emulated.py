@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 
-from emulated_cuda import DTYPE_KIND, H100_SMS, ONE_SM, Plan, emulator, make_problem, no_misaligned_access  # noqa: F401
+from emulated_cuda import (CUDA_ERROR_INVALID_CONFIGURATION, DTYPE_KIND, FOUR_SMS, H100_SMS, ONE_SM, Plan,  # noqa: F401
+                           check_launched, emulator, make_problem, no_misaligned_access)
 from emulated_cuda import running_norm as emulated_step
 from fastnorm import reference
 from helpers import STAT_TOL, Y_TOL, assert_diag_close, random_mask, randn
@@ -76,7 +77,7 @@ def test_eps_on_std_and_unbiased_match_reference(emulator, gen, path, options):
     x = randn((rows, *shape), gen, scale=4.0)
     out = torch.full_like(x, float("nan"))
     problem = make_problem(x.reshape(rows, -1), stats[0], stats[1], hyper, out_rows=out.reshape(rows, -1))
-    emulator.emulated_normalize(device, ctypes.byref(problem), ctypes.byref(Plan()))
+    check_launched(emulator.emulated_normalize(device, ctypes.byref(problem), ctypes.byref(Plan())), "normalize")
     expected = reference.normalize(x, stats[0], stats[1], eps=hyper["eps"], min_std=hyper["min_std"], max_std=None,
                                    clip=hyper["clip"], eps_on_std=hyper.get("eps_on_std", False))
     torch.testing.assert_close(out, expected, **Y_TOL[torch.float32])
@@ -95,7 +96,7 @@ def test_relative_floor_and_long_run_scale_match_reference(emulator, gen, path):
         torch.testing.assert_close(scale, expected.scale, **STAT_TOL[torch.float32])
     out = torch.full_like(x, float("nan"))
     problem = make_problem(x.reshape(rows, -1), stats[0], stats[1], hyper, out_rows=out.reshape(rows, -1))
-    emulator.emulated_normalize(device, ctypes.byref(problem), ctypes.byref(Plan()))
+    check_launched(emulator.emulated_normalize(device, ctypes.byref(problem), ctypes.byref(Plan())), "normalize")
     expected = reference.normalize(x, stats[0], stats[1], eps=HYPER["eps"], min_std=HYPER["min_std"], max_std=None,
                                    clip=HYPER["clip"], scale=scale, min_std_rel=0.6)
     torch.testing.assert_close(out, expected, **Y_TOL[torch.float32])
@@ -185,8 +186,52 @@ def test_normalize(emulator, gen, dtype):
     out = torch.full_like(x, float("nan"))
     problem = make_problem(x.reshape(rows, -1), mean, var, HYPER, out_rows=out.reshape(rows, -1))
     plan = Plan()
-    emulator.emulated_normalize(H100_SMS, ctypes.byref(problem), ctypes.byref(plan))
+    check_launched(emulator.emulated_normalize(H100_SMS, ctypes.byref(problem), ctypes.byref(plan)), "normalize")
     expected = reference.normalize(x, mean, var, eps=HYPER["eps"], min_std=HYPER["min_std"], max_std=None,
                                    clip=HYPER["clip"])
     torch.testing.assert_close(out, expected, **Y_TOL[dtype])
     assert plan.row_splits > 1
+
+
+def test_launches_refuse_what_cuda_refuses(emulator):
+    # What an sm_90 launch refuses with cudaErrorInvalidConfiguration: an empty grid, more than
+    # 2^31 - 1 blocks, a block of 0 or more than 1024 threads, over 48 KB of dynamic shared memory.
+    status = emulator.emulated_launch_status
+    status.argtypes = [ctypes.c_ulonglong, ctypes.c_longlong, ctypes.c_size_t]
+    assert status(1, 256, 0) == 0 and status(2, 256, 48 * 1024) == 0  # (a valid launch runs: kept small)
+    for grid, block, shared in [(0, 256, 0), (2**31, 256, 0), (1, 0, 0), (1, 1056, 0), (1, 256, 48 * 1024 + 1)]:
+        assert status(grid, block, shared) == CUDA_ERROR_INVALID_CONFIGURATION, (grid, block, shared)
+
+
+@pytest.mark.parametrize("device", [ONE_SM, FOUR_SMS, H100_SMS])
+@pytest.mark.parametrize("with_out", [True, False])
+def test_opcheck_arguments_launch_what_cuda_accepts(emulator, gen, device, with_out):
+    # tests/test_ops.py::test_opcheck_running_norm[True-False]'s arguments (a mask per agent, no
+    # out), which met "CUDA error: invalid argument" on the H200: every launch of the op is one
+    # that CUDA accepts (check_launched), on every device size, and the step is right.
+    x = randn((33, 4, 3), gen)
+    mask = random_mask((33, 4), gen)
+    stats = fresh_stats((4, 3), gen)
+    mean, var, count = stats
+    expected = reference.running_norm(x, mask, mean, var, count, **HYPER, with_output=with_out)
+    y, diag, _ = emulated_step(emulator, device, x, mask, stats, HYPER, with_output=with_out)
+    if with_out:
+        torch.testing.assert_close(y, expected.y, **Y_TOL[torch.float32])
+    torch.testing.assert_close(count, expected.count, rtol=0, atol=0)
+    torch.testing.assert_close(var, expected.var, **STAT_TOL[torch.float32])
+    assert_diag_close(diag, expected.diag, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(1,), (2,), (4,), (8,), (64,)], ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "rows"])
+def test_narrow_tiles_with_row_splits(emulator, gen, dtype, shape, mask_kind):
+    # A tile of 1-64 columns: its last block merges the splits' partials with 4 to 256 threads per
+    # column, lanes spanning up to 8 warps; at 4 columns or fewer enough splits (68-136) that
+    # several of a column's warps hold some, and more splits than lanes at 64 columns.
+    rows = 70000 if math.prod(shape) <= 4 else 5000
+    stats = fresh_stats(shape, gen)
+    for _ in range(2):
+        x = randn((rows, *shape), gen, dtype=dtype, mean=1.0, scale=2.0)
+        plan = check_step(emulator, H100_SMS, x, make_mask(mask_kind, rows, shape, gen), stats, HYPER, scale=2.0)
+        assert plan.row_splits > 1

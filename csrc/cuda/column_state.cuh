@@ -42,8 +42,9 @@ __device__ __forceinline__ bool holds_group_result(int column_threads) {
 
 // The first half of merging a block's row lanes for column j of the thread's V columns: the warp
 // tree, then the group holders store their states in `shared`, which holds
-// block_threads / merge_group_threads(column_threads) * column_threads * V states. Every thread
-// of the block calls it for each j; then __syncthreads; then merged_row_lanes.
+// block_threads / merge_group_threads(column_threads) * column_threads * V states: group g's state
+// of tile column t (column j = t % V of column lane t / V) at g * column_threads * V + t. Every
+// thread of the block calls it for each j; then __syncthreads; then merged_tile_column.
 template <int V>
 __device__ __forceinline__ void publish_row_lanes(ColumnSummary s, int j, int column_threads, ColumnSummary* shared) {
   s = merge_warp_lanes(s, column_threads);
@@ -53,15 +54,16 @@ __device__ __forceinline__ void publish_row_lanes(ColumnSummary s, int j, int co
   shared[(group * column_threads + column_lane) * V + j] = s;
 }
 
-// The second half, for the threads of row lane 0 (threadIdx.x < column_threads): the merge over
-// the whole block of column j, the groups taken in order.
+// The second half, by one thread per tile column (t < column_threads * V): the merge over the
+// whole block of tile column t, the groups taken in order. A thread per column, not per column
+// lane, keeps the float64 chain at groups - 1 merges instead of V times as many.
 template <int V>
-__device__ __forceinline__ ColumnSummary merged_row_lanes(const ColumnSummary* shared, int j, int column_threads,
-                                                          int block_threads) {
+__device__ __forceinline__ ColumnSummary merged_tile_column(const ColumnSummary* shared, int t, int column_threads,
+                                                            int block_threads) {
   const int groups = block_threads / merge_group_threads(column_threads);
-  const int column_lane = static_cast<int>(threadIdx.x);
-  ColumnSummary s = shared[column_lane * V + j];
-  for (int g = 1; g < groups; ++g) s = merge_summaries(s, shared[(g * column_threads + column_lane) * V + j]);
+  const int tile_columns = column_threads * V;
+  ColumnSummary s = shared[t];
+  for (int g = 1; g < groups; ++g) s = merge_summaries(s, shared[g * tile_columns + t]);
   return s;
 }
 

@@ -132,14 +132,16 @@ __device__ __noinline__ ColumnSummary recompute_column(ColumnReader<scalar_t> c,
   return s;
 }
 
-// The lower bound of column c's divisor (std_floor): min_std, or the relative floor where larger.
-__device__ __forceinline__ double column_floor(const Problem& p, int64_t c) {
-  return p.scale != nullptr ? std_floor(p.min_std, p.min_std_rel, p.scale[c]) : p.min_std;
+// What y uses in a column of statistics mean and var (and long-run scale, read only where p.scale
+// is set): the divisor bounded below by min_std, or the relative floor where larger (std_floor).
+__device__ __forceinline__ OutputColumn output_of(const Problem& p, double mean, double var, double scale) {
+  const double floor = p.scale != nullptr ? std_floor(p.min_std, p.min_std_rel, scale) : p.min_std;
+  return {mean, 1.0 / bounded_std(var, p.eps, p.eps_on_std, floor, p.max_std), false};
 }
 
 // What y would use in column c with p's statistics as they are now.
 __device__ __forceinline__ OutputColumn output_column(const Problem& p, int64_t c) {
-  return {p.mean[c], 1.0 / bounded_std(p.var[c], p.eps, p.eps_on_std, column_floor(p, c), p.max_std), false};
+  return output_of(p, p.mean[c], p.var[c], p.scale != nullptr ? p.scale[c] : 0.0);
 }
 
 // Whether running_norm writes y in its reduce pass where every column of a thread has a history
@@ -234,8 +236,12 @@ __device__ __forceinline__ void sum_thread_rows(const Problem& p, const Layout& 
     t.has_shift[i] = false;
   }
   // The element-mask path and y's coefficients hold more per column: fewer rows at once keeps them
-  // within 128 registers.
-  constexpr int kRowsAtOnce = V <= 4 ? kUnroll : kElementMask && kWritesY ? 1 : kElementMask || kWritesY ? 2 : kUnroll;
+  // within 128 registers. The plain path of up to 4 columns per thread keeps 2 * kUnroll rows (128
+  // bytes) in flight: ~64 KB per multiprocessor, what HBM's latency needs.
+  constexpr int kRowsAtOnce = V <= 4 ? (kElementMask || kWritesY ? kUnroll : 2 * kUnroll)
+                              : kElementMask && kWritesY ? 1
+                              : kElementMask || kWritesY ? 2
+                                                         : kUnroll;
   for (int64_t k = 0; k < rows.n; k += kRowsAtOnce) {
     Vec<scalar_t, V> v[kRowsAtOnce];
     bool take[kRowsAtOnce];
@@ -319,15 +325,36 @@ __device__ __forceinline__ ColumnSummary load_partial(const KernelArgs& a, int64
           __ldcg(t + kMomentNonFinite * cols), __ldcg(t + kMomentMin * cols), __ldcg(t + kMomentMax * cols)};
 }
 
-// This thread's share of the merge of every split's partials of column `col`: splits row_lane,
-// row_lane + row_threads, ... in order (the block's row lanes then merge the shares).
-__device__ __forceinline__ ColumnSummary merge_partials(const KernelArgs& a, const Layout& l, int64_t col) {
+// The tile's last block merges every split's partials of the tile with all its threads: tile
+// column q gets kThreads / tile_columns consecutive threads (its lanes), lane k merging splits k,
+// k + lanes, ... in order, then the lanes merge by a shuffle tree, lower lanes first (and through
+// shared memory in warp order where a column's lanes span warps). Tile column q's state ends in
+// shared[q]. Every thread of the block calls it; then __syncthreads.
+__device__ __forceinline__ void merge_partials_of_tile(const KernelArgs& a, int64_t tile, int tile_columns,
+                                                       ColumnSummary* shared) {
+  const int t = static_cast<int>(threadIdx.x);
+  const int lanes = kThreads / tile_columns;
+  const int q = t / lanes, k = t % lanes;
+  const int64_t c = tile * tile_columns + q;
   ColumnSummary s = empty_column_summary();
-  if (!l.has_columns) return s;
-  for (int64_t split = l.row_lane; split < a.grid.row_splits; split += l.row_threads) {
-    s = merge_summaries(s, load_partial(a, split, col));
+  if (c < a.p.cols) {
+#pragma unroll 4
+    for (int64_t split = k; split < a.grid.row_splits; split += lanes) {
+      s = merge_summaries(s, load_partial(a, split, c));
+    }
   }
-  return s;
+  const int width = lanes < kWarpSize ? lanes : kWarpSize;
+  for (int offset = 1; offset < width; offset *= 2) s = merge_summaries(s, shuffle_down(s, offset));
+  constexpr int kWarpStates = kMaxTileColumns;  // where the warps' states wait, past the tile's columns
+  static_assert(kWarpStates + kThreads / kWarpSize <= kMergeCapacity, "the merge's shared states");
+  if (lanes > kWarpSize) {
+    if (t % kWarpSize == 0) shared[kWarpStates + t / kWarpSize] = s;
+    __syncthreads();
+    for (int w = 1; k == 0 && w < lanes / kWarpSize; ++w) {
+      s = merge_summaries(s, shared[kWarpStates + t / kWarpSize + w]);
+    }
+  }
+  if (k == 0) shared[q] = s;
 }
 
 // With the batch's state of column c: the diagnostics (every row), the running update, and what y
@@ -344,14 +371,17 @@ __device__ __forceinline__ OutputColumn finish_column(const Problem& p, int64_t 
   diag[kBatchMean * p.cols] = m.mean;
   diag[kBatchVar * p.cols] = m.count > 0.0 ? m.m2 / m.count : 0.0;
   diag[kNonFinite * p.cols] = s.nonfinite;
-  const bool keeps_previous = p.previous && p.count[c] > 0.0;
-  const OutputColumn before = output_column(p, c);
-  double mean = p.mean[c], var = p.var[c], count = p.count[c];
-  update_running_stats(mean, var, count, m, p.update, p.scale ? p.scale + c : nullptr);
+  // The statistics are read once and y's coefficients computed from registers: the stores below
+  // may alias for the compiler, and a reload after them would cost a round trip to L2.
+  double mean = p.mean[c], var = p.var[c], count = p.count[c], scale = p.scale != nullptr ? p.scale[c] : 0.0;
+  const bool keeps_previous = p.previous && count > 0.0;
+  const OutputColumn before = output_of(p, mean, var, scale);
+  update_running_stats(mean, var, count, m, p.update, &scale);  // (a local: kept where p.scale is set)
   p.mean[c] = mean;
   p.var[c] = var;
   p.count[c] = count;
-  OutputColumn y = keeps_previous ? before : output_column(p, c);
+  if (p.scale != nullptr) p.scale[c] = scale;
+  OutputColumn y = keeps_previous ? before : output_of(p, mean, var, scale);
   y.in_reduce = keeps_previous && reduce_wrote_y;
   if (p.with_output) {
     diag[kClipped * p.cols] = clipped;
@@ -501,16 +531,18 @@ __global__ void __launch_bounds__(kThreads, 2) running_norm_kernel(const KernelA
     }
   }
   __syncthreads();
-  const bool merges = l.row_lane == 0 && l.has_columns;  // the threads that hold the block's merge
+  // One thread per tile column merges the block's row lanes and finishes the column: tile column t
+  // is column t % V of column lane t / V (the indexing of shared, clipped_of_tile, output_of_tile).
+  const int tile_columns = g.column_threads * V;
+  const int t = static_cast<int>(threadIdx.x);
+  const int64_t c = tile * tile_columns + t;
+  const bool owns_column = t < tile_columns && c < g.cols;
   if (g.row_splits > 1) {
-    if (merges) {
+    if (owns_column) {
       double* table = a.partials + split * kNumMomentRows * a.p.cols;
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        store_column_summary(table, a.p.cols, l.col + j, merged_row_lanes<V>(shared, j, l.column_threads, kThreads));
-        const unsigned clipped = kWritesY ? clipped_of_tile[l.column_lane * V + j] : 0u;
-        if (clipped > 0) atomicAdd(a.clipped + l.col + j, static_cast<unsigned long long>(clipped));
-      }
+      store_column_summary(table, a.p.cols, c, merged_tile_column<V>(shared, t, l.column_threads, kThreads));
+      const unsigned clipped = kWritesY ? clipped_of_tile[t] : 0u;
+      if (clipped > 0) atomicAdd(a.clipped + c, static_cast<unsigned long long>(clipped));
     }
     __threadfence();  // the partials are visible device-wide before the counter says they are there
     __syncthreads();
@@ -518,27 +550,22 @@ __global__ void __launch_bounds__(kThreads, 2) running_norm_kernel(const KernelA
     __syncthreads();
     if (!last_to_arrive) return;
     __threadfence();
-#pragma unroll
-    for (int j = 0; j < V; ++j) publish_row_lanes<V>(merge_partials(a, l, l.col + j), j, l.column_threads, shared);
+    merge_partials_of_tile(a, tile, tile_columns, shared);
     __syncthreads();
   }
-  if (merges) {
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const int64_t c = l.col + j;
-      const ColumnSummary s = merged_row_lanes<V>(shared, j, l.column_threads, kThreads);
-      if (a.p.moments != nullptr) {
-        store_column_summary(a.p.moments, a.p.cols, c, s);
-        continue;
-      }
+  if (owns_column) {
+    const ColumnSummary s = g.row_splits > 1 ? shared[t] : merged_tile_column<V>(shared, t, l.column_threads, kThreads);
+    if (a.p.moments != nullptr) {
+      store_column_summary(a.p.moments, a.p.cols, c, s);
+    } else {
       const double clipped = !kWritesY            ? 0.0
                              : g.row_splits > 1 ? static_cast<double>(__ldcg(a.clipped + c))
-                                                : static_cast<double>(clipped_of_tile[l.column_lane * V + j]);
+                                                : static_cast<double>(clipped_of_tile[t]);
       const OutputColumn y = finish_column(a.p, c, s, kWritesY, clipped);
       if (g.row_splits > 1) {
         if (a.p.with_output) store_output_column(a.outputs, a.p.cols, c, y);
       } else {
-        output_of_tile[l.column_lane * V + j] = y;
+        output_of_tile[t] = y;
       }
     }
   }

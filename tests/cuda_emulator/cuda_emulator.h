@@ -8,7 +8,8 @@
 // deterministically; blocks run one after another in blockIdx order. Emulated: 1-D launches, __syncthreads, static
 // __shared__ arrays, __shfl_down_sync, __any_sync, atomicAdd, __threadfence, __ldcg, and the few
 // runtime calls the launchers make. A collective that not every lane reaches, or a __syncthreads
-// that not every live thread reaches, aborts (on a GPU it would hang or be undefined).
+// that not every live thread reaches, aborts (on a GPU it would hang or be undefined). A launch
+// configuration that CUDA refuses is refused too, its error kept for cudaGetLastError.
 //
 // What it cannot show: races between blocks running at the same time, the memory model, speed.
 #pragma once
@@ -147,16 +148,42 @@ inline void run_block(const std::function<void()>& kernel_body) {
   current = -1;
 }
 
-// The rewritten form of kernel<<<grid, block, shared_bytes, stream>>>(args).
+// What a CUDA device refuses to launch (sm_90: at most 1024 threads, 2^31 - 1 blocks of a 1-D
+// grid, 48 KB of dynamic shared memory without an opt-in attribute, which the kernels never set).
+// A launch is then skipped and its error left for cudaGetLastError, as CUDA does.
+constexpr int kMaxBlockThreads = 1024;
+constexpr unsigned long long kMaxGridBlocks = 2147483647ull;
+constexpr size_t kMaxDynamicSharedBytes = 48 * 1024;
+inline cudaError_t last_error = cudaSuccess;
+
+inline cudaError_t launch_error(unsigned long long grid, long long block, size_t shared_bytes) {
+  const bool valid = grid > 0 && grid <= kMaxGridBlocks && block > 0 && block <= kMaxBlockThreads &&
+                     shared_bytes <= kMaxDynamicSharedBytes;
+  return valid ? cudaSuccess : cudaErrorInvalidConfiguration;
+}
+
+// The error of the last call that failed since the previous query, cleared (cudaGetLastError).
+inline cudaError_t take_last_error() {
+  const cudaError_t e = last_error;
+  last_error = cudaSuccess;
+  return e;
+}
+
+// The rewritten form of kernel<<<grid, block, shared_bytes, stream>>>(args). The launch's
+// arguments are taken as wide integers, so that a grid or block computed out of range reaches
+// the check instead of wrapping around.
 template <typename Body>
-void launch(unsigned grid, int block, size_t shared_bytes, cudaStream_t stream, Body&& kernel_call) {
-  (void)shared_bytes;
+void launch(unsigned long long grid, long long block, size_t shared_bytes, cudaStream_t stream, Body&& kernel_call) {
   (void)stream;
+  if (const cudaError_t e = launch_error(grid, block, shared_bytes); e != cudaSuccess) {
+    last_error = e;
+    return;
+  }
   if (block % kWarp != 0) fail("block size is not a multiple of the warp size");
   grid_dim = dim3(grid, 1, 1);
   block_dim = dim3(static_cast<unsigned>(block), 1, 1);
   const std::function<void()> call = kernel_call;
-  for (unsigned b = 0; b < grid; ++b) {
+  for (unsigned b = 0; b < static_cast<unsigned>(grid); ++b) {
     block_idx = make_uint3(b, 0, 0);
     run_block(call);
   }

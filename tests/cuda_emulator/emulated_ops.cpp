@@ -1,6 +1,7 @@
 // The CUDA launchers of csrc/cuda/running_norm.cu and csrc/cuda/advantages.cu, run by
 // cuda_emulator.h on host memory, as a C library for the emulated tests (tests/emulated_cuda.py
-// loads it with ctypes). Also the runtime calls the launchers make.
+// loads it with ctypes). Also the runtime calls the launchers make. Each op returns the error its
+// launches left (0: none), what the binding's launch check would raise on.
 #include "cuda_emulator.h"
 
 #include <stdint.h>
@@ -99,48 +100,62 @@ cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t) {
   return cudaSuccess;
 }
 
-cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+cudaError_t cudaGetLastError(void) { return emu::take_last_error(); }
+
+// The error that launching an empty kernel with this configuration leaves (0: none): the
+// emulator's launch checks, for tests/test_cuda_emulated.py.
+int emulated_launch_status(unsigned long long grid, long long block, size_t shared_bytes) {
+  ::emu::launch(grid, block, shared_bytes, nullptr, [&] {});
+  return emu::take_last_error();
+}
 
 // For the tests to check that their mirrors of the problems have the same layout.
 size_t emulated_problem_bytes(void) { return sizeof(fastnorm::cuda::Problem); }
 size_t emulated_advantage_problem_bytes(void) { return sizeof(fastnorm::cuda::AdvantageProblem); }
 
-void emulated_running_norm(int device, const fastnorm::cuda::Problem* problem, EmulatedPlan* plan_out) {
+int emulated_running_norm(int device, const fastnorm::cuda::Problem* problem, EmulatedPlan* plan_out) {
   emulate_reduce(device, problem, fastnorm::cuda::launch_running_norm, plan_out);
+  return emu::take_last_error();
 }
 
-void emulated_normalize(int device, const fastnorm::cuda::Problem* problem, EmulatedPlan* plan_out) {
+int emulated_normalize(int device, const fastnorm::cuda::Problem* problem, EmulatedPlan* plan_out) {
   emulate_normalize(device, problem, fastnorm::cuda::launch_normalize, plan_out);
+  return emu::take_last_error();
 }
 
-void emulated_batch_moments(int device, const fastnorm::cuda::Problem* problem, EmulatedPlan* plan_out) {
+int emulated_batch_moments(int device, const fastnorm::cuda::Problem* problem, EmulatedPlan* plan_out) {
   emulate_reduce(device, problem, fastnorm::cuda::launch_batch_moments, plan_out);
+  return emu::take_last_error();
 }
 
-void emulated_merge_normalize(int device, const fastnorm::cuda::Problem* problem, EmulatedPlan* plan_out) {
+int emulated_merge_normalize(int device, const fastnorm::cuda::Problem* problem, EmulatedPlan* plan_out) {
   emu::device = device;
   const fastnorm::cuda::LaunchPlan plan = fastnorm::cuda::plan_merge_normalize(*problem);
   std::vector<unsigned char> workspace = garbage(plan.workspace_bytes);
   fastnorm::cuda::launch_merge_normalize(*problem, plan, workspace.data(), nullptr);
   *plan_out = chosen(plan);
+  return emu::take_last_error();
 }
 
-void emulated_normalize_advantages(int device, const fastnorm::cuda::AdvantageProblem* problem,
+int emulated_normalize_advantages(int device, const fastnorm::cuda::AdvantageProblem* problem,
                                    EmulatedAdvantagePlan* plan_out) {
   emulate_advantages(device, problem, fastnorm::cuda::AdvantagePasses::kBoth,
                      fastnorm::cuda::launch_normalize_advantages, plan_out);
+  return emu::take_last_error();
 }
 
-void emulated_advantage_moments(int device, const fastnorm::cuda::AdvantageProblem* problem,
+int emulated_advantage_moments(int device, const fastnorm::cuda::AdvantageProblem* problem,
                                 EmulatedAdvantagePlan* plan_out) {
   emulate_advantages(device, problem, fastnorm::cuda::AdvantagePasses::kReduce,
                      fastnorm::cuda::launch_advantage_moments, plan_out);
+  return emu::take_last_error();
 }
 
-void emulated_normalize_advantages_from(int device, const fastnorm::cuda::AdvantageProblem* problem,
+int emulated_normalize_advantages_from(int device, const fastnorm::cuda::AdvantageProblem* problem,
                                         EmulatedAdvantagePlan* plan_out) {
   emulate_advantages(device, problem, fastnorm::cuda::AdvantagePasses::kNormalize,
                      fastnorm::cuda::launch_normalize_advantages_from, plan_out);
+  return emu::take_last_error();
 }
 
 }  // extern "C"
