@@ -2,7 +2,9 @@
 ::merge_normalize_triton, ::normalize_advantages_triton, ::advantage_moments_triton and
 ::normalize_advantages_from_triton.
 
-Each takes the arguments of the fastnorm op of the same name without the suffix (csrc/ops.cpp) and
+Each takes the arguments of the fastnorm op of the same name without the suffix (csrc/ops.cpp), with
+no defaults from the first mutated optional one on (torch 2.11 fails on a mutated argument left at
+its default, pytorch issue #176078; the backend passes every argument), and
 checks them as the C++ bindings do (csrc/running_norm_args.cpp, csrc/advantages_args.cpp), from
 static facts only. On a GPU they are `torch.library.triton_op`s, so torch.compile traces through
 them to the Triton kernels; under TRITON_INTERPRET=1 they are opaque custom ops that run the
@@ -18,6 +20,7 @@ Importing this module requires triton.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Callable, Optional
 
@@ -67,6 +70,11 @@ IMPLEMENTATIONS: dict[str, Callable] = {}
 
 def _define(name: str, mutates_args: tuple[str, ...]):
     def register(fn):
+        # torch 2.11 cannot call a custom op whose mutated argument has a default and is left at it
+        # (pytorch issue #176078: an IndexError in its ADInplaceOrView kernel).
+        parameters = inspect.signature(fn).parameters
+        defaulted = [p for p in mutates_args if parameters[p].default is not inspect.Parameter.empty]
+        assert not defaulted, f"{name}: mutated arguments must not have defaults, got {defaulted}"
         IMPLEMENTATIONS[name] = fn
         if not INTERPRETED:
             return torch.library.triton_op(name, mutates_args=mutates_args)(fn)
@@ -206,9 +214,8 @@ def _writable_rows(out: Tensor, rows: int, cols: int) -> tuple[Tensor, bool]:
 def running_norm_triton(
     x: Tensor, mask: Optional[Tensor], mean: Tensor, var: Tensor, count: Tensor, out: Optional[Tensor],
     diag: Tensor, momentum: Optional[float], max_count: Optional[float], eps: float, min_std: Optional[float],
-    max_std: Optional[float], clip: Optional[float], eps_on_std: bool = False, unbiased: bool = False,
-    scale: Optional[Tensor] = None, min_std_rel: Optional[float] = None, previous: bool = False,
-    steps: Optional[Tensor] = None,
+    max_std: Optional[float], clip: Optional[float], eps_on_std: bool, unbiased: bool, scale: Optional[Tensor],
+    min_std_rel: Optional[float], previous: bool, steps: Optional[Tensor],
 ) -> None:
     """fastnorm::running_norm on the Triton kernels. An empty batch runs the kernel too: it resets
     the diagnostics and leaves the statistics and steps as they are."""
@@ -265,9 +272,8 @@ def batch_moments_triton(x: Tensor, mask: Optional[Tensor], moments: Tensor) -> 
 def merge_normalize_triton(
     x: Tensor, mask: Optional[Tensor], parts: Tensor, mean: Tensor, var: Tensor, count: Tensor,
     out: Optional[Tensor], diag: Tensor, momentum: Optional[float], max_count: Optional[float], eps: float,
-    min_std: Optional[float], max_std: Optional[float], clip: Optional[float], eps_on_std: bool = False,
-    unbiased: bool = False, scale: Optional[Tensor] = None, min_std_rel: Optional[float] = None,
-    previous: bool = False, steps: Optional[Tensor] = None,
+    min_std: Optional[float], max_std: Optional[float], clip: Optional[float], eps_on_std: bool, unbiased: bool,
+    scale: Optional[Tensor], min_std_rel: Optional[float], previous: bool, steps: Optional[Tensor],
 ) -> None:
     """fastnorm::merge_normalize on the Triton kernels; steps counts a step of the group, whatever x."""
     rows, cols = _check_update(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip,

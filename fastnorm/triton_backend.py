@@ -56,8 +56,12 @@ class TritonBackend:
             return ["the Triton interpreter is for tests; auto does not pick it"]
         return []
 
-    def running_norm(self, x, mask, mean, var, count, out, diag, **hyper) -> None:
-        torch.ops.fastnorm.running_norm_triton(x, mask, mean, var, count, out, diag, **hyper)
+    def running_norm(self, x, mask, mean, var, count, out, diag, *, momentum, max_count, eps, min_std, max_std,
+                     clip, eps_on_std=False, unbiased=False, scale=None, min_std_rel=None, previous=False,
+                     steps=None) -> None:
+        torch.ops.fastnorm.running_norm_triton.default(x, mask, mean, var, count, out, diag, momentum, max_count, eps,
+                                                       min_std, max_std, clip, eps_on_std, unbiased, scale,
+                                                       min_std_rel, previous, steps)
 
     def normalize(self, x, mean, var, out, **hyper) -> None:
         torch.ops.fastnorm.normalize_triton(x, mean, var, out, **hyper)
@@ -65,8 +69,12 @@ class TritonBackend:
     def batch_moments(self, x, mask, moments, shift=None) -> None:
         torch.ops.fastnorm.batch_moments_triton(x, mask, moments)  # two-pass blocks: no shift needed
 
-    def merge_normalize(self, x, mask, parts, mean, var, count, out, diag, **hyper) -> None:
-        torch.ops.fastnorm.merge_normalize_triton(x, mask, parts, mean, var, count, out, diag, **hyper)
+    def merge_normalize(self, x, mask, parts, mean, var, count, out, diag, *, momentum, max_count, eps, min_std,
+                        max_std, clip, eps_on_std=False, unbiased=False, scale=None, min_std_rel=None, previous=False,
+                        steps=None) -> None:
+        torch.ops.fastnorm.merge_normalize_triton.default(x, mask, parts, mean, var, count, out, diag, momentum,
+                                                          max_count, eps, min_std, max_std, clip, eps_on_std, unbiased,
+                                                          scale, min_std_rel, previous, steps)
 
     def normalize_advantages(self, x, mask, out, stats, **hyper) -> None:
         torch.ops.fastnorm.normalize_advantages_triton(x, mask, out, stats, **hyper)
