@@ -12,7 +12,9 @@ interpreted kernels directly (a traced graph cannot call them). Scratch (the spl
 allocated per call, uninitialized, on the caller's stream; the kernels write the diagnostics and
 count the steps, so an updating call dispatches no torch op but allocations, views and its Triton
 launches. IMPLEMENTATIONS holds the Python function behind each op (the tests trace what it
-dispatches).
+dispatches); in plain eager code the backend calls it directly (`calls_directly`), since the
+dispatcher's custom-op machinery costs more host time than the kernels' launches, and each launch
+is raw unless torch traces (triton_kernels/launcher.py).
 
 Importing this module requires triton.
 """
@@ -66,6 +68,14 @@ def _sm_count(index: Optional[int]) -> int:
 
 
 IMPLEMENTATIONS: dict[str, Callable] = {}
+
+
+def calls_directly(x: Tensor) -> bool:
+    """Whether a call on x may skip the op and run its Python function: x a plain tensor, in eager
+    code (not compiling, tracing, exporting, under a dispatch mode or a functorch transform), where
+    the op would only run that function. Elsewhere the op is called, so that torch sees it."""
+    return (not torch.compiler.is_compiling() and type(x) is Tensor and torch._C._len_torch_dispatch_stack() == 0
+            and torch._C._get_tracing_state() is None and not torch._C._are_functorch_transforms_active())
 
 
 def _define(name: str, mutates_args: tuple[str, ...]):
@@ -328,6 +338,13 @@ def _advantage_blocks(x: Tensor):
     return choose_advantage_blocks(*x.shape, x.element_size(), _programs(x), **_steps(x))
 
 
+def _kernel_layout(x: Tensor) -> Tensor:
+    """x (O, G, I) contiguous as the kernels take it: one group (the whole batch, whose size would
+    be a specialized integer as inner) as (O * I, 1, 1), whose entries are then contiguous runs of
+    the outer dim, a size Triton does not specialize on."""
+    return x.view(-1, 1, 1) if x.shape[1] == 1 else x
+
+
 def _flat_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
     return mask.contiguous().view(torch.uint8) if mask is not None else None
 
@@ -348,8 +365,9 @@ def normalize_advantages_triton(x: Tensor, mask: Optional[Tensor], out: Tensor, 
         stats.zero_()
         return
     out_c = _contiguous_out(x, out)
-    launch_normalize_advantages(x.contiguous(), _flat_mask(mask), out_c, stats, min_std=min_std, unbiased=unbiased,
-                                blocks=_advantage_blocks(x))
+    xk = _kernel_layout(x.contiguous())
+    launch_normalize_advantages(xk, _flat_mask(mask), out_c.view(xk.shape), stats, min_std=min_std, unbiased=unbiased,
+                                blocks=_advantage_blocks(xk))
     if out_c is not out:
         out.copy_(out_c)
 
@@ -366,7 +384,8 @@ def advantage_moments_triton(x: Tensor, mask: Optional[Tensor], moments: Tensor)
         moments[3].fill_(math.inf)
         moments[4].fill_(-math.inf)
         return
-    launch_advantage_moments(x.contiguous(), _flat_mask(mask), moments, blocks=_advantage_blocks(x))
+    xk = _kernel_layout(x.contiguous())
+    launch_advantage_moments(xk, _flat_mask(mask), moments, blocks=_advantage_blocks(xk))
 
 
 @_define("fastnorm::normalize_advantages_from_triton", ("out", "stats"))
@@ -383,7 +402,8 @@ def normalize_advantages_from_triton(x: Tensor, parts: Tensor, out: Tensor, stat
     if groups == 0:
         return
     out_c = _contiguous_out(x, out)
-    launch_normalize_advantages_from(x.contiguous(), parts, out_c, stats, min_std=min_std, unbiased=unbiased,
-                                     blocks=_advantage_blocks(x))
+    xk = _kernel_layout(x.contiguous())
+    launch_normalize_advantages_from(xk, parts, out_c.view(xk.shape), stats, min_std=min_std, unbiased=unbiased,
+                                     blocks=_advantage_blocks(xk))
     if out_c is not out and x.numel() > 0:
         out.copy_(out_c)

@@ -303,24 +303,17 @@ class DispatchedOps(TorchDispatchMode):
         from fastnorm.triton_kernels import running_norm as kernels
 
         self.ops, self.launches, self._in_launch = [], [], False
-        wrap_triton = kernels.wrap_triton
+        launch = kernels.launch
 
-        def recorded(kernel):
-            launcher = wrap_triton(kernel)
+        def recorded(kernel, grid, *args, **kwargs):
+            self.launches.append(kernel.fn.__name__)
+            self._in_launch = True
+            try:
+                launch(kernel, grid, *args, **kwargs)
+            finally:
+                self._in_launch = False
 
-            class Grid:
-                def __getitem__(_, grid):
-                    def launch(*args, **kwargs):
-                        self.launches.append(kernel.fn.__name__)
-                        self._in_launch = True
-                        try:
-                            return launcher[grid](*args, **kwargs)
-                        finally:
-                            self._in_launch = False
-                    return launch
-            return Grid()
-
-        monkeypatch.setattr(kernels, "wrap_triton", recorded)
+        monkeypatch.setattr(kernels, "launch", recorded)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from fastnorm._triton_ops import IMPLEMENTATIONS
