@@ -58,7 +58,12 @@ def _steps(x: Tensor) -> dict:
 def blocks_for(x: Tensor, stats_numel: int) -> Blocks:
     """The blocks the running-norm ops use for x with statistics of stats_numel elements."""
     rows = x.numel() // stats_numel if stats_numel > 0 else 0
-    return choose_blocks(rows, stats_numel, x.element_size(), _programs(x), **_steps(x))
+    return _blocks(rows, stats_numel, x.element_size(), _programs(x), tuple(_steps(x).items()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _blocks(rows: int, cols: int, element_size: int, programs: int, steps: tuple) -> Blocks:
+    return choose_blocks(rows, cols, element_size, programs, **dict(steps))  # the same few shapes call after call
 
 
 @functools.lru_cache(maxsize=None)
@@ -335,7 +340,12 @@ def _check_advantage_mask(x: Tensor, mask: Optional[Tensor]) -> None:
 
 
 def _advantage_blocks(x: Tensor):
-    return choose_advantage_blocks(*x.shape, x.element_size(), _programs(x), **_steps(x))
+    return _cached_advantage_blocks(tuple(x.shape), x.element_size(), _programs(x), tuple(_steps(x).items()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_advantage_blocks(shape: tuple, element_size: int, programs: int, steps: tuple):
+    return choose_advantage_blocks(*shape, element_size, programs, **dict(steps))
 
 
 def _kernel_layout(x: Tensor) -> Tensor:
