@@ -107,6 +107,52 @@ def test_no_mutated_argument_has_a_default(op):
     assert defaulted == [], str(schema)
 
 
+class PassThrough(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@needs_triton
+def test_launches_are_wrapped_only_where_torch_traces():
+    # wrap_triton's higher-order op costs host time in eager code and has no rule for a user's
+    # TorchDispatchMode; torch.compile, make_fx and fake tensors need it.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fastnorm.triton_kernels.launcher import torch_traces
+
+    def traced(t):
+        return t + 1 if torch_traces() else t
+
+    assert not torch_traces()
+    with PassThrough():
+        assert not torch_traces()
+    with FakeTensorMode():
+        assert torch_traces()
+    assert make_fx(traced)(torch.ones(2))(torch.ones(2))[0] == 2
+    assert torch.compile(traced, backend="eager", fullgraph=True)(torch.ones(2))[0] == 2
+
+
+@needs_triton
+def test_only_plain_eager_calls_skip_the_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastnorm._triton_ops import calls_directly
+
+    def through_the_op(t):
+        return t if calls_directly(t) else t + 1
+
+    x = torch.ones(3)
+    assert calls_directly(x)
+    with PassThrough():
+        assert not calls_directly(x)
+    with FakeTensorMode() as mode:
+        assert not calls_directly(mode.from_tensor(x))
+    assert torch.compile(through_the_op, backend="eager", fullgraph=True)(x)[0] == 2
+    assert torch.func.vmap(through_the_op)(x)[0] == 2
+    assert torch.jit.trace(through_the_op, x, check_trace=False)(x)[0] == 2
+
+
 @needs_triton_backend
 @pytest.mark.parametrize("with_mask", [True, False])
 @pytest.mark.parametrize("with_out", [True, False])
