@@ -37,7 +37,7 @@ class TritonBackend:
     allocates its own scratch on the caller's stream."""
 
     name = "triton"
-    checks_arguments = False
+    checks_arguments = True  # every op checks all its arguments before it launches (as csrc/running_norm_args.cpp)
 
     def unavailable_reasons(self) -> list[str]:
         return [TRITON_ERROR] if TRITON_ERROR is not None else []
