@@ -2,7 +2,9 @@
 ::merge_normalize_triton, ::normalize_advantages_triton, ::advantage_moments_triton and
 ::normalize_advantages_from_triton.
 
-Each takes the arguments of the fastnorm op of the same name without the suffix (csrc/ops.cpp) and
+Each takes the arguments of the fastnorm op of the same name without the suffix (csrc/ops.cpp), with
+no defaults from the first mutated optional one on (torch 2.11 fails on a mutated argument left at
+its default, pytorch issue #176078; the backend passes every argument), and
 checks them as the C++ bindings do (csrc/running_norm_args.cpp, csrc/advantages_args.cpp), from
 static facts only. On a GPU they are `torch.library.triton_op`s, so torch.compile traces through
 them to the Triton kernels; under TRITON_INTERPRET=1 they are opaque custom ops that run the
@@ -10,7 +12,9 @@ interpreted kernels directly (a traced graph cannot call them). Scratch (the spl
 allocated per call, uninitialized, on the caller's stream; the kernels write the diagnostics and
 count the steps, so an updating call dispatches no torch op but allocations, views and its Triton
 launches. IMPLEMENTATIONS holds the Python function behind each op (the tests trace what it
-dispatches).
+dispatches); in plain eager code the backend calls it directly (`calls_directly`), since the
+dispatcher's custom-op machinery costs more host time than the kernels' launches, and each launch
+is raw unless torch traces (triton_kernels/launcher.py).
 
 Importing this module requires triton.
 """
@@ -18,6 +22,7 @@ Importing this module requires triton.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Callable, Optional
 
@@ -53,7 +58,12 @@ def _steps(x: Tensor) -> dict:
 def blocks_for(x: Tensor, stats_numel: int) -> Blocks:
     """The blocks the running-norm ops use for x with statistics of stats_numel elements."""
     rows = x.numel() // stats_numel if stats_numel > 0 else 0
-    return choose_blocks(rows, stats_numel, x.element_size(), _programs(x), **_steps(x))
+    return _blocks(rows, stats_numel, x.element_size(), _programs(x), tuple(_steps(x).items()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _blocks(rows: int, cols: int, element_size: int, programs: int, steps: tuple) -> Blocks:
+    return choose_blocks(rows, cols, element_size, programs, **dict(steps))  # the same few shapes call after call
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,8 +75,21 @@ def _sm_count(index: Optional[int]) -> int:
 IMPLEMENTATIONS: dict[str, Callable] = {}
 
 
+def calls_directly(x: Tensor) -> bool:
+    """Whether a call on x may skip the op and run its Python function: x a plain tensor, in eager
+    code (not compiling, tracing, exporting, under a dispatch mode or a functorch transform), where
+    the op would only run that function. Elsewhere the op is called, so that torch sees it."""
+    return (not torch.compiler.is_compiling() and type(x) is Tensor and torch._C._len_torch_dispatch_stack() == 0
+            and torch._C._get_tracing_state() is None and not torch._C._are_functorch_transforms_active())
+
+
 def _define(name: str, mutates_args: tuple[str, ...]):
     def register(fn):
+        # torch 2.11 cannot call a custom op whose mutated argument has a default and is left at it
+        # (pytorch issue #176078: an IndexError in its ADInplaceOrView kernel).
+        parameters = inspect.signature(fn).parameters
+        defaulted = [p for p in mutates_args if parameters[p].default is not inspect.Parameter.empty]
+        assert not defaulted, f"{name}: mutated arguments must not have defaults, got {defaulted}"
         IMPLEMENTATIONS[name] = fn
         if not INTERPRETED:
             return torch.library.triton_op(name, mutates_args=mutates_args)(fn)
@@ -206,9 +229,8 @@ def _writable_rows(out: Tensor, rows: int, cols: int) -> tuple[Tensor, bool]:
 def running_norm_triton(
     x: Tensor, mask: Optional[Tensor], mean: Tensor, var: Tensor, count: Tensor, out: Optional[Tensor],
     diag: Tensor, momentum: Optional[float], max_count: Optional[float], eps: float, min_std: Optional[float],
-    max_std: Optional[float], clip: Optional[float], eps_on_std: bool = False, unbiased: bool = False,
-    scale: Optional[Tensor] = None, min_std_rel: Optional[float] = None, previous: bool = False,
-    steps: Optional[Tensor] = None,
+    max_std: Optional[float], clip: Optional[float], eps_on_std: bool, unbiased: bool, scale: Optional[Tensor],
+    min_std_rel: Optional[float], previous: bool, steps: Optional[Tensor],
 ) -> None:
     """fastnorm::running_norm on the Triton kernels. An empty batch runs the kernel too: it resets
     the diagnostics and leaves the statistics and steps as they are."""
@@ -265,9 +287,8 @@ def batch_moments_triton(x: Tensor, mask: Optional[Tensor], moments: Tensor) -> 
 def merge_normalize_triton(
     x: Tensor, mask: Optional[Tensor], parts: Tensor, mean: Tensor, var: Tensor, count: Tensor,
     out: Optional[Tensor], diag: Tensor, momentum: Optional[float], max_count: Optional[float], eps: float,
-    min_std: Optional[float], max_std: Optional[float], clip: Optional[float], eps_on_std: bool = False,
-    unbiased: bool = False, scale: Optional[Tensor] = None, min_std_rel: Optional[float] = None,
-    previous: bool = False, steps: Optional[Tensor] = None,
+    min_std: Optional[float], max_std: Optional[float], clip: Optional[float], eps_on_std: bool, unbiased: bool,
+    scale: Optional[Tensor], min_std_rel: Optional[float], previous: bool, steps: Optional[Tensor],
 ) -> None:
     """fastnorm::merge_normalize on the Triton kernels; steps counts a step of the group, whatever x."""
     rows, cols = _check_update(x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip,
@@ -319,7 +340,19 @@ def _check_advantage_mask(x: Tensor, mask: Optional[Tensor]) -> None:
 
 
 def _advantage_blocks(x: Tensor):
-    return choose_advantage_blocks(*x.shape, x.element_size(), _programs(x), **_steps(x))
+    return _cached_advantage_blocks(tuple(x.shape), x.element_size(), _programs(x), tuple(_steps(x).items()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_advantage_blocks(shape: tuple, element_size: int, programs: int, steps: tuple):
+    return choose_advantage_blocks(*shape, element_size, programs, **dict(steps))
+
+
+def _kernel_layout(x: Tensor) -> Tensor:
+    """x (O, G, I) contiguous as the kernels take it: one group (the whole batch, whose size would
+    be a specialized integer as inner) as (O * I, 1, 1), whose entries are then contiguous runs of
+    the outer dim, a size Triton does not specialize on."""
+    return x.view(-1, 1, 1) if x.shape[1] == 1 else x
 
 
 def _flat_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
@@ -342,8 +375,9 @@ def normalize_advantages_triton(x: Tensor, mask: Optional[Tensor], out: Tensor, 
         stats.zero_()
         return
     out_c = _contiguous_out(x, out)
-    launch_normalize_advantages(x.contiguous(), _flat_mask(mask), out_c, stats, min_std=min_std, unbiased=unbiased,
-                                blocks=_advantage_blocks(x))
+    xk = _kernel_layout(x.contiguous())
+    launch_normalize_advantages(xk, _flat_mask(mask), out_c.view(xk.shape), stats, min_std=min_std, unbiased=unbiased,
+                                blocks=_advantage_blocks(xk))
     if out_c is not out:
         out.copy_(out_c)
 
@@ -360,7 +394,8 @@ def advantage_moments_triton(x: Tensor, mask: Optional[Tensor], moments: Tensor)
         moments[3].fill_(math.inf)
         moments[4].fill_(-math.inf)
         return
-    launch_advantage_moments(x.contiguous(), _flat_mask(mask), moments, blocks=_advantage_blocks(x))
+    xk = _kernel_layout(x.contiguous())
+    launch_advantage_moments(xk, _flat_mask(mask), moments, blocks=_advantage_blocks(xk))
 
 
 @_define("fastnorm::normalize_advantages_from_triton", ("out", "stats"))
@@ -377,7 +412,8 @@ def normalize_advantages_from_triton(x: Tensor, parts: Tensor, out: Tensor, stat
     if groups == 0:
         return
     out_c = _contiguous_out(x, out)
-    launch_normalize_advantages_from(x.contiguous(), parts, out_c, stats, min_std=min_std, unbiased=unbiased,
-                                     blocks=_advantage_blocks(x))
+    xk = _kernel_layout(x.contiguous())
+    launch_normalize_advantages_from(xk, parts, out_c.view(xk.shape), stats, min_std=min_std, unbiased=unbiased,
+                                     blocks=_advantage_blocks(xk))
     if out_c is not out and x.numel() > 0:
         out.copy_(out_c)

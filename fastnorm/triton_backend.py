@@ -3,7 +3,8 @@ fastnorm/_triton_ops.py.
 
 It runs CUDA tensors, and CPU tensors only under the Triton interpreter (TRITON_INTERPRET=1 set
 before fastnorm is imported), which is for tests: "auto" never picks the interpreter. Whether
-triton imports and whether it interprets are read once, at import.
+triton imports and whether it interprets are read once, at import. Each method calls its op,
+or in plain eager code the op's Python function (`_triton_ops.calls_directly`), positionally.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class TritonBackend:
     allocates its own scratch on the caller's stream."""
 
     name = "triton"
-    checks_arguments = False
+    checks_arguments = True  # every op checks all its arguments before it launches (as csrc/running_norm_args.cpp)
 
     def unavailable_reasons(self) -> list[str]:
         return [TRITON_ERROR] if TRITON_ERROR is not None else []
@@ -56,23 +57,39 @@ class TritonBackend:
             return ["the Triton interpreter is for tests; auto does not pick it"]
         return []
 
-    def running_norm(self, x, mask, mean, var, count, out, diag, **hyper) -> None:
-        torch.ops.fastnorm.running_norm_triton(x, mask, mean, var, count, out, diag, **hyper)
+    def running_norm(self, x, mask, mean, var, count, out, diag, *, momentum, max_count, eps, min_std, max_std,
+                     clip, eps_on_std=False, unbiased=False, scale=None, min_std_rel=None, previous=False,
+                     steps=None) -> None:
+        _call("running_norm", x, mask, mean, var, count, out, diag, momentum, max_count, eps, min_std, max_std, clip,
+              eps_on_std, unbiased, scale, min_std_rel, previous, steps)
 
-    def normalize(self, x, mean, var, out, **hyper) -> None:
-        torch.ops.fastnorm.normalize_triton(x, mean, var, out, **hyper)
+    def normalize(self, x, mean, var, out, *, eps, min_std, max_std, clip, eps_on_std=False, scale=None,
+                  min_std_rel=None) -> None:
+        _call("normalize", x, mean, var, out, eps, min_std, max_std, clip, eps_on_std, scale, min_std_rel)
 
     def batch_moments(self, x, mask, moments, shift=None) -> None:
-        torch.ops.fastnorm.batch_moments_triton(x, mask, moments)  # two-pass blocks: no shift needed
+        _call("batch_moments", x, mask, moments)  # two-pass blocks: no shift needed
 
-    def merge_normalize(self, x, mask, parts, mean, var, count, out, diag, **hyper) -> None:
-        torch.ops.fastnorm.merge_normalize_triton(x, mask, parts, mean, var, count, out, diag, **hyper)
+    def merge_normalize(self, x, mask, parts, mean, var, count, out, diag, *, momentum, max_count, eps, min_std,
+                        max_std, clip, eps_on_std=False, unbiased=False, scale=None, min_std_rel=None, previous=False,
+                        steps=None) -> None:
+        _call("merge_normalize", x, mask, parts, mean, var, count, out, diag, momentum, max_count, eps, min_std,
+              max_std, clip, eps_on_std, unbiased, scale, min_std_rel, previous, steps)
 
-    def normalize_advantages(self, x, mask, out, stats, **hyper) -> None:
-        torch.ops.fastnorm.normalize_advantages_triton(x, mask, out, stats, **hyper)
+    def normalize_advantages(self, x, mask, out, stats, *, min_std, unbiased) -> None:
+        _call("normalize_advantages", x, mask, out, stats, min_std, unbiased)
 
     def advantage_moments(self, x, mask, moments) -> None:
-        torch.ops.fastnorm.advantage_moments_triton(x, mask, moments)
+        _call("advantage_moments", x, mask, moments)
 
-    def normalize_advantages_from(self, x, parts, out, stats, **hyper) -> None:
-        torch.ops.fastnorm.normalize_advantages_from_triton(x, parts, out, stats, **hyper)
+    def normalize_advantages_from(self, x, parts, out, stats, *, min_std, unbiased) -> None:
+        _call("normalize_advantages_from", x, parts, out, stats, min_std, unbiased)
+
+
+def _call(op: str, x: Tensor, *args) -> None:
+    """fastnorm::<op>_triton on (x, *args), or its Python function where that may run directly."""
+    name = f"fastnorm::{op}_triton"
+    if _triton_ops.calls_directly(x):
+        _triton_ops.IMPLEMENTATIONS[name](x, *args)
+    else:
+        getattr(torch.ops.fastnorm, f"{op}_triton").default(x, *args)

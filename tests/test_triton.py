@@ -33,6 +33,8 @@ needs_triton_backend = pytest.mark.skipif("triton" not in BACKENDS_UNDER_TEST,
                                           reason=f"the triton backend is not under test on {DEVICE}")
 needs_triton = pytest.mark.skipif(TRITON_ERROR is not None, reason=str(TRITON_ERROR))
 HYPER = dict(momentum=0.9, max_count=None, eps=1e-4, min_std=1e-2, max_std=None, clip=3.0)
+# The ops' arguments after diag: every one is required (see fastnorm/_triton_ops.py).
+OP_HYPER = dict(HYPER, eps_on_std=False, unbiased=False, scale=None, min_std_rel=None, previous=False, steps=None)
 
 
 def assert_stats_close(stats, expected, dtype, scale=1.0):
@@ -91,6 +93,66 @@ def test_split_rows_through_the_ops(device, gen):
     torch.testing.assert_close(moments[2] / 5000, want[2] / 5000, rtol=tol["rtol"], atol=tol["atol"] * 4.0)  # var
 
 
+@needs_triton
+@pytest.mark.parametrize("op", ["running_norm", "normalize", "batch_moments", "merge_normalize",
+                                "normalize_advantages", "advantage_moments", "normalize_advantages_from"])
+def test_no_mutated_argument_has_a_default(op):
+    # torch 2.11's custom ops index the mutated arguments in the arguments the dispatcher passes, which
+    # leave out those at their defaults (pytorch issue #176078): an IndexError at every such call.
+    from fastnorm import _triton_ops  # noqa: F401  (registers the ops)
+
+    schema = getattr(torch.ops.fastnorm, f"{op}_triton").default._schema
+    defaulted = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write
+                 and a.has_default_value()]
+    assert defaulted == [], str(schema)
+
+
+class PassThrough(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@needs_triton
+def test_launches_are_wrapped_only_where_torch_traces():
+    # wrap_triton's higher-order op costs host time in eager code and has no rule for a user's
+    # TorchDispatchMode; torch.compile, make_fx and fake tensors need it.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fastnorm.triton_kernels.launcher import torch_traces
+
+    def traced(t):
+        return t + 1 if torch_traces() else t
+
+    assert not torch_traces()
+    with PassThrough():
+        assert not torch_traces()
+    with FakeTensorMode():
+        assert torch_traces()
+    assert make_fx(traced)(torch.ones(2))(torch.ones(2))[0] == 2
+    assert torch.compile(traced, backend="eager", fullgraph=True)(torch.ones(2))[0] == 2
+
+
+@needs_triton
+def test_only_plain_eager_calls_skip_the_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastnorm._triton_ops import calls_directly
+
+    def through_the_op(t):
+        return t if calls_directly(t) else t + 1
+
+    x = torch.ones(3)
+    assert calls_directly(x)
+    with PassThrough():
+        assert not calls_directly(x)
+    with FakeTensorMode() as mode:
+        assert not calls_directly(mode.from_tensor(x))
+    assert torch.compile(through_the_op, backend="eager", fullgraph=True)(x)[0] == 2
+    assert torch.func.vmap(through_the_op)(x)[0] == 2
+    assert torch.jit.trace(through_the_op, x, check_trace=False)(x)[0] == 2
+
+
 @needs_triton_backend
 @pytest.mark.parametrize("with_mask", [True, False])
 @pytest.mark.parametrize("with_out", [True, False])
@@ -102,7 +164,7 @@ def test_opcheck_running_norm_triton(device, gen, with_mask, with_out, previous)
             torch.empty(6, 12, dtype=torch.float64, device=device))
     steps = torch.zeros((), dtype=torch.int64, device=device)
     torch.library.opcheck(torch.ops.fastnorm.running_norm_triton.default, args,
-                          dict(HYPER, previous=previous, steps=steps))
+                          dict(OP_HYPER, previous=previous, steps=steps))
 
 
 @needs_triton_backend
@@ -135,7 +197,7 @@ def test_opcheck_merge_normalize_triton(device, gen, with_out, previous):
             torch.empty(6, 12, dtype=torch.float64, device=device))
     steps = torch.zeros((), dtype=torch.int64, device=device)
     torch.library.opcheck(torch.ops.fastnorm.merge_normalize_triton.default, args,
-                          dict(HYPER, previous=previous, steps=steps))
+                          dict(OP_HYPER, previous=previous, steps=steps))
 
 
 @needs_triton_backend
@@ -145,17 +207,18 @@ def test_running_norm_ops_reject_bad_arguments_naming_them(device, gen):
     diag = torch.empty(6, 12, dtype=torch.float64, device=device)
     op = torch.ops.fastnorm.running_norm_triton
     with pytest.raises(ValueError, match="mean must be a contiguous float64 tensor"):
-        op(x, None, mean.float(), var, count, None, diag, **HYPER)
+        op(x, None, mean.float(), var, count, None, diag, **OP_HYPER)
     with pytest.raises(ValueError, match=r"diag must be a contiguous float64 tensor of shape \(6, 12\)"):
-        op(x, None, mean, var, count, None, diag[:, :5], **HYPER)
+        op(x, None, mean, var, count, None, diag[:, :5], **OP_HYPER)
     with pytest.raises(ValueError, match="mask must be a bool tensor"):
-        op(x, torch.ones(8, 5, dtype=torch.bool, device=device), mean, var, count, None, diag, **HYPER)
+        op(x, torch.ones(8, 5, dtype=torch.bool, device=device), mean, var, count, None, diag, **OP_HYPER)
     with pytest.raises(ValueError, match="momentum must be in"):
-        op(x, None, mean, var, count, None, diag, **dict(HYPER, momentum=2.0))
+        op(x, None, mean, var, count, None, diag, **dict(OP_HYPER, momentum=2.0))
     with pytest.raises(ValueError, match=r"steps must be a 0-dim int64 tensor on \S+, got torch.float32 of shape \(\)"):
-        op(x, None, mean, var, count, None, diag, steps=torch.zeros((), device=device), **HYPER)
+        op(x, None, mean, var, count, None, diag, **dict(OP_HYPER, steps=torch.zeros((), device=device)))
     with pytest.raises(ValueError, match=r"steps must be a 0-dim int64 tensor on \S+, got torch.int64 of shape \(1,\)"):
-        op(x, None, mean, var, count, None, diag, steps=torch.zeros(1, dtype=torch.int64, device=device), **HYPER)
+        op(x, None, mean, var, count, None, diag,
+           **dict(OP_HYPER, steps=torch.zeros(1, dtype=torch.int64, device=device)))
     with pytest.raises(ValueError, match=r"x must have shape \(\*batch, 4, 3\)"):
         torch.ops.fastnorm.normalize_triton(x[..., :2], mean, var, torch.empty_like(x[..., :2]), eps=1e-4,
                                             min_std=None, max_std=None, clip=None)
@@ -164,13 +227,14 @@ def test_running_norm_ops_reject_bad_arguments_naming_them(device, gen):
         torch.ops.fastnorm.batch_moments_triton(x, None, moments[:5])
     merge = torch.ops.fastnorm.merge_normalize_triton
     with pytest.raises(ValueError, match=r"parts must be a contiguous float64 tensor of shape \(num_parts >= 1"):
-        merge(x, None, moments, mean, var, count, None, diag, **HYPER)  # no parts dim
+        merge(x, None, moments, mean, var, count, None, diag, **OP_HYPER)  # no parts dim
     with pytest.raises(ValueError, match="parts must be a contiguous float64 tensor"):
-        merge(x, None, moments[None].float(), mean, var, count, None, diag, **HYPER)
+        merge(x, None, moments[None].float(), mean, var, count, None, diag, **OP_HYPER)
     with pytest.raises(ValueError, match="clip must be > 0"):
-        merge(x, None, moments[None], mean, var, count, None, diag, **dict(HYPER, clip=-1.0))
+        merge(x, None, moments[None], mean, var, count, None, diag, **dict(OP_HYPER, clip=-1.0))
     with pytest.raises(ValueError, match="steps must be a 0-dim int64 tensor"):
-        merge(x, None, moments[None], mean, var, count, None, diag, steps=torch.zeros(2, device=device), **HYPER)
+        merge(x, None, moments[None], mean, var, count, None, diag,
+              **dict(OP_HYPER, steps=torch.zeros(2, device=device)))
 
 
 @needs_triton_backend
@@ -257,14 +321,14 @@ def test_out_may_be_x_but_not_overlap_it_partially(device, gen):
     big = randn((9, 4, 3), gen, device=device)
     before = [t.clone() for t in (big, mean, var, count)]
     with pytest.raises(ValueError, match="out must be x itself or not overlap it"):
-        torch.ops.fastnorm.running_norm_triton(big[1:], None, mean, var, count, big[:-1], diag, **HYPER)
+        torch.ops.fastnorm.running_norm_triton(big[1:], None, mean, var, count, big[:-1], diag, **OP_HYPER)
     with pytest.raises(ValueError, match="out must not have elements that share memory"):
         torch.ops.fastnorm.normalize_triton(big[:2], mean, var, big[:1].expand(2, 4, 3), eps=1e-4, min_std=None,
                                             max_std=None, clip=None)
     assert all(torch.equal(a, b) for a, b in zip(before, (big, mean, var, count)))  # nothing written
     x = big.clone()
     expected = reference.running_norm(x, None, mean, var, count, **HYPER)
-    torch.ops.fastnorm.running_norm_triton(x, None, mean, var, count, x, diag, **HYPER)  # in place
+    torch.ops.fastnorm.running_norm_triton(x, None, mean, var, count, x, diag, **OP_HYPER)  # in place
     torch.testing.assert_close(x, expected.y, **Y_TOL[torch.float32])
 
 
@@ -285,24 +349,17 @@ class DispatchedOps(TorchDispatchMode):
         from fastnorm.triton_kernels import running_norm as kernels
 
         self.ops, self.launches, self._in_launch = [], [], False
-        wrap_triton = kernels.wrap_triton
+        launch = kernels.launch
 
-        def recorded(kernel):
-            launcher = wrap_triton(kernel)
+        def recorded(kernel, grid, *args, **kwargs):
+            self.launches.append(kernel.fn.__name__)
+            self._in_launch = True
+            try:
+                launch(kernel, grid, *args, **kwargs)
+            finally:
+                self._in_launch = False
 
-            class Grid:
-                def __getitem__(_, grid):
-                    def launch(*args, **kwargs):
-                        self.launches.append(kernel.fn.__name__)
-                        self._in_launch = True
-                        try:
-                            return launcher[grid](*args, **kwargs)
-                        finally:
-                            self._in_launch = False
-                    return launch
-            return Grid()
-
-        monkeypatch.setattr(kernels, "wrap_triton", recorded)
+        monkeypatch.setattr(kernels, "launch", recorded)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from fastnorm._triton_ops import IMPLEMENTATIONS
@@ -490,7 +547,7 @@ def test_triton_op_traces_to_its_kernels(previous):
 
         def step(x, mask, mean, var, count, out, diag, steps):
             torch.ops.fastnorm.running_norm_triton(x, mask, mean, var, count, out, diag, 0.99, None, 1e-4, 1e-2,
-                                                   None, 10.0, previous=sys.argv[1] == "1", steps=steps)
+                                                   None, 10.0, False, False, None, None, sys.argv[1] == "1", steps)
             return out
 
         def show(graph, inputs):

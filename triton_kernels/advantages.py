@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from fastnorm.triton_kernels.moments import TABLE_ROWS, chan_merge, merge_partials, shifted_moments, store_table
-from fastnorm.triton_kernels.running_norm import acc_type, wrap_triton
+from fastnorm.triton_kernels.launcher import cdiv, launch, next_power_of_2
+from fastnorm.triton_kernels.running_norm import acc_type
 
 _TABLE_ROWS = tl.constexpr(TABLE_ROWS)
 # Rows of stats (AdvantageStatRow in csrc/advantages_math.h).
@@ -50,6 +51,9 @@ _A_M2 = tl.constexpr(2)
 _A_MIN = tl.constexpr(3)
 _A_MAX = tl.constexpr(4)
 _INF = tl.constexpr(float("inf"))
+# The size arguments that follow the batch: not specialized (see running_norm.BATCH_SIZES); inner
+# stays specialized, the alignment of the rows of x depends on it.
+BATCH_SIZES = ("outer", "i_blocks", "steps", "steps_per_split")
 
 
 @triton.jit
@@ -63,7 +67,7 @@ def _entries(step, g, groups, inner, outer, i_blocks, BLOCK_O: tl.constexpr, BLO
     return index, exists
 
 
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_SIZES)
 def _reduce_kernel(
     x_ptr, mask_ptr, mask_group, stats_ptr, table_ptr, partials_ptr, arrivals_ptr,
     outer, groups, inner, i_blocks, steps, steps_per_split,
@@ -189,7 +193,7 @@ def _store_stats(stats_ptr, g, g_ok, groups, n, mean, m2, lo, hi, min_std, dof_o
     tl.store(stats_ptr + _S_NORM_MAX_ABS * groups + g, spread * _scale(n, std_raw, min_std), mask=g_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_SIZES)
 def _normalize_kernel(
     x_ptr, out_ptr, stats_ptr, outer, groups, inner, i_blocks, steps, steps_per_split, min_std: tl.float64,
     ACC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_I: tl.constexpr,
@@ -232,11 +236,11 @@ class AdvantageBlocks:
 
     def steps(self, outer: int, inner: int) -> tuple[int, int]:
         """The i-blocks and the steps of one group tile."""
-        i_blocks = triton.cdiv(inner, self.inner)
-        return i_blocks, triton.cdiv(outer, self.outer) * i_blocks
+        i_blocks = cdiv(inner, self.inner)
+        return i_blocks, cdiv(outer, self.outer) * i_blocks
 
     def grid(self, outer: int, groups: int, inner: int) -> tuple[int, int]:
-        return triton.cdiv(groups, self.groups), max(1, triton.cdiv(self.steps(outer, inner)[1], self.steps_per_split))
+        return cdiv(groups, self.groups), max(1, cdiv(self.steps(outer, inner)[1], self.steps_per_split))
 
 
 # A step takes at most STEP_ELEMS elements: the inner run first (contiguous), then as many groups
@@ -254,16 +258,15 @@ def choose_advantage_blocks(outer: int, groups: int, inner: int, element_size: i
     """Blocks for x (outer, groups, inner) of element_size bytes, aiming at about `programs`
     programs while keeping every program's work and the merge bounded; a step takes at most
     step_rows rows of outer (a power of 2) when given."""
-    block_i = min(triton.next_power_of_2(max(inner, 1)), step_elems)
-    block_g = min(triton.next_power_of_2(max(groups, 1)), max(1, (row_bytes // element_size) // block_i))
-    block_o = min(triton.next_power_of_2(max(outer, 1)), max(1, step_elems // (block_i * block_g)),
-                  step_rows or step_elems)
-    group_tiles = triton.cdiv(groups, block_g)
+    block_i = min(next_power_of_2(inner), step_elems)
+    block_g = min(next_power_of_2(groups), max(1, (row_bytes // element_size) // block_i))
+    block_o = min(max(1, step_elems // (block_i * block_g)), step_rows or step_elems)  # not outer: one compile
+    group_tiles = cdiv(groups, block_g)
     merge = max(1, MERGE_ELEMS // block_g)
-    steps = triton.cdiv(outer, block_o) * triton.cdiv(inner, block_i)
-    splits = max(1, min(triton.cdiv(programs, group_tiles), steps, merge * MAX_MERGE_STEPS))
+    steps = cdiv(outer, block_o) * cdiv(inner, block_i)
+    splits = max(1, min(cdiv(programs, group_tiles), steps, merge * MAX_MERGE_STEPS))
     return AdvantageBlocks(outer=block_o, groups=block_g, inner=block_i,
-                           steps_per_split=max(1, triton.cdiv(steps, splits)), merge=merge)
+                           steps_per_split=max(1, cdiv(steps, splits)), merge=merge)
 
 
 def _sizes(x: torch.Tensor, blocks: AdvantageBlocks) -> tuple[int, ...]:
@@ -293,17 +296,17 @@ def _launch_reduce(x, mask, stats, table, *, min_std, unbiased, blocks):
     """The reduce kernel: the statistics into stats, or (stats None) the moments into table."""
     grid = blocks.grid(*x.shape)
     partials, arrivals = split_scratch(grid[1], grid[0], x.shape[1], x.device)
-    wrap_triton(_reduce_kernel)[grid](
-        x, mask, x.numel() // mask.numel() if mask is not None else 1, stats, table, partials, arrivals,
-        *_sizes(x, blocks), float(min_std), 1.0 if unbiased else 0.0,
+    launch(
+        _reduce_kernel, grid, x, mask, x.numel() // mask.numel() if mask is not None else 1, stats, table, partials,
+        arrivals, *_sizes(x, blocks), float(min_std), 1.0 if unbiased else 0.0,
         HAS_MASK=mask is not None, MOMENTS=stats is None, SPLIT=grid[1] > 1, MERGE_R=blocks.merge,
         **_common(x, blocks),
     )
 
 
 def _launch_normalize(x, out, stats, *, min_std, blocks):
-    wrap_triton(_normalize_kernel)[blocks.grid(*x.shape)](x, out, stats, *_sizes(x, blocks), float(min_std),
-                                                          **_common(x, blocks))
+    launch(_normalize_kernel, blocks.grid(*x.shape), x, out, stats, *_sizes(x, blocks), float(min_std),
+           **_common(x, blocks))
 
 
 def launch_normalize_advantages(x: torch.Tensor, mask: Optional[torch.Tensor], out: torch.Tensor,
@@ -328,9 +331,9 @@ def launch_normalize_advantages_from(x: torch.Tensor, parts: torch.Tensor, out: 
     """Merges the advantage-moments tables parts (P, 5, G) in order into stats (4, G), then writes y
     for x (O, G, I), contiguous, possibly empty, into out."""
     groups = x.shape[1]
-    wrap_triton(_merge_parts_kernel)[(triton.cdiv(groups, blocks.groups),)](
-        parts, parts.shape[0], stats, groups, float(min_std), 1.0 if unbiased else 0.0, BLOCK_G=blocks.groups,
-        num_warps=blocks.num_warps,
+    launch(
+        _merge_parts_kernel, (cdiv(groups, blocks.groups),), parts, parts.shape[0], stats, groups, float(min_std),
+        1.0 if unbiased else 0.0, BLOCK_G=blocks.groups, num_warps=blocks.num_warps,
     )
     if x.numel() > 0:
         _launch_normalize(x, out, stats, min_std=min_std, blocks=blocks)

@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from fastnorm.reference import SCALE_WEIGHT_RATIO
+from fastnorm.triton_kernels.launcher import cdiv, launch, next_power_of_2
 from fastnorm.triton_kernels.moments import (TABLE_ROWS, chan_merge, merge_column_parts, merge_partials,
                                              shifted_moments, store_table)
 
@@ -67,6 +68,10 @@ _Y_MEAN = tl.constexpr(0)
 _Y_INV_STD = tl.constexpr(1)
 _Y_PENDING = tl.constexpr(2)  # 1: y still to write; 0: written in the reduce pass
 _INF = tl.constexpr(float("inf"))
+# The size arguments that follow the batch (and with it the number of splits): Triton would compile
+# a kernel again for each of their values that is 1 or a multiple of 16 (its integer specialization),
+# which buys nothing here: they bound loops and masks, no address alignment depends on them.
+BATCH_SIZES = ("rows", "rows_per_split", "num_tables")
 
 
 @triton.jit
@@ -213,7 +218,7 @@ def _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, 
     return y_mean, inv_std, history
 
 
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_SIZES)
 def _reduce_kernel(
     x_ptr, x_row_stride, out_ptr, out_row_stride, mask_ptr, mask_cols, mask_group,
     mean_ptr, var_ptr, count_ptr, diag_ptr, scale_ptr, steps_ptr, table_ptr, partials_ptr, split_clipped_ptr,
@@ -320,7 +325,7 @@ def _reduce_kernel(
         store_table(table_ptr, c, col_ok, cols, n, mean, m2, nonfinite_n, col_lo, col_hi)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_SIZES)
 def _merge_kernel(
     tables_ptr, num_tables, split_clipped_ptr, x_ptr, x_row_stride, out_ptr, out_row_stride, mask_ptr, mask_cols,
     mask_group, mean_ptr, var_ptr, count_ptr, diag_ptr, scale_ptr, steps_ptr, table_ptr, y_table_ptr, rows, cols,
@@ -370,7 +375,7 @@ def _merge_kernel(
         store_table(table_ptr, c, col_ok, cols, n, mean, m2, nonfinite, lo, hi)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_SIZES)
 def _normalize_kernel(
     x_ptr, x_row_stride, out_ptr, out_row_stride, mask_ptr, mask_cols, mask_group,
     mean_ptr, var_ptr, scale_ptr, y_table_ptr, diag_ptr, rows, cols, rows_per_split,
@@ -409,12 +414,6 @@ def _normalize_kernel(
 
 # The kernels are InterpretedFunctions when TRITON_INTERPRET=1 was set before this module was imported.
 INTERPRETED = not isinstance(_reduce_kernel, triton.runtime.JITFunction)
-if INTERPRETED:
-    def wrap_triton(kernel):
-        """Interpreted kernels run as they are (older torch.library.wrap_triton rejects them)."""
-        return kernel
-else:
-    from torch.library import wrap_triton  # torch.compile traces the launches to the kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,7 +428,7 @@ class Blocks:
     num_warps: int = 4
 
     def grid(self, rows: int, cols: int) -> tuple[int, int]:
-        return triton.cdiv(cols, self.cols), max(1, triton.cdiv(rows, self.rows_per_split))
+        return cdiv(cols, self.cols), max(1, cdiv(rows, self.rows_per_split))
 
 
 # A program steps over STEP_ELEMS elements of x at a time (16 a thread with 4 warps) made of
@@ -449,13 +448,13 @@ def choose_blocks(rows: int, cols: int, element_size: int, programs: int, step_e
     programs (a few per SM on a GPU) while keeping every program's work and the merge bounded; a
     loop step takes at most step_elems elements in row segments of at most row_bytes, and at most
     step_rows rows (a power of 2) when given."""
-    block_c = min(triton.next_power_of_2(max(cols, 1)), max(1, row_bytes // element_size))
-    block_r = min(triton.next_power_of_2(max(rows, 1)), max(1, step_elems // block_c), step_rows or step_elems)
-    col_tiles = triton.cdiv(cols, block_c)
+    block_c = min(next_power_of_2(cols), max(1, row_bytes // element_size))
+    block_r = min(max(1, step_elems // block_c), step_rows or step_elems)  # not rows: no compile per batch size
+    col_tiles = cdiv(cols, block_c)
     merge = max(1, MERGE_ELEMS // block_c)
-    max_splits = min(triton.cdiv(rows, max(block_r, MIN_SPLIT_BYTES // element_size)), merge * MAX_MERGE_STEPS)
-    splits = max(1, min(triton.cdiv(programs, col_tiles), max_splits))
-    steps_per_split = triton.cdiv(triton.cdiv(rows, block_r), splits)
+    max_splits = min(cdiv(rows, max(block_r, MIN_SPLIT_BYTES // element_size)), merge * MAX_MERGE_STEPS)
+    splits = max(1, min(cdiv(programs, col_tiles), max_splits))
+    steps_per_split = cdiv(cdiv(rows, block_r), splits)
     return Blocks(rows=block_r, cols=block_c, rows_per_split=max(1, steps_per_split) * block_r, merge=merge)
 
 
@@ -513,9 +512,9 @@ def launch_running_norm(
     scalars = _scalars(momentum, max_count, eps, min_std, max_std, eps_on_std, unbiased, min_std_rel, clip)
     partials = _float64((splits, TABLE_ROWS, cols), x_rows.device) if splits > 1 else None
     split_clipped = _float64((splits, cols), x_rows.device) if splits > 1 and previous else None
-    wrap_triton(_reduce_kernel)[grid](
-        *_rows_args(x_rows, out_rows, mask_rows), mean, var, count, diag, scale, steps if splits == 1 else None,
-        None, partials, split_clipped, rows, cols, blocks.rows_per_split, *scalars,
+    launch(
+        _reduce_kernel, grid, *_rows_args(x_rows, out_rows, mask_rows), mean, var, count, diag, scale,
+        steps if splits == 1 else None, None, partials, split_clipped, rows, cols, blocks.rows_per_split, *scalars,
         HAS_MASK=mask_rows is not None, HAS_SCALE=scale is not None, HAS_STEPS=steps is not None and splits == 1,
         UPDATE=True, WITH_OUTPUT=with_output, PREVIOUS=previous, SPLIT=splits > 1, ACC=acc_type(x_rows.dtype),
         BLOCK_R=blocks.rows, BLOCK_C=blocks.cols, num_warps=blocks.num_warps,
@@ -539,9 +538,9 @@ def launch_batch_moments(x_rows: torch.Tensor, mask_rows: Optional[torch.Tensor]
     splits = grid[1]
     partials = _float64((splits, TABLE_ROWS, cols), x_rows.device) if splits > 1 else None
     scalars = _scalars(None, None, 0.0, None, None, False, False, None, None)
-    wrap_triton(_reduce_kernel)[grid](
-        *_rows_args(x_rows, None, mask_rows), None, None, None, None, None, None, table if splits == 1 else None,
-        partials, None, rows, cols, blocks.rows_per_split, *scalars,
+    launch(
+        _reduce_kernel, grid, *_rows_args(x_rows, None, mask_rows), None, None, None, None, None, None,
+        table if splits == 1 else None, partials, None, rows, cols, blocks.rows_per_split, *scalars,
         HAS_MASK=mask_rows is not None, HAS_SCALE=False, HAS_STEPS=False, UPDATE=False, WITH_OUTPUT=False,
         PREVIOUS=False, SPLIT=splits > 1, ACC=acc_type(x_rows.dtype), BLOCK_R=blocks.rows, BLOCK_C=blocks.cols,
         num_warps=blocks.num_warps,
@@ -595,10 +594,11 @@ def _launch_merge(tables, *, from_splits, x_rows, scalars, blocks, mask_rows=Non
     rows, cols = x_rows.shape
     mean, var, count, diag, scale = stats if stats is not None else (None,) * 5
     x_args = _rows_args(x_rows, out_rows, mask_rows) if out_rows is not None else (None, 0, None, 0, None, 1, 1)
-    wrap_triton(_merge_kernel)[(max(1, triton.cdiv(cols, blocks.cols)),)](
-        tables, tables.shape[0], split_clipped, *x_args, mean, var, count, diag, scale, steps, table, y_table, rows,
-        cols, *scalars, SPLITS=from_splits, HAS_MASK=x_args[4] is not None, HAS_SCALE=scale is not None,
-        HAS_STEPS=steps is not None, UPDATE=stats is not None, WITH_OUTPUT=with_output,
+    launch(
+        _merge_kernel, (max(1, cdiv(cols, blocks.cols)),), tables, tables.shape[0], split_clipped, *x_args, mean,
+        var, count, diag, scale, steps, table, y_table, rows, cols, *scalars, SPLITS=from_splits,
+        HAS_MASK=x_args[4] is not None, HAS_SCALE=scale is not None, HAS_STEPS=steps is not None,
+        UPDATE=stats is not None, WITH_OUTPUT=with_output,
         PREVIOUS=previous and with_output, NORMALIZE=out_rows is not None, ACC=acc_type(x_rows.dtype),
         BLOCK_R=blocks.rows, BLOCK_C=blocks.cols, MERGE_R=blocks.merge, num_warps=blocks.num_warps,
     )
@@ -609,9 +609,10 @@ def _launch_normalize(x_rows, out_rows, mask_rows, *, scalars, blocks, stats=Non
     y_table; with diag, the clipped counts of the selected entries are added to it."""
     rows, cols = x_rows.shape
     mean, var, scale = stats if stats is not None else (None,) * 3
-    wrap_triton(_normalize_kernel)[blocks.grid(rows, cols)](
-        *_rows_args(x_rows, out_rows, mask_rows), mean, var, scale, y_table, diag, rows, cols,
-        blocks.rows_per_split, *scalars, HAS_MASK=mask_rows is not None, HAS_SCALE=scale is not None,
-        FROM_Y_TABLE=y_table is not None, WITH_DIAG=diag is not None, ACC=acc_type(x_rows.dtype),
+    launch(
+        _normalize_kernel, blocks.grid(rows, cols), *_rows_args(x_rows, out_rows, mask_rows), mean, var, scale,
+        y_table, diag, rows, cols, blocks.rows_per_split, *scalars, HAS_MASK=mask_rows is not None,
+        HAS_SCALE=scale is not None, FROM_Y_TABLE=y_table is not None, WITH_DIAG=diag is not None,
+        ACC=acc_type(x_rows.dtype),
         BLOCK_R=blocks.rows, BLOCK_C=blocks.cols, num_warps=blocks.num_warps,
     )
