@@ -95,10 +95,13 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
 def check_out_overlap(out: Tensor, x: Tensor) -> None:
     """What at::assert_no_internal_overlap(out) and at::assert_no_partial_overlap(out, x) check in
     the C++ ops, from the layouts alone (no data is read, so fake tensors pass through): out may be
-    x itself, but no two of its elements may share memory, nor may it share only part of x's."""
+    x itself, but no two of its elements may share memory, nor may it share only part of x's. Raises
+    the RuntimeError those raise (ATen's words first, so that every backend fails alike), with
+    what fastnorm allows."""
     if not out.is_contiguous() and torch._debug_has_internal_overlap(out) == 1:  # contiguous: no overlap
-        raise ValueError(f"fastnorm: out must not have elements that share memory, got strides {out.stride()} "
-                         f"for shape {tuple(out.shape)}")
+        raise RuntimeError(f"unsupported operation: more than one element of the written-to tensor refers to a "
+                           f"single memory location (fastnorm: out must not have elements that share memory, got "
+                           f"strides {out.stride()} for shape {tuple(out.shape)}). Please clone() out first.")
     # at::get_overlap_status: layouts that are not dense are "too hard" and pass, as in ATen.
     if out.numel() == 0 or x.numel() == 0 or not torch._C._is_alias_of(out, x):
         return
@@ -108,8 +111,10 @@ def check_out_overlap(out: Tensor, x: Tensor) -> None:
     out_end, x_end = out_begin + out.nbytes, x_begin + x.nbytes
     same = out_begin == x_begin and out_end == x_end and out.stride() == x.stride()
     if not same and out_begin < x_end and x_begin < out_end:
-        raise ValueError("fastnorm: out must be x itself or not overlap it, got out sharing part of x's memory "
-                         f"(bytes {out_begin}-{out_end} and {x_begin}-{x_end} of one storage); clone x first")
+        raise RuntimeError("unsupported operation: some elements of the input tensor and the written-to tensor "
+                           "refer to a single memory location (fastnorm: out must be x itself or not overlap it, got "
+                           f"out sharing part of x's memory, bytes {out_begin}-{out_end} and {x_begin}-{x_end} of one "
+                           "storage). Please clone() x first.")
 
 
 def _non_overlapping_and_dense(t: Tensor) -> bool:

@@ -417,3 +417,32 @@ def normalize_advantages_from_triton(x: Tensor, parts: Tensor, out: Tensor, stat
                                      blocks=_advantage_blocks(xk))
     if out_c is not out and x.numel() > 0:
         out.copy_(out_c)
+
+
+def normalized_advantages_triton(adv: Tensor, mask: Optional[Tensor], outer: int, groups: int, inner: int,
+                                 group_shape: list[int], min_std: float, unbiased: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """fastnorm::normalized_advantages on the Triton kernels (csrc/normalized_advantages.cpp): the
+    common call of fastnorm.normalize_advantages with its outputs allocated, as one op. Returns y
+    (adv's shape), the stats table (4, *group_shape) and std_below_floor (std_raw < min_std)."""
+    if outer * groups * inner != adv.numel() or math.prod(group_shape) != groups:
+        raise ValueError(f"fastnorm: outer * groups * inner must be adv's size {adv.numel()} and group_shape "
+                         f"{list(group_shape)} hold {groups} groups, got {outer} * {groups} * {inner}")
+    y = adv.new_empty((outer, groups, inner))
+    stats = adv.new_empty((ADVANTAGE_STAT_ROWS, *group_shape), dtype=torch.float64)
+    normalize_advantages_triton_impl(adv.reshape(outer, groups, inner), None if mask is None else mask.reshape(-1), y,
+                                     stats.view(ADVANTAGE_STAT_ROWS, groups), min_std, unbiased)
+    return y.view(adv.shape), stats, stats[2] < min_std  # stats rows: count, mean, std_raw, norm_max_abs
+
+
+normalize_advantages_triton_impl = IMPLEMENTATIONS["fastnorm::normalize_advantages_triton"]
+IMPLEMENTATIONS["fastnorm::normalized_advantages_triton"] = normalized_advantages_triton
+if INTERPRETED:
+    _normalized = torch.library.custom_op("fastnorm::normalized_advantages_triton", mutates_args=())(
+        normalized_advantages_triton)
+
+    @_normalized.register_fake
+    def _(adv, mask, outer, groups, inner, group_shape, min_std, unbiased):
+        stats = adv.new_empty((ADVANTAGE_STAT_ROWS, *group_shape), dtype=torch.float64)
+        return adv.new_empty(adv.shape), stats, stats[2] < min_std
+else:
+    torch.library.triton_op("fastnorm::normalized_advantages_triton", mutates_args=())(normalized_advantages_triton)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fastnorm import _checks, distributed, export
 from fastnorm.advantages_reference import MOMENT_ROWS, STAT_ROWS, broadcast_mask
-from fastnorm.backends import ExtensionBackend, check_backend_name, select_backend
+from fastnorm.backends import check_backend_name, select_backend
 
 
 class AdvantageStats(NamedTuple):
@@ -100,9 +100,9 @@ def normalize_advantages(
     backend = check_backend_name(backend)
     order, (outer, groups, inner), group_shape = _layout(adv.shape, reduced_dims(dim, adv.dim()))
     if not sync and out is None and order is None and not torch.compiler.is_compiling():
-        chosen = select_backend(backend, adv, "normalize_advantages")
-        if isinstance(chosen, ExtensionBackend):  # the common call, as one op (csrc/normalized_advantages.cpp)
-            y, count, mean, std_raw, norm_max_abs, std_below_floor = torch.ops.fastnorm.normalized_advantages.default(
+        one_op = getattr(select_backend(backend, adv, "normalize_advantages"), "normalized_advantages", None)
+        if one_op is not None:  # the common call, as one op (csrc/normalized_advantages.cpp)
+            y, count, mean, std_raw, norm_max_abs, std_below_floor = one_op(
                 adv, mask, outer, groups, inner, group_shape, float(min_std), unbiased)
             return y, AdvantageStats(mean, std_raw, count, norm_max_abs, std_below_floor)
 

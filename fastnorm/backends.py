@@ -26,7 +26,11 @@ and normalize_advantages split in two for normalize_advantages(sync=True), likew
   advantage_moments(x, mask, moments)  the moments table (5, G) of x's groups alone
   normalize_advantages_from(x, parts, out, stats, *, min_std, unbiased)
                                     merge the tables parts (P, 5, G) in order, stats, y
-A backend may lack an op on some device: not_supported_reasons(x, op) then says so.
+A backend may lack an op on some device: not_supported_reasons(x, op) then says so. A kernel
+backend may also offer the common call of fastnorm.normalize_advantages as one op:
+  normalized_advantages(adv, mask, outer, groups, inner, group_shape, min_std, unbiased)
+                                    -> (y, count, mean, std_raw, norm_max_abs, std_below_floor),
+                                    outputs allocated (csrc/normalized_advantages.cpp)
 """
 
 from __future__ import annotations
@@ -145,6 +149,10 @@ class ExtensionBackend:
 
     def normalize_advantages(self, x, mask, out, stats, *, min_std, unbiased) -> None:
         torch.ops.fastnorm.normalize_advantages.default(x, mask, out, stats, min_std, unbiased)
+
+    def normalized_advantages(self, adv, mask, outer, groups, inner, group_shape, min_std, unbiased):
+        return torch.ops.fastnorm.normalized_advantages.default(adv, mask, outer, groups, inner, group_shape, min_std,
+                                                                unbiased)
 
     def advantage_moments(self, x, mask, moments) -> None:
         torch.ops.fastnorm.advantage_moments(x, mask, moments)

@@ -79,6 +79,15 @@ class TritonBackend:
     def normalize_advantages(self, x, mask, out, stats, *, min_std, unbiased) -> None:
         _call("normalize_advantages", x, mask, out, stats, min_std, unbiased)
 
+    def normalized_advantages(self, adv, mask, outer, groups, inner, group_shape, min_std, unbiased):
+        args = (adv, mask, outer, groups, inner, list(group_shape), min_std, unbiased)
+        if _triton_ops.calls_directly(adv):
+            y, stats, std_below_floor = _triton_ops.IMPLEMENTATIONS["fastnorm::normalized_advantages_triton"](*args)
+        else:
+            y, stats, std_below_floor = torch.ops.fastnorm.normalized_advantages_triton.default(*args)
+        count, mean, std_raw, norm_max_abs = stats.unbind(0)  # _triton_ops.ADVANTAGE_STAT_ROWS
+        return y, count, mean, std_raw, norm_max_abs, std_below_floor
+
     def advantage_moments(self, x, mask, moments) -> None:
         _call("advantage_moments", x, mask, moments)
 

@@ -265,7 +265,7 @@ def test_advantages_op_rejects_bad_arguments_naming_them(device, gen):
         op(x, mask.view(33, 4), out, stats, 1e-4, True)
     with pytest.raises(ValueError, match="out must match x"):
         op(x, mask, out.double(), stats, 1e-4, True)
-    with pytest.raises(ValueError, match="out must be x itself or not overlap it"):
+    with pytest.raises(RuntimeError, match="single memory location.*out must be x itself or not overlap it"):
         big = torch.empty(34, 4, 3, device=device)
         op(big[1:], None, big[:-1], stats, 1e-4, True)
     assert out.isnan().all() and stats.isnan().all()  # nothing written
@@ -320,9 +320,9 @@ def test_out_may_be_x_but_not_overlap_it_partially(device, gen):
     diag = torch.empty(6, 12, dtype=torch.float64, device=device)
     big = randn((9, 4, 3), gen, device=device)
     before = [t.clone() for t in (big, mean, var, count)]
-    with pytest.raises(ValueError, match="out must be x itself or not overlap it"):
+    with pytest.raises(RuntimeError, match="single memory location.*out must be x itself or not overlap it"):
         torch.ops.fastnorm.running_norm_triton(big[1:], None, mean, var, count, big[:-1], diag, **OP_HYPER)
-    with pytest.raises(ValueError, match="out must not have elements that share memory"):
+    with pytest.raises(RuntimeError, match="single memory location.*out must not have elements that share memory"):
         torch.ops.fastnorm.normalize_triton(big[:2], mean, var, big[:1].expand(2, 4, 3), eps=1e-4, min_std=None,
                                             max_std=None, clip=None)
     assert all(torch.equal(a, b) for a, b in zip(before, (big, mean, var, count)))  # nothing written
@@ -571,3 +571,24 @@ def test_triton_op_traces_to_its_kernels(previous):
                        "'mean_ptr', 'var_ptr', 'count_ptr', 'diag_ptr', 'steps_ptr', 'y_table_ptr'",
                        "'out_ptr', 'diag_ptr'"], result.stdout
     assert not re.search(r"aten\.(zeros|zero_|fill|add)", result.stdout), result.stdout
+
+
+@needs_triton_backend
+@pytest.mark.parametrize("shape,dim,with_mask", [((33, 4, 3), None, True), ((64, 5), 0, False), ((0, 3), 0, False)],
+                         ids=str)
+def test_common_advantage_call_is_one_op_with_the_general_paths_bits(device, gen, shape, dim, with_mask):
+    # fastnorm::normalized_advantages_triton (the common call) against the general path (out= given).
+    import fastnorm
+
+    adv = randn(shape, gen, device=device)
+    mask = random_mask(shape[:1], gen, device) if with_mask else None
+    y, stats = fastnorm.normalize_advantages(adv, mask=mask, dim=dim, backend="triton")
+    out = torch.full_like(adv, math.nan)
+    y_general, stats_general = fastnorm.normalize_advantages(adv, mask=mask, dim=dim, backend="triton", out=out)
+    assert torch.equal(y, y_general)
+    for name in ("mean", "std_raw", "count", "norm_max_abs", "std_below_floor"):
+        assert torch.equal(getattr(stats, name), getattr(stats_general, name)), name
+    groups = shape[1] if dim == 0 else 1
+    args = (adv, mask.reshape(-1) if mask is not None else None, adv.numel() // max(groups, 1) if dim == 0 else 1,
+            groups, 1 if dim == 0 else adv.numel(), list(shape[1:]) if dim == 0 else [], 1e-4, True)
+    torch.library.opcheck(torch.ops.fastnorm.normalized_advantages_triton.default, args)
