@@ -103,10 +103,14 @@ def _build() -> ctypes.CDLL:
     library = os.path.join(build, "libfastnorm_cuda_emulated.so")
     # UBSan's alignment check stands in for the GPU's fault on a misaligned vector access (x86 allows
     # them): it reports on stderr, which the tests' no_misaligned_access fixture turns into a failure.
+    # -Bsymbolic: the launchers call the emulator's CUDA runtime functions (emulated_ops.cpp:
+    # cudaMemsetAsync, cudaDeviceGetAttribute, ...), not libcudart's, which a CUDA build of torch
+    # loads into the global scope (without it, there the counters were never zeroed and the device
+    # was the real one: the row-split cases failed on a GPU machine and passed on CPU-only torch).
     command = [compiler, "-std=c++17", "-O1", "-U_FORTIFY_SOURCE", "-fsanitize=alignment", "-fPIC", "-shared",
                "-Wall", "-Wno-unknown-pragmas", "-include", os.path.join(EMULATOR_DIR, "cuda_emulator.h"),
                "-I", os.path.join(ROOT, "csrc", "cuda"), "-I", include, *rewritten,
-               os.path.join(EMULATOR_DIR, "emulated_ops.cpp"), "-Wl,--no-undefined", "-o", library]
+               os.path.join(EMULATOR_DIR, "emulated_ops.cpp"), "-Wl,--no-undefined", "-Wl,-Bsymbolic", "-o", library]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     lib = ctypes.CDLL(library)
