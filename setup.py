@@ -92,7 +92,8 @@ setup(
     python_requires=">=3.10",
     packages=["fastnorm", "fastnorm.monitoring", "fastnorm.integrations", "fastnorm.triton_kernels"],
     package_dir={"fastnorm": "fastnorm", "fastnorm.triton_kernels": "triton_kernels"},
-    install_requires=["torch>=2.6", "numpy"],
+    # The range tested: torch 2.11 (make test-oldest, in CI) to 2.14 (make check-cuda-build); README.
+    install_requires=["torch>=2.11", "numpy"],
     extras_require={
         "triton": ["triton"],
         "test": ["pytest", "pytest-xdist", "pytest-timeout", "hypothesis"],

@@ -19,7 +19,19 @@ def exporting() -> bool:
     """Whether the caller is being traced or exported: torch.jit.trace, torch.export (strict or
     not) or torch.onnx.export (its dynamo exporter runs torch.export, the other one traces).
     Two flag reads: it runs on every call of RunningNorm (torch.onnx.is_in_onnx_export costs µs)."""
-    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+    return torch.jit.is_tracing() or _exporting_flag()
+
+
+# torch.compiler.is_exporting() returns torch.compiler._is_exporting_flag, which torch.export sets
+# while it traces; but torch 2.11's dynamo replaces the call by True (later versions read the flag),
+# so that torch.compile looked like an export there. The flag itself dynamo reads as a global.
+if hasattr(torch.compiler, "_is_exporting_flag"):
+
+    def _exporting_flag() -> bool:
+        return torch.compiler._is_exporting_flag
+
+else:  # a torch that keeps the flag elsewhere
+    _exporting_flag = torch.compiler.is_exporting
 
 
 def normalize(x: Tensor, mean: Tensor, divisor: Tensor, clip: Optional[float]) -> Tensor:
@@ -29,10 +41,17 @@ def normalize(x: Tensor, mean: Tensor, divisor: Tensor, clip: Optional[float]) -
     into two floats, mean = hi + lo, so that its rounding to float32 does not show in y when
     |mean| is large beside divisor. NaN stays NaN, +-inf becomes +-clip (torch.clamp and ONNX
     Clip keep NaN)."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    mean_hi = mean.to(acc)
-    mean_lo = (mean - mean_hi.to(mean.dtype)).to(acc)
-    z = (x.to(acc) - mean_hi - mean_lo) / divisor.to(acc)
+    if x.dtype == torch.float64:
+        z = (x - mean) / divisor
+    else:
+        # hi = mean rounded to float32's 24 bits, in float64: (mean + s) - s with s = mean * 2**29
+        # (exact) rounds mean to a multiple of ulp(s) = 2**29 ulp(mean); then lo = mean - hi exactly.
+        # Not through double(float(mean)): fusers fold that cast pair into nothing (NNC's CUDA code
+        # generator does, under a traced or scripted model on a GPU), which makes lo 0. Fused
+        # multiply-adds change nothing here, s being exact.
+        shift = mean * 2.0**29
+        hi = (mean + shift) - shift
+        z = ((x.float() - hi.float()) - (mean - hi).float()) / divisor.float()
     if clip is not None:
         z = z.clamp(-clip, clip)
     return z.to(x.dtype)

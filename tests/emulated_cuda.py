@@ -101,10 +101,13 @@ def _build() -> ctypes.CDLL:
             f.write(source)
         rewritten.append(path)
     library = os.path.join(build, "libfastnorm_cuda_emulated.so")
-    # -Bsymbolic binds the kernels' runtime calls (cudaMemsetAsync, ...) to emulated_ops.cpp's, also in
-    # a process whose CUDA torch made the real libcudart global (tests/test_cuda_emulator.py).
     # UBSan's alignment check stands in for the GPU's fault on a misaligned vector access (x86 allows
     # them): it reports on stderr, which the tests' no_misaligned_access fixture turns into a failure.
+    # -Bsymbolic: the launchers call the emulator's CUDA runtime functions (emulated_ops.cpp:
+    # cudaMemsetAsync, cudaDeviceGetAttribute, ...), not libcudart's, which a CUDA build of torch
+    # loads into the global scope (without it, there the counters were never zeroed and the device
+    # was the real one: the row-split cases failed on a GPU machine and passed on CPU-only torch;
+    # tests/test_cuda_emulator.py preloads a decoy runtime).
     command = [compiler, "-std=c++17", "-O1", "-U_FORTIFY_SOURCE", "-fsanitize=alignment", "-fPIC", "-shared",
                "-Wall", "-Wno-unknown-pragmas", "-include", os.path.join(EMULATOR_DIR, "cuda_emulator.h"),
                "-I", os.path.join(ROOT, "csrc", "cuda"), "-I", include, *rewritten,

@@ -12,8 +12,10 @@ import sys
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastnorm
+from fastnorm import export
 from fastnorm import RunningNorm
 from helpers import DTYPES, Y_TOL, randn
 
@@ -149,6 +151,60 @@ def test_trace_and_torch_export_on_the_test_device(gen, device):
     expected = eager_outputs(policy, x)
     assert_like_eager(torch.jit.trace(policy, x)(x), expected)
     assert_like_eager(torch.export.export(policy, (x,)).module()(x), expected)
+
+
+class ExportingSign(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 1.0 if export.exporting() else x - 1.0
+
+
+@pytest.mark.parametrize("how", ["compile", "trace", "export-strict", "export-non-strict"])
+def test_exporting_is_true_exactly_under_trace_and_export(gen, how):
+    """torch 2.11's dynamo answers torch.compiler.is_exporting() with True under torch.compile: an
+    update inside a compiled step then raised as if exported."""
+    x = randn((5,), gen)
+    if how == "compile":
+        y = torch.compile(ExportingSign(), fullgraph=True, backend="eager")(x)
+    elif how == "trace":
+        y = torch.jit.trace(ExportingSign(), x)(x)
+    else:
+        y = torch.export.export(ExportingSign(), (x,), strict=how == "export-strict").module()(x)
+    torch.testing.assert_close(y, x - 1.0 if how == "compile" else x + 1.0, rtol=0, atol=0)
+    assert not export.exporting()
+
+
+class FoldedCastPairs(TorchDispatchMode):
+    """Runs ops as a fuser that folds a float cast of a float cast into one cast: NNC's CUDA code
+    generator (its HalfRewriter) turns double(float(m)) into double(m), and TorchScript runs traced
+    and scripted models through NNC on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.cast_from = {}  # id of a cast's result: (the result, kept alive; the tensor it was cast from)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        src = args[0] if args else None
+        if func is not torch.ops.aten._to_copy.default or not src.is_floating_point() \
+                or not kwargs.get("dtype", src.dtype).is_floating_point:
+            return func(*args, **kwargs)
+        origin = self.cast_from.get(id(src), (None, src))[1]
+        out = func(origin, *args[1:], **kwargs)
+        self.cast_from[id(out)] = (out, origin)
+        return out
+
+
+def test_normalize_survives_a_fuser_that_folds_cast_pairs(gen):
+    """Where |mean| / divisor is 2e5, y needs mean_lo = mean - float(mean): computed through a
+    float32 round trip, NNC folded it to 0 (the traced policy 2.7e-3 off the kernel on an H200)."""
+    policy = trained_policy(gen)
+    x = test_inputs(gen)
+    check_preconditions(policy, x)
+    norm = policy.norm
+    mean, divisor = norm.mean.clone(), norm._divisor()
+    with FoldedCastPairs():
+        y = export.normalize(x, mean, divisor, CLIP)
+    assert_like_eager([y], [norm(x)])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
