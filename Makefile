@@ -20,10 +20,12 @@ SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.c
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: test bench build clean check-cuda check-cuda-build gpu-check gpu-check-rehearsal gpu-wheels test-oldest
+.PHONY: test bench build clean check-cuda check-cuda-build gpu-check gpu-kernels gpu-check-rehearsal gpu-wheels test-oldest
 
 # The second run tests the Triton kernels on the CPU through Triton's interpreter (the tests of
-# the triton backend only: -k triton).
+# the triton backend only: -k triton), in $(INTERPRETER_WORKERS) xdist workers: the interpreter is
+# single-threaded Python (12 minutes in one process here, 2026-12-04).
+INTERPRETER_WORKERS ?= 2
 INTERPRETER_TESTS := tests/test_running_norm.py tests/test_running_norm_api.py tests/test_running_norm_split.py \
   tests/test_ops.py tests/test_advantages.py tests/test_advantages_api.py tests/test_advantages_ops.py \
   tests/test_advantages_split.py tests/test_triton.py tests/test_triton_splits.py tests/test_relative_floor.py \
@@ -31,7 +33,7 @@ INTERPRETER_TESTS := tests/test_running_norm.py tests/test_running_norm_api.py t
 test: $(BUILD_STAMP) $(EXTRAS_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 FASTNORM_TEST_DEVICE=cpu FASTNORM_TEST_BACKENDS=triton $(PY) -m pytest -q -k triton \
-	  $(PYTEST_ARGS) $(INTERPRETER_TESTS)
+	  -n $(INTERPRETER_WORKERS) $(PYTEST_ARGS) $(INTERPRETER_TESTS)
 
 bench: $(BUILD_STAMP) $(BENCH_STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
@@ -123,6 +125,19 @@ GPU_CHECK_ARGS ?=
 gpu-check:
 	$(GPU_PYTHON) .ci/gpu_check.py --out $(OUT) $(GPU_CHECK_ARGS)
 
+# The focused second call of a loan (about 4 minutes, on the machine gpu-check left warm, whose
+# build it reuses): the kernel-level checks of issue 23's predictions in bench/NOTES.md, each
+# bounded, into OUT: the CUDA running_norm variants, the CUDA advantages kernels (standalone and
+# through torch), the Triton host time and reduce-plan sweep.
+gpu-kernels:
+	mkdir -p $(OUT)
+	$(GPU_PYTHON) -c "import fastnorm.triton_kernels" 2>/dev/null || FASTNORM_NO_EXTENSION=1 \
+	  $(GPU_PYTHON) -m pip install -q --no-build-isolation --no-deps --no-index -e .
+	-TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$$(nproc) $(GPU_PYTHON) setup.py build_ext --inplace > $(OUT)/kernels-build.log 2>&1
+	-PYTHONUNBUFFERED=1 timeout 100 $(GPU_PYTHON) bench/cuda_variants.py 2>&1 | tee $(OUT)/cuda_variants.txt
+	-PY=$(GPU_PYTHON) timeout 80 bash bench/cuda_advantages_device_time.sh 2>&1 | tee $(OUT)/cuda_advantages.txt
+	-PYTHONUNBUFFERED=1 timeout 90 $(GPU_PYTHON) bench/triton_host_time.py --sweep 2>&1 | tee $(OUT)/triton_host_time.txt
+
 gpu-check-rehearsal: $(BUILD_STAMP)
 	$(PY) .ci/gpu_check.py --cpu-rehearsal --out $(VENV)/gpu-check-rehearsal
 
@@ -183,7 +198,7 @@ $(OLDEST_STAMP): setup.py
 	@echo "installing $(OLDEST_SPEC) into $(OLDEST_VENV) (log: $(OLDEST_VENV)/install.log)"
 	@test -x $(OLDEST_PY) || $(PYTHON) -m venv $(OLDEST_VENV)
 	@.ci/quiet $(OLDEST_VENV)/install.log sh -c '$(OLDEST_PY) -m pip install $(foreach r,$(OLDEST_SPEC),"$(r)") \
-	  "setuptools>=64" wheel pytest hypothesis && \
+	  "setuptools>=64" wheel pytest pytest-xdist hypothesis && \
 	  FASTNORM_NO_EXTENSION=1 $(OLDEST_PY) -m pip install --no-build-isolation --no-deps -e .'
 	@touch $@
 
@@ -191,4 +206,4 @@ test-oldest: $(OLDEST_STAMP)
 	FASTNORM_TEST_DEVICE=cpu FASTNORM_TEST_BACKENDS=reference $(OLDEST_PY) -m pytest -q \
 	  $(addprefix --ignore=,$(NEEDS_FRAMEWORKS)) $(PYTEST_ARGS) tests
 	TRITON_INTERPRET=1 FASTNORM_TEST_DEVICE=cpu FASTNORM_TEST_BACKENDS=triton $(OLDEST_PY) -m pytest -q \
-	  -k "$(OLDEST_INTERPRETER_K)" $(PYTEST_ARGS) $(INTERPRETER_TESTS)
+	  -k "$(OLDEST_INTERPRETER_K)" -n $(INTERPRETER_WORKERS) $(PYTEST_ARGS) $(INTERPRETER_TESTS)
