@@ -67,7 +67,10 @@ def _entries(step, g, groups, inner, outer, i_blocks, BLOCK_O: tl.constexpr, BLO
     return index, exists
 
 
-@triton.jit(do_not_specialize=BATCH_SIZES)
+# mask_group is not specialized either: a mask broadcast over 1 entry (specialized to 1, a contiguous
+# load) and over several must compile to one kernel, whose sums then add in the same order (on the
+# H200, the two layouts of one mask gave std_raw 1e-8 apart: issue 22).
+@triton.jit(do_not_specialize=BATCH_SIZES + ("mask_group",))
 def _reduce_kernel(
     x_ptr, mask_ptr, mask_group, stats_ptr, table_ptr, partials_ptr, arrivals_ptr,
     outer, groups, inner, i_blocks, steps, steps_per_split,
