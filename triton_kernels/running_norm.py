@@ -530,7 +530,9 @@ class Blocks:
 
 
 # A program steps over STEP_ELEMS elements of x at a time (16 a thread with 4 warps) made of
-# 256-byte row segments (two 128-byte lines); a split covers at least 768 bytes of each of its
+# 256-byte row segments (two 128-byte lines), or of 64 columns for 2-byte types (one line: 128
+# columns would halve the column tiles and, under the merge's cap on splits, the programs, e.g. to
+# 128 for 512 columns, one a SM); a split covers at least 768 bytes of each of its
 # columns, so its table (48 bytes per column) stays under ~6% of x; the merge takes MERGE_ELEMS
 # table columns per step, in at most MAX_MERGE_STEPS steps.
 STEP_ELEMS = 2048
@@ -544,9 +546,9 @@ def choose_blocks(rows: int, cols: int, element_size: int, programs: int, step_e
                   row_bytes: int = ROW_BYTES, step_rows: Optional[int] = None) -> Blocks:
     """Blocks for x of (rows, cols) elements of element_size bytes, aiming at about `programs`
     programs (a few per SM on a GPU) while keeping every program's work and the merge bounded; a
-    loop step takes at most step_elems elements in row segments of at most row_bytes, and at most
-    step_rows rows (a power of 2) when given."""
-    block_c = min(next_power_of_2(cols), max(1, row_bytes // element_size))
+    loop step takes at most step_elems elements in row segments of at most row_bytes (row_bytes / 4
+    columns for 2-byte types), and at most step_rows rows (a power of 2) when given."""
+    block_c = min(next_power_of_2(cols), max(1, row_bytes // max(element_size, 4)))
     block_r = min(max(1, step_elems // block_c), step_rows or step_elems)  # not rows: no compile per batch size
     col_tiles = cdiv(cols, block_c)
     merge = max(1, MERGE_ELEMS // block_c)
