@@ -592,3 +592,22 @@ def test_common_advantage_call_is_one_op_with_the_general_paths_bits(device, gen
     args = (adv, mask.reshape(-1) if mask is not None else None, adv.numel() // max(groups, 1) if dim == 0 else 1,
             groups, 1 if dim == 0 else adv.numel(), list(shape[1:]) if dim == 0 else [], 1e-4, True)
     torch.library.opcheck(torch.ops.fastnorm.normalized_advantages_triton.default, args)
+
+
+def test_lanes_far_apart_fall_back_to_float64(device, gen):
+    """Each lane of the reduce kernel (a row slot of its tiles) holds values near one of +-1e20:
+    every lane's float32 sums stay finite, but moving them to the column's mean overflows, which
+    must take the float64 path as an overflow in the sums does."""
+    from fastnorm._triton_ops import blocks_for
+
+    rows, cols = 512, 3
+    x = randn((rows, cols), gen, device=device, mean=1.0, scale=1e-3)
+    lanes = (blocks_for(x, cols).rows + 1) // 2
+    slot = torch.arange(rows, device=device) % lanes
+    x = x * torch.where(slot < lanes // 2, 1e20, -1e20)[:, None]
+    norm = RunningNorm((cols,), momentum=None, backend="triton", device=device)
+    norm(x)
+    exact = x.double().var(0, unbiased=False)
+    assert torch.isfinite(norm.var).all()
+    torch.testing.assert_close(norm.var, exact, rtol=1e-5, atol=0)
+    torch.testing.assert_close(norm.mean, x.double().mean(0), rtol=0, atol=1e-5 * 1e20)

@@ -313,3 +313,15 @@ def test_split_advantage_parts_merge_to_the_concatenated_advantages(device, gen,
         assert torch.equal(stats, results[0][1])
     ref = advantage_reference(x, mask)
     assert_advantages_close(torch.cat([y for y, _ in results]), results[0][1], ref, dtype, scale=4.0)
+
+
+@pytest.mark.parametrize("rows, cols, element_size", [(10**7, 512, 4), (4 * 10**7, 8, 4), (10**8, 1, 2),
+                                                      (3 * 10**6, 48, 8), (1000, 6, 4)])
+def test_reduce_lanes_sum_at_most_lane_rows(rows, cols, element_size):
+    """However many rows, the splits give each lane of the reduce kernel (a row slot of its tiles of
+    half a step's rows) at most LANE_ROWS rows to sum in the accumulator type."""
+    from fastnorm.triton_kernels.running_norm import LANE_ROWS, choose_blocks
+
+    for programs in (2, 528):
+        blocks = choose_blocks(rows, cols, element_size, programs)
+        assert blocks.rows_per_split <= (blocks.rows + 1) // 2 * LANE_ROWS, (programs, blocks)

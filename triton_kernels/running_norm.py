@@ -5,8 +5,10 @@ x is viewed as (rows, cols) with unit column stride; a program covers BLOCK_C co
 tile) and a split of the rows. The kernels:
 
 - `_reduce_kernel`, grid (column tiles, row splits): each program reduces its rows in steps of
-  BLOCK_R rows (per-step moments by the corrected two-pass algorithm, merged in float64 by Chan's
-  formula) into a batch-moments table (triton_kernels/moments.py). With one split the program
+  2 BLOCK_R rows, loaded as four tiles before any is used; each lane of a tile (a row slot and a
+  column) sums its rows in the accumulator type about its first value (the corrected two-pass
+  algorithm), and at the end the lanes merge, in float64, into a batch-moments table
+  (triton_kernels/moments.py). With one split the program
   holds its columns' whole batch and finishes the call itself: it updates the float64 running
   statistics, writes the diagnostics and then y, re-reading its rows (fastnorm::running_norm), or
   writes the table (fastnorm::batch_moments). With several splits each program writes its table
@@ -218,6 +220,101 @@ def _update(c, col_ok, cols, n, mean, m2, nonfinite, lo, hi, mean_ptr, var_ptr, 
     return y_mean, inv_std, history
 
 
+# A lane of the reduce kernel sums at most LANE_ROWS rows in ACC (as the CUDA kernel's threads:
+# float sums of up to 128 deviations from a nearby shift stay accurate to ~1e-6), and keeps its
+# counts in one int32: valid entries in the low COUNT_BITS bits, non-finite ones in the next
+# COUNT_BITS, clipped ones above.
+LANE_ROWS = 128
+_COUNT_BITS = tl.constexpr(10)
+_COUNT_MASK = tl.constexpr((1 << 10) - 1)
+
+
+@triton.jit
+def _load_tile(x_ptr, x_row_stride, mask_ptr, mask_cols, mask_c, c, col_ok, r, row_end, HAS_MASK: tl.constexpr,
+               PREVIOUS: tl.constexpr, ACC: tl.constexpr):
+    """Rows r (< row_end) of x in the columns c (where col_ok), in ACC; which entries are in the
+    tile, and which of them the mask selects."""
+    in_tile = (r < row_end)[:, None] & col_ok[None, :]
+    if PREVIOUS:  # x is not read again (but in the columns without a history)
+        x = tl.load(x_ptr + r[:, None] * x_row_stride + c[None, :], mask=in_tile, other=0.0,
+                    eviction_policy="evict_first").to(ACC)
+    else:  # the normalize pass reads x again
+        x = tl.load(x_ptr + r[:, None] * x_row_stride + c[None, :], mask=in_tile, other=0.0,
+                    eviction_policy="evict_last").to(ACC)
+    selected = in_tile
+    if HAS_MASK:
+        m = tl.load(mask_ptr + r[:, None] * mask_cols + mask_c[None, :], mask=in_tile, other=0)
+        selected = selected & (m != 0)
+    return x, in_tile, selected
+
+
+@triton.jit
+def _add_tile(x, in_tile, selected, r, shift, s1, s2, lo, hi, counts, out_ptr, out_row_stride, c, in_pass, mean_hi,
+              mean_lo, z_scale, bound, PREVIOUS: tl.constexpr):
+    """The lanes' state with a loaded tile added (with PREVIOUS, y of its columns in the pass
+    written first): a lane without a valid entry yet takes the first as its shift; S1 += d and
+    S2 += d^2 with d = x - shift; min, max; the packed counts."""
+    finite = tl.abs(x) < _INF
+    valid = selected & finite
+    new_counts = valid.to(tl.int32) + ((selected & ~finite).to(tl.int32) << _COUNT_BITS)
+    if PREVIOUS:
+        z, y = _normalized(x, mean_hi, mean_lo, z_scale, bound)
+        written = in_tile & in_pass[None, :]
+        tl.store(out_ptr + r[:, None] * out_row_stride + c[None, :], y.to(out_ptr.dtype.element_ty), mask=written,
+                 eviction_policy="evict_first")
+        new_counts += (valid & written & (tl.abs(z) > bound)).to(tl.int32) << (2 * _COUNT_BITS)
+    shift = tl.where(valid & ((counts & _COUNT_MASK) == 0), x, shift)
+    d = tl.where(valid, x - shift, 0.0)
+    lo = tl.minimum(lo, tl.where(valid, x, _INF))
+    hi = tl.maximum(hi, tl.where(valid, x, -_INF))
+    return shift, s1 + d, s2 + d * d, lo, hi, counts + new_counts
+
+
+@triton.jit
+def _merge_lanes(lane_n, shift, s1, s2):
+    """Count, mean and M2 (float64) of each column of the lanes, given their counts (int32) and
+    their sums S1 = sum d, S2 = sum d^2 (in ACC) of d = x - shift. Each lane's sums move to one
+    shift K of the column, its mean (sum n shift + S1) / n computed in float64 and rounded to ACC:
+    with delta = shift - K, to S1 + n delta and S2 + delta (2 S1 + n delta), in ACC as the sums
+    were (few float64 tiles live at once), whose float64 sums over the lanes give the moments
+    (shifted_moments). Equal values merge exactly: K is their value, delta 0."""
+    n = tl.sum(lane_n, 0).to(tl.float64)
+    k = tl.sum(lane_n.to(tl.float64) * shift.to(tl.float64) + s1.to(tl.float64), 0) / tl.maximum(n, 1.0)
+    k = k.to(shift.dtype)
+    lane_n = lane_n.to(shift.dtype)
+    delta = shift - k[None, :]
+    total_s1 = tl.sum((s1 + lane_n * delta).to(tl.float64), 0)
+    total_s2 = tl.sum((s2 + delta * (2.0 * s1 + lane_n * delta)).to(tl.float64), 0)
+    return shifted_moments(n, k, total_s1, total_s2)
+
+
+@triton.jit
+def _float64_moments(x_ptr, x_row_stride, mask_ptr, mask_cols, mask_c, c, col_ok, row_begin, row_end,
+                     HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Count, mean and M2 in float64 of the columns' valid entries in rows [row_begin, row_end),
+    by the exact two-pass algorithm: the reduce loop's moments when its float32 sums overflowed."""
+    count = tl.full([BLOCK_C], 0, tl.float64)
+    total = tl.full([BLOCK_C], 0, tl.float64)
+    for r0 in range(row_begin, row_end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        x, _, selected = _load_tile(x_ptr, x_row_stride, mask_ptr, mask_cols, mask_c, c, col_ok, r, row_end, HAS_MASK,
+                                    False, tl.float64)
+        valid = selected & (tl.abs(x) < _INF)
+        count += tl.sum(valid.to(tl.float64), 0)
+        total += tl.sum(tl.where(valid, x, 0.0), 0)
+    mean = total / tl.maximum(count, 1.0)
+    s1 = tl.full([BLOCK_C], 0, tl.float64)
+    s2 = tl.full([BLOCK_C], 0, tl.float64)
+    for r0 in range(row_begin, row_end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        x, _, selected = _load_tile(x_ptr, x_row_stride, mask_ptr, mask_cols, mask_c, c, col_ok, r, row_end, HAS_MASK,
+                                    False, tl.float64)
+        d = tl.where(selected & (tl.abs(x) < _INF), x - mean[None, :], 0.0)
+        s1 += tl.sum(d, 0)
+        s2 += tl.sum(d * d, 0)
+    return shifted_moments(count, mean, s1, s2)
+
+
 @triton.jit(do_not_specialize=BATCH_SIZES)
 def _reduce_kernel(
     x_ptr, x_row_stride, out_ptr, out_row_stride, mask_ptr, mask_cols, mask_group,
@@ -254,58 +351,54 @@ def _reduce_kernel(
         y_inv_std = _output_inverse_std(tl.load(var_ptr + c, mask=col_ok, other=1.0), scale, scalars, HAS_SCALE)
     mean_hi, mean_lo, z_scale, bound = _in_acc(y_mean, y_inv_std, scalars[9], ACC)
 
-    n = tl.full([BLOCK_C], 0, tl.float64)
-    mean = tl.full([BLOCK_C], 0, tl.float64)
-    m2 = tl.full([BLOCK_C], 0, tl.float64)
-    nonfinite = tl.full([BLOCK_R, BLOCK_C], 0, tl.int32)
-    clipped = tl.full([BLOCK_R, BLOCK_C], 0, tl.int32)
-    lo = tl.full([BLOCK_R, BLOCK_C], _INF, ACC)
-    hi = tl.full([BLOCK_R, BLOCK_C], -_INF, ACC)
-    for r0 in range(row_begin, row_end, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        in_tile = (r < row_end)[:, None] & col_ok[None, :]
-        if PREVIOUS:  # x is not read again (but in the columns without a history)
-            x = tl.load(x_ptr + r[:, None] * x_row_stride + c[None, :], mask=in_tile, other=0.0,
-                        eviction_policy="evict_first").to(ACC)
-        else:  # the normalize pass reads x again
-            x = tl.load(x_ptr + r[:, None] * x_row_stride + c[None, :], mask=in_tile, other=0.0,
-                        eviction_policy="evict_last").to(ACC)
-        selected = in_tile
-        if HAS_MASK:
-            m = tl.load(mask_ptr + r[:, None] * mask_cols + mask_c[None, :], mask=in_tile, other=0)
-            selected = selected & (m != 0)
-        finite = tl.abs(x) < _INF
-        valid = selected & finite
-        if PREVIOUS:
-            z, y = _normalized(x, mean_hi, mean_lo, z_scale, bound)
-            written = in_tile & in_pass[None, :]
-            tl.store(out_ptr + r[:, None] * out_row_stride + c[None, :], y.to(out_ptr.dtype.element_ty),
-                     mask=written, eviction_policy="evict_first")
-            clipped += (valid & written & (tl.abs(z) > bound)).to(tl.int32)
-        nonfinite += (selected & ~finite).to(tl.int32)
-        lo = tl.minimum(lo, tl.where(valid, x, _INF))
-        hi = tl.maximum(hi, tl.where(valid, x, -_INF))
-        # The step's moments by the corrected two-pass algorithm (Chan, Golub & LeVeque 1983): with
-        # d = x - shift for a shift near the mean, S1 = sum d, S2 = sum d^2: mean = shift + S1/n,
-        # M2 = S2 - S1^2/n. The shift is the step mean in ACC, summed as x/n so it cannot overflow.
-        step_n = tl.sum(valid.to(ACC), 0)
-        shift = tl.sum(tl.where(valid, x * (1.0 / tl.maximum(step_n, 1.0))[None, :], 0.0), 0)
-        d = tl.where(valid, x - shift[None, :], 0.0)
-        s1 = tl.sum(d, 0).to(tl.float64)
-        s2 = tl.sum(d * d, 0).to(tl.float64)
-        if ACC != tl.float64:
-            # float32 squares overflow beyond |x - mean| ~ 1e19: redo S1 and S2 in float64.
-            if tl.max((~(tl.abs(s1) + s2 < _INF)).to(tl.int32), 0) > 0:
-                d64 = tl.where(valid, x.to(tl.float64) - shift.to(tl.float64)[None, :], 0.0)
-                s1 = tl.sum(d64, 0)
-                s2 = tl.sum(d64 * d64, 0)
-        step_n64, step_mean, step_m2 = shifted_moments(step_n, shift, s1, s2)
-        n, mean, m2 = chan_merge(n, mean, m2, step_n64, step_mean, step_m2)
-
-    nonfinite_n = tl.sum(nonfinite, 0).to(tl.float64)
-    clipped_n = tl.sum(clipped, 0).to(tl.float64)
+    # A step loads four tiles of LANE_R = BLOCK_R / 2 rows before using any (more bytes in flight:
+    # 16 KB a program at fp32, BLOCK_C 64). Each lane (a row slot of a tile, and a column) sums its
+    # rows, at most LANE_ROWS (choose_blocks), in ACC about its own shift (its first valid value),
+    # so that a step only loads and adds; at the end the lanes merge into the columns' moments.
+    LANE_R: tl.constexpr = (BLOCK_R + 1) // 2
+    shift = tl.full([LANE_R, BLOCK_C], 0, ACC)
+    s1 = tl.full([LANE_R, BLOCK_C], 0, ACC)
+    s2 = tl.full([LANE_R, BLOCK_C], 0, ACC)
+    lo = tl.full([LANE_R, BLOCK_C], _INF, ACC)
+    hi = tl.full([LANE_R, BLOCK_C], -_INF, ACC)
+    counts = tl.full([LANE_R, BLOCK_C], 0, tl.int32)
+    for r0 in range(row_begin, row_end, 4 * LANE_R):
+        r_a = r0 + tl.arange(0, LANE_R).to(tl.int64)
+        r_b = r_a + LANE_R
+        r_c = r_b + LANE_R
+        r_d = r_c + LANE_R
+        x_a, tile_a, selected_a = _load_tile(x_ptr, x_row_stride, mask_ptr, mask_cols, mask_c, c, col_ok, r_a, row_end,
+                                             HAS_MASK, PREVIOUS, ACC)
+        x_b, tile_b, selected_b = _load_tile(x_ptr, x_row_stride, mask_ptr, mask_cols, mask_c, c, col_ok, r_b, row_end,
+                                             HAS_MASK, PREVIOUS, ACC)
+        x_c, tile_c, selected_c = _load_tile(x_ptr, x_row_stride, mask_ptr, mask_cols, mask_c, c, col_ok, r_c, row_end,
+                                             HAS_MASK, PREVIOUS, ACC)
+        x_d, tile_d, selected_d = _load_tile(x_ptr, x_row_stride, mask_ptr, mask_cols, mask_c, c, col_ok, r_d, row_end,
+                                             HAS_MASK, PREVIOUS, ACC)
+        shift, s1, s2, lo, hi, counts = _add_tile(x_a, tile_a, selected_a, r_a, shift, s1, s2, lo, hi, counts,
+                                                  out_ptr, out_row_stride, c, in_pass, mean_hi, mean_lo, z_scale, bound,
+                                                  PREVIOUS)
+        shift, s1, s2, lo, hi, counts = _add_tile(x_b, tile_b, selected_b, r_b, shift, s1, s2, lo, hi, counts,
+                                                  out_ptr, out_row_stride, c, in_pass, mean_hi, mean_lo, z_scale, bound,
+                                                  PREVIOUS)
+        shift, s1, s2, lo, hi, counts = _add_tile(x_c, tile_c, selected_c, r_c, shift, s1, s2, lo, hi, counts,
+                                                  out_ptr, out_row_stride, c, in_pass, mean_hi, mean_lo, z_scale, bound,
+                                                  PREVIOUS)
+        shift, s1, s2, lo, hi, counts = _add_tile(x_d, tile_d, selected_d, r_d, shift, s1, s2, lo, hi, counts,
+                                                  out_ptr, out_row_stride, c, in_pass, mean_hi, mean_lo, z_scale, bound,
+                                                  PREVIOUS)
+    # The per-element tiles end here: what a column needs of them first, then the merge.
     col_lo = tl.min(lo, 0).to(tl.float64)
     col_hi = tl.max(hi, 0).to(tl.float64)
+    nonfinite_n = tl.sum((counts >> _COUNT_BITS) & _COUNT_MASK, 0).to(tl.float64)
+    clipped_n = tl.sum(counts >> (2 * _COUNT_BITS), 0).to(tl.float64)
+    n, mean, m2 = _merge_lanes(counts & _COUNT_MASK, shift, s1, s2)
+    if ACC != tl.float64:
+        # float32 squares overflow beyond |x - shift| ~ 1e19 (in a lane's sums or as they move to
+        # the column's shift): the rows again, in float64.
+        if tl.max((~(tl.abs(mean) + m2 < _INF)).to(tl.int32)) > 0:
+            n, mean, m2 = _float64_moments(x_ptr, x_row_stride, mask_ptr, mask_cols, mask_c, c, col_ok, row_begin,
+                                           row_end, HAS_MASK, LANE_R, BLOCK_C)
     if SPLIT:
         store_table(partials_ptr + split.to(tl.int64) * (_TABLE_ROWS * cols), c, col_ok, cols, n, mean, m2,
                     nonfinite_n, col_lo, col_hi)
@@ -427,12 +520,19 @@ class Blocks:
     merge: int
     num_warps: int = 4
 
+    def __post_init__(self):
+        # The reduce kernel's lanes (row slots of its tiles of half a step) sum at most LANE_ROWS rows each.
+        if self.rows_per_split > (self.rows + 1) // 2 * LANE_ROWS:
+            raise ValueError(f"{self} gives the reduce kernel's lanes more than {LANE_ROWS} rows each")
+
     def grid(self, rows: int, cols: int) -> tuple[int, int]:
         return cdiv(cols, self.cols), max(1, cdiv(rows, self.rows_per_split))
 
 
 # A program steps over STEP_ELEMS elements of x at a time (16 a thread with 4 warps) made of
-# 256-byte row segments (two 128-byte lines); a split covers at least 768 bytes of each of its
+# 256-byte row segments (two 128-byte lines), or of 64 columns for 2-byte types (one line: 128
+# columns would halve the column tiles and, under the merge's cap on splits, the programs, e.g. to
+# 128 for 512 columns, one a SM); a split covers at least 768 bytes of each of its
 # columns, so its table (48 bytes per column) stays under ~6% of x; the merge takes MERGE_ELEMS
 # table columns per step, in at most MAX_MERGE_STEPS steps.
 STEP_ELEMS = 2048
@@ -446,14 +546,15 @@ def choose_blocks(rows: int, cols: int, element_size: int, programs: int, step_e
                   row_bytes: int = ROW_BYTES, step_rows: Optional[int] = None) -> Blocks:
     """Blocks for x of (rows, cols) elements of element_size bytes, aiming at about `programs`
     programs (a few per SM on a GPU) while keeping every program's work and the merge bounded; a
-    loop step takes at most step_elems elements in row segments of at most row_bytes, and at most
-    step_rows rows (a power of 2) when given."""
-    block_c = min(next_power_of_2(cols), max(1, row_bytes // element_size))
+    loop step takes at most step_elems elements in row segments of at most row_bytes (row_bytes / 4
+    columns for 2-byte types), and at most step_rows rows (a power of 2) when given."""
+    block_c = min(next_power_of_2(cols), max(1, row_bytes // max(element_size, 4)))
     block_r = min(max(1, step_elems // block_c), step_rows or step_elems)  # not rows: no compile per batch size
     col_tiles = cdiv(cols, block_c)
     merge = max(1, MERGE_ELEMS // block_c)
     max_splits = min(cdiv(rows, max(block_r, MIN_SPLIT_BYTES // element_size)), merge * MAX_MERGE_STEPS)
-    splits = max(1, min(cdiv(programs, col_tiles), max_splits))
+    # But enough splits that the reduce kernel's lanes (half a step's rows) sum at most LANE_ROWS rows each.
+    splits = max(1, min(cdiv(programs, col_tiles), max_splits), cdiv(rows, (block_r + 1) // 2 * LANE_ROWS))
     steps_per_split = cdiv(cdiv(rows, block_r), splits)
     return Blocks(rows=block_r, cols=block_c, rows_per_split=max(1, steps_per_split) * block_r, merge=merge)
 
