@@ -594,6 +594,7 @@ def test_common_advantage_call_is_one_op_with_the_general_paths_bits(device, gen
     torch.library.opcheck(torch.ops.fastnorm.normalized_advantages_triton.default, args)
 
 
+@needs_triton_backend
 def test_lanes_far_apart_fall_back_to_float64(device, gen):
     """Each lane of the reduce kernel (a row slot of its tiles) holds values near one of +-1e20:
     every lane's float32 sums stay finite, but moving them to the column's mean overflows, which
